@@ -1,0 +1,3 @@
+from akosha_sync.cli import main
+
+raise SystemExit(main())

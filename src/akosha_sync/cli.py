@@ -1,0 +1,278 @@
+"""The ``akosha-sync`` command line.
+
+Imports are deferred into each command so that light commands (the session-end
+hook above all) start fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from akosha_sync.config import AkoshaSyncConfig
+
+__all__ = ["main"]
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_CONFIG = 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="akosha-sync",
+        description="Ship Session-Buddy's memory databases to cloud storage or Akosha.",
+    )
+    parser.add_argument(
+        "--config",
+        metavar="PATH",
+        help="TOML configuration file (default: $AKOSHA_SYNC_CONFIG or "
+        "~/.config/akosha-sync/config.toml)",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    sync = sub.add_parser("sync", help="sync the databases now")
+    sync.add_argument("--method", choices=["auto", "cloud", "http"], default=None,
+                      help="force a method (default: the configured force_method)")
+    sync.add_argument("--no-fallback", action="store_true",
+                      help="do not fall back from cloud to HTTP")
+    sync.add_argument("--json", action="store_true", help="print the result as JSON")
+    sync.add_argument("--quiet", "-q", action="store_true", help="no progress on stderr")
+
+    status = sub.add_parser("status", help="show configuration, problems and last sync")
+    status.add_argument("--json", action="store_true", help="print the status as JSON")
+
+    demo = sub.add_parser(
+        "demo", help="sync sample databases to a local folder, no server needed"
+    )
+    demo.add_argument("--dir", type=Path, default=None,
+                      help="where to put the sample data and the store "
+                      "(default: a folder under the system temp dir)")
+
+    from akosha_sync.server import cli as server_cli
+
+    server_cli.add_commands(sub)
+    return parser
+
+
+def _load(args: argparse.Namespace, **overrides: Any) -> AkoshaSyncConfig:
+    from akosha_sync.config import load_config
+
+    return load_config(args.config, overrides=overrides)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    from akosha_sync.config import ConfigError
+
+    try:
+        handler = {
+            "sync": _cmd_sync,
+            "status": _cmd_status,
+            "demo": _cmd_demo,
+        }.get(args.command)
+        if handler is None:
+            from akosha_sync.server import cli as server_cli
+
+            return server_cli.run(args)
+        return handler(args)
+    except ConfigError as exc:
+        print(f"akosha-sync: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except KeyboardInterrupt:
+        print("akosha-sync: interrupted; nothing half-written was committed.", file=sys.stderr)
+        return 130
+
+
+# ------------------------------------------------------------------ commands
+def _cmd_sync(args: argparse.Namespace) -> int:
+    import anyio
+
+    from akosha_sync.logs import configure_logging
+    from akosha_sync.sync.runner import run_sync
+
+    config = _load(args)
+    problems = config.validate()
+    if problems:
+        print("akosha-sync: the configuration has problems:", file=sys.stderr)
+        for problem in problems:
+            print(f"  - {problem}", file=sys.stderr)
+        return EXIT_CONFIG
+    configure_logging(config, stderr_level=None)
+    progress = None if (args.quiet or args.json) else _ProgressPrinter()
+    result = anyio.run(
+        lambda: run_sync(
+            config,
+            method=args.method,
+            enable_fallback=False if args.no_fallback else None,
+            trigger="cli",
+            progress=progress,
+        )
+    )
+    if progress:
+        progress.done()
+    if args.json:
+        print(_json(result))
+    else:
+        print(_describe_result(result))
+    if not result.get("success"):
+        print(f"akosha-sync: sync failed: {result.get('error')}", file=sys.stderr)
+        return EXIT_FAILED
+    return EXIT_OK
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    from akosha_sync.sync.status import local_status
+
+    config = _load(args)
+    status = local_status(config)
+    if args.json:
+        print(_json(status))
+    else:
+        print(_describe_status(status))
+    return EXIT_OK if not status["validation_errors"] else EXIT_CONFIG
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    import tempfile
+
+    import anyio
+
+    from akosha_sync.config import AkoshaSyncConfig
+    from akosha_sync.logs import configure_logging
+    from akosha_sync.sample import add_conversations, create_sample_databases
+    from akosha_sync.sync.cloud import CloudSyncMethod
+
+    root = (args.dir or Path(tempfile.gettempdir()) / "akosha-sync-demo").resolve()
+    data = root / "claude-data"
+    store = root / "store"
+    fresh = not (data / "reflection.duckdb").exists()
+    if fresh:
+        create_sample_databases(data)
+    config = AkoshaSyncConfig(
+        cloud_bucket="akosha",
+        cloud_endpoint=f"file://{store}",
+        system_id="demo-machine",
+        data_dir=str(data),
+        state_dir=str(root / "state"),
+        log_file=str(root / "state" / "akosha-sync.log"),
+    )
+    configure_logging(config, stderr_level=None)
+    method = CloudSyncMethod(config)
+    print(f"Demo folder: {root}")
+    print(f"  sample Session-Buddy databases: {data}")
+    print(f"  local 'cloud' store (file://):  {store / 'akosha'}\n")
+
+    first = anyio.run(method.sync)
+    print("First sync" if fresh else "Sync (databases from an earlier demo run)")
+    print(_describe_result(first))
+    if not first["success"]:
+        return EXIT_FAILED
+    manifest = (store / "akosha" / first["manifest_key"]).read_text(encoding="utf-8")
+    print(f"\nThe manifest ({first['manifest_key']}):\n{manifest}")
+
+    second = anyio.run(method.sync)
+    print("Second sync, nothing changed: nothing is sent again")
+    print(_describe_result(second))
+
+    add_conversations(data, 3, seed=len(first["upload_id"]) + int(second["upload_id"][9:15]))
+    third = anyio.run(method.sync)
+    print("\nThird sync, after 3 new conversations (held in the WAL):")
+    print(_describe_result(third))
+    print(f"\nRun it again with: akosha-sync demo --dir {root}")
+    return EXIT_OK if second["success"] and third["success"] else EXIT_FAILED
+
+
+# ------------------------------------------------------------------ output
+def _json(data: Any) -> str:
+    import msgspec
+
+    return msgspec.json.format(msgspec.json.encode(data), indent=2).decode()
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GB"
+
+
+def _describe_result(result: dict[str, Any]) -> str:
+    mark = "ok" if result.get("success") else "FAILED"
+    lines = [
+        f"  [{mark}] {result.get('method')} sync {result.get('upload_id') or ''} "
+        f"in {result.get('duration_seconds', 0):.2f} s",
+    ]
+    uploaded = result.get("files_uploaded") or []
+    if uploaded:
+        lines.append(f"    sent:      {', '.join(k.rsplit('/', 1)[-1] for k in uploaded)} "
+                     f"({_size(result.get('bytes_transferred', 0))})")
+    if result.get("files_unchanged"):
+        lines.append(f"    unchanged: {', '.join(result['files_unchanged'])} (not sent again)")
+    if result.get("files_missing"):
+        lines.append(f"    missing:   {', '.join(result['files_missing'])} (skipped)")
+    if result.get("manifest_key"):
+        lines.append(f"    manifest:  {result['manifest_key']}")
+        lines.append(f"    new conversations for Akosha: {result.get('conversation_count', 0)}")
+    if result.get("method_attempts"):
+        for attempt in result["method_attempts"]:
+            lines.append(f"    tried {attempt['method']}: {attempt['error'] or 'ok'}")
+    if result.get("error"):
+        lines.append(f"    error:     {result['error']}")
+    return "\n".join(lines)
+
+
+def _describe_status(status: dict[str, Any]) -> str:
+    lines = [
+        f"system id:        {status['system_id']}",
+        f"cloud configured: {status['cloud_configured']}"
+        + (f" ({status['target']})" if status.get("target") else ""),
+        f"methods:          cloud={status['should_use_cloud']} http={status['should_use_http']}"
+        f" (force_method={status['force_method']}, fallback={status['enable_fallback']})",
+    ]
+    for name, info in status["databases"].items():
+        if info["exists"]:
+            lines.append(
+                f"database:         {name}: {_size(info['size'])}"
+                + (" + WAL" if info["wal"] else "")
+                + ("" if info["changed_since_last_upload"] is None else
+                   ", changed since last upload" if info["changed_since_last_upload"]
+                   else ", unchanged since last upload")
+            )
+        else:
+            lines.append(f"database:         {name}: missing ({info['path']})")
+    last = status.get("last_upload")
+    lines.append(f"last upload:      {last['upload_id'] if last else 'none yet'}")
+    if status["validation_errors"]:
+        lines.append("problems:")
+        lines.extend(f"  - {p}" for p in status["validation_errors"])
+    else:
+        lines.append("problems:         none")
+    return "\n".join(lines)
+
+
+class _ProgressPrinter:
+    """One self-rewriting line on stderr, only when stderr is a terminal."""
+
+    def __init__(self) -> None:
+        self.tty = sys.stderr.isatty()
+        self.last = ""
+
+    def __call__(self, phase: str, done: int, total: int) -> None:
+        if not self.tty:
+            return
+        pct = f" {100 * done // total:3d}%" if total else ""
+        line = f"\r  {phase}{pct} {_size(done) if done else ''}"
+        if line != self.last:
+            sys.stderr.write(line.ljust(60))
+            sys.stderr.flush()
+            self.last = line
+
+    def done(self) -> None:
+        if self.tty and self.last:
+            sys.stderr.write("\r" + " " * 62 + "\r")
+            sys.stderr.flush()

@@ -1,0 +1,452 @@
+"""Configuration: one frozen ``AkoshaSyncConfig`` and the loader that builds it.
+
+Values come, in rising priority, from the defaults below, a TOML file, and the
+environment (``AKOSHA_SYNC_<FIELD>``, with Session-Buddy's ``SESSION_BUDDY_AKOSHA_<FIELD>``
+honoured too). Construction never fails on a bad *value*: ``validate()`` reports every
+problem at once, so a status screen can show them all. Only a value of the wrong *type*
+(``max_retries = "lots"``) stops loading, with a ``ConfigError`` naming each such field.
+
+Secrets (``secret_access_key``, ``akosha_token``, credentials inside an endpoint URL)
+never leave this object except through ``redacted()``; ``repr()`` is redacted too.
+"""
+
+from __future__ import annotations
+
+import difflib
+import ipaddress
+import os
+import re
+import socket
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlsplit, urlunsplit
+
+import msgspec
+
+__all__ = [
+    "DEFAULT_CONFIG_PATH",
+    "ENV_PREFIXES",
+    "REDACTED",
+    "SECRET_FIELDS",
+    "AkoshaSyncConfig",
+    "ConfigError",
+    "ForceMethod",
+    "load_config",
+]
+
+ForceMethod = Literal["auto", "cloud", "http"]
+
+REDACTED = "***redacted***"
+SECRET_FIELDS = frozenset({"secret_access_key", "akosha_token"})
+# Our own names win over Session-Buddy's when both are set.
+ENV_PREFIXES = ("AKOSHA_SYNC_", "SESSION_BUDDY_AKOSHA_")
+DEFAULT_CONFIG_PATH = Path("~/.config/akosha-sync/config.toml")
+
+_SYSTEM_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,100}$")
+_BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+_LOOPBACK_NAMES = frozenset({"localhost", "localhost.localdomain", "ip6-localhost"})
+
+
+class ConfigError(ValueError):
+    """The configuration could not be loaded; ``problems`` lists every reason."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = problems
+        super().__init__("invalid akosha-sync configuration:\n  - " + "\n  - ".join(problems))
+
+
+def _default_state_dir() -> str:
+    base = os.environ.get("XDG_DATA_HOME") or "~/.local/share"
+    return str(Path(base) / "akosha-sync")
+
+
+class AkoshaSyncConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Every setting of akosha-sync. The first block is the seed's, with its defaults."""
+
+    cloud_bucket: str = ""
+    cloud_endpoint: str = ""
+    cloud_region: str = "auto"
+    system_id: str = ""
+    upload_on_session_end: bool = True
+    enable_fallback: bool = True
+    force_method: str = "auto"
+    upload_timeout_seconds: int = 300
+    max_retries: int = 3
+    retry_backoff_seconds: float = 2.0
+    enable_compression: bool = True
+    enable_deduplication: bool = True
+    chunk_size_mb: int = 5
+
+    # Where the Session-Buddy databases live and what they are called.
+    data_dir: str = "~/.claude/data"
+    reflection_db: str = "reflection.duckdb"
+    knowledge_graph_db: str = "knowledge_graph.duckdb"
+    # Our own state: what was uploaded, snapshots in progress, the job queue.
+    state_dir: str = msgspec.field(default_factory=_default_state_dir)
+    # Empty means ``~/.claude/logs/akosha-sync.log`` (the seed's log folder).
+    log_file: str = ""
+    # Also write Akosha's ingestion file (memories.json) beside each upload.
+    export_memories: bool = True
+
+    # Credentials for the object store; empty falls back to AWS_* variables.
+    access_key_id: str = ""
+    secret_access_key: str = ""
+
+    # Akosha's own MCP endpoint, the fallback when the cloud cannot be reached.
+    akosha_url: str = "http://localhost:8682/mcp"
+    akosha_token: str = ""
+    http_batch_size: int = 1000
+
+    # ----------------------------------------------------------------- derived
+    @property
+    def is_local_target(self) -> bool:
+        """True when the 'cloud' is a local directory (``file://`` endpoint)."""
+        return self.cloud_endpoint.startswith("file://")
+
+    @property
+    def cloud_configured(self) -> bool:
+        """A bucket is named (for ``file://`` endpoints the bucket is a sub-folder)."""
+        return bool(self.cloud_bucket.strip())
+
+    @property
+    def system_id_resolved(self) -> str:
+        """The explicit system id, else this host's name in Akosha's charset."""
+        if self.system_id:
+            return self.system_id
+        return sanitize_system_id(socket.gethostname())
+
+    @property
+    def should_use_cloud(self) -> bool:
+        return self.cloud_configured and self.force_method in ("auto", "cloud")
+
+    @property
+    def should_use_http(self) -> bool:
+        if self.force_method == "http":
+            return True
+        if self.force_method == "cloud":
+            return False
+        return self.enable_fallback or not self.cloud_configured
+
+    @property
+    def resolved_access_key_id(self) -> str:
+        return self.access_key_id or os.environ.get("AWS_ACCESS_KEY_ID", "")
+
+    @property
+    def resolved_secret_access_key(self) -> str:
+        return self.secret_access_key or os.environ.get("AWS_SECRET_ACCESS_KEY", "")
+
+    @property
+    def data_path(self) -> Path:
+        return Path(self.data_dir).expanduser()
+
+    @property
+    def state_path(self) -> Path:
+        return Path(self.state_dir).expanduser()
+
+    @property
+    def log_path(self) -> Path:
+        return Path(self.log_file or "~/.claude/logs/akosha-sync.log").expanduser()
+
+    @property
+    def database_paths(self) -> dict[str, Path]:
+        """The two source databases by their file names."""
+        return {
+            self.reflection_db: self.data_path / self.reflection_db,
+            self.knowledge_graph_db: self.data_path / self.knowledge_graph_db,
+        }
+
+    def secrets(self) -> list[str]:
+        """Every secret value in force, for scrubbing text that leaves the process."""
+        values = [
+            self.secret_access_key,
+            self.akosha_token,
+            self.resolved_secret_access_key,
+            _url_password(self.cloud_endpoint),
+            _url_password(self.akosha_url),
+        ]
+        return sorted({v for v in values if v and len(v) >= 4}, key=len, reverse=True)
+
+    # -------------------------------------------------------------- validation
+    def validate(self) -> list[str]:
+        """Every problem with this configuration, as sentences that say what to do."""
+        problems: list[str] = []
+        _check_range(problems, "upload_timeout_seconds", self.upload_timeout_seconds, 30, 3600)
+        _check_range(problems, "max_retries", self.max_retries, 0, 10)
+        _check_range(problems, "retry_backoff_seconds", self.retry_backoff_seconds, 0.1, 60)
+        _check_range(problems, "chunk_size_mb", self.chunk_size_mb, 1, 100)
+        _check_range(problems, "http_batch_size", self.http_batch_size, 1, 1000)
+        if self.force_method not in ("auto", "cloud", "http"):
+            problems.append(
+                f"force_method is {self.force_method!r}; use one of 'auto', 'cloud' or 'http'."
+            )
+        if self.system_id and not _SYSTEM_ID_RE.match(self.system_id):
+            problems.append(
+                f"system_id {self.system_id!r} may only contain letters, digits, '_' and '-' "
+                "(at most 100 characters), as Akosha requires; "
+                f"for example {sanitize_system_id(self.system_id)!r}."
+            )
+        if not self.cloud_region.strip():
+            problems.append("cloud_region is empty; use 'auto' or your bucket's region.")
+        problems.extend(self._endpoint_problems())
+        if self.cloud_bucket and not self.is_local_target and not _BUCKET_RE.match(
+            self.cloud_bucket
+        ):
+            problems.append(
+                f"cloud_bucket {self.cloud_bucket!r} is not a valid bucket name: use 3-63 "
+                "lowercase letters, digits, '.' or '-', starting and ending with a letter "
+                "or digit."
+            )
+        if self.cloud_bucket and self.is_local_target and not _SYSTEM_ID_RE.match(
+            self.cloud_bucket
+        ):
+            problems.append(
+                f"cloud_bucket {self.cloud_bucket!r} names a folder under the file:// endpoint; "
+                "use letters, digits, '_' or '-'."
+            )
+        if self.cloud_endpoint and not self.cloud_bucket:
+            problems.append(
+                "cloud_endpoint is set but cloud_bucket is empty; name the bucket to upload to."
+            )
+        if bool(self.access_key_id) != bool(self.secret_access_key):
+            problems.append(
+                "only one of access_key_id and secret_access_key is set; set both, or neither "
+                "to use AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY."
+            )
+        url = urlsplit(self.akosha_url)
+        if url.scheme not in ("http", "https") or not url.hostname:
+            problems.append(
+                f"akosha_url {_redact_url(self.akosha_url)!r} is not an http(s) URL; "
+                "use e.g. 'http://localhost:8682/mcp'."
+            )
+        for name in ("reflection_db", "knowledge_graph_db"):
+            value = getattr(self, name)
+            if not value or "/" in value or value in (".", ".."):
+                problems.append(f"{name} {value!r} must be a bare file name inside data_dir.")
+        return problems
+
+    def _endpoint_problems(self) -> list[str]:
+        endpoint = self.cloud_endpoint
+        if not endpoint:
+            return []
+        shown = _redact_url(endpoint)
+        parts = urlsplit(endpoint)
+        if parts.scheme == "file":
+            if not parts.path.startswith("/") or parts.netloc not in ("", "localhost"):
+                return [
+                    f"cloud_endpoint {shown!r} must be an absolute local folder, "
+                    "like 'file:///srv/akosha-backup'."
+                ]
+            return []
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            return [
+                f"cloud_endpoint {shown!r} is not a URL; use 'https://HOST' for S3/R2, "
+                "'http://127.0.0.1:PORT' for a local MinIO/SeaweedFS, or 'file:///PATH'."
+            ]
+        if parts.scheme == "http" and not _is_loopback(parts.hostname):
+            return [
+                f"cloud_endpoint {shown!r} uses plain http to a non-local host, which would "
+                "send your data and signatures unencrypted; use https:// (plain http is "
+                "accepted only for localhost)."
+            ]
+        return []
+
+    # --------------------------------------------------------------- rendering
+    def redacted(self) -> dict[str, Any]:
+        """All settings as a dict, secrets replaced: the only form that may be shown."""
+        out = msgspec.structs.asdict(self)
+        for name in SECRET_FIELDS:
+            if out[name]:
+                out[name] = REDACTED
+        if out["access_key_id"]:
+            out["access_key_id"] = _mask_key_id(out["access_key_id"])
+        out["cloud_endpoint"] = _redact_url(out["cloud_endpoint"])
+        out["akosha_url"] = _redact_url(out["akosha_url"])
+        return out
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{k}={v!r}" for k, v in self.redacted().items())
+        return f"AkoshaSyncConfig({fields})"
+
+    __str__ = __repr__
+
+    # ---------------------------------------------------------------- factory
+    @classmethod
+    def from_settings(cls, settings: object) -> AkoshaSyncConfig:
+        """Build from a Session-Buddy ``SessionMgmtSettings``-like object or mapping.
+
+        For each field, ``akosha_<field>`` is looked up first, then ``<field>``;
+        missing ones keep their defaults.
+        """
+        values: dict[str, Any] = {}
+        for name in cls.__struct_fields__:
+            for attr in (f"akosha_{name}", name):
+                value = (
+                    settings.get(attr)
+                    if isinstance(settings, Mapping)
+                    else getattr(settings, attr, None)
+                )
+                if value is not None:
+                    values[name] = str(value) if isinstance(value, Path) else value
+                    break
+        return _build(values, source="settings")
+
+
+def sanitize_system_id(name: str) -> str:
+    """Map any host name onto Akosha's system-id charset ``[A-Za-z0-9_-]``."""
+    cleaned = re.sub(r"[^A-Za-z0-9_-]+", "-", name).strip("-")
+    return (cleaned or "unknown-host")[:100]
+
+
+def load_config(
+    path: str | Path | None = None,
+    *,
+    environ: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> AkoshaSyncConfig:
+    """Defaults < TOML file < environment < ``overrides`` (e.g. command-line flags).
+
+    The file is ``path``, else ``$AKOSHA_SYNC_CONFIG``, else
+    ``~/.config/akosha-sync/config.toml``; only an explicitly named file must exist.
+    """
+    env = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    explicit = path if path is not None else env.get("AKOSHA_SYNC_CONFIG")
+    file_path = Path(explicit or DEFAULT_CONFIG_PATH).expanduser()
+    if file_path.exists():
+        values.update(_read_toml(file_path))
+    elif explicit:
+        raise ConfigError([f"config file {str(file_path)!r} does not exist; create it or "
+                           "drop --config / AKOSHA_SYNC_CONFIG."])
+    values.update(_from_environ(env))
+    if overrides:
+        values.update({k: v for k, v in overrides.items() if v is not None})
+    return _build(values, source=str(file_path))
+
+
+# ------------------------------------------------------------------ helpers
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError([f"cannot read config file {str(path)!r}: {exc}"]) from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([f"config file {str(path)!r} is not valid TOML: {exc}"]) from exc
+    # Accept both a flat file and one with an [akosha-sync] / [akosha_sync] table.
+    for table in ("akosha-sync", "akosha_sync"):
+        if isinstance(data.get(table), dict):
+            data = {**{k: v for k, v in data.items() if k != table}, **data[table]}
+    return data
+
+
+def _from_environ(env: Mapping[str, str]) -> dict[str, Any]:
+    values: dict[str, Any] = {}
+    for prefix in reversed(ENV_PREFIXES):  # later prefixes in ENV_PREFIXES lose
+        for name in AkoshaSyncConfig.__struct_fields__:
+            key = prefix + name.upper()
+            if key in env:
+                values[name] = env[key]
+    return values
+
+
+_TRUE = frozenset({"1", "true", "yes", "on"})
+_FALSE = frozenset({"0", "false", "no", "off", ""})
+
+
+def _coerce(name: str, value: Any, kind: type) -> Any:
+    """Turn environment strings into the field's type; raise ValueError if impossible."""
+    if kind is bool and isinstance(value, str):
+        lowered = value.strip().lower()
+        if lowered in _TRUE:
+            return True
+        if lowered in _FALSE:
+            return False
+        raise ValueError(f"{name} must be true or false, not {value!r}")
+    if kind is int and isinstance(value, str):
+        return int(value.strip())
+    if kind is float and isinstance(value, str | int) and not isinstance(value, bool):
+        return float(value)
+    return value
+
+
+def _build(values: dict[str, Any], *, source: str) -> AkoshaSyncConfig:
+    fields = AkoshaSyncConfig.__struct_fields__
+    problems: list[str] = []
+    clean: dict[str, Any] = {}
+    types = {f.name: f.type for f in msgspec.structs.fields(AkoshaSyncConfig)}
+    for name, value in values.items():
+        if name not in fields:
+            close = difflib.get_close_matches(name, fields, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            problems.append(f"unknown setting {name!r} in {source}{hint}")
+            continue
+        kind = types[name]
+        try:
+            coerced = _coerce(name, value, kind)
+            msgspec.convert({name: coerced}, _single_field_type(name))
+        except (ValueError, msgspec.ValidationError):
+            shown = REDACTED if name in SECRET_FIELDS else repr(value)
+            problems.append(f"{name} must be {_type_name(kind)}, not {shown} (from {source})")
+            continue
+        clean[name] = coerced
+    if problems:
+        raise ConfigError(problems)
+    return AkoshaSyncConfig(**clean)
+
+
+_SINGLE_FIELD_TYPES: dict[str, type] = {}
+
+
+def _single_field_type(name: str) -> type:
+    """A one-field Struct per setting, so each value is type-checked on its own."""
+    if name not in _SINGLE_FIELD_TYPES:
+        kind = {f.name: f.type for f in msgspec.structs.fields(AkoshaSyncConfig)}[name]
+        _SINGLE_FIELD_TYPES[name] = msgspec.defstruct(f"_Check_{name}", [(name, kind)])
+    return _SINGLE_FIELD_TYPES[name]
+
+
+def _type_name(kind: Any) -> str:
+    return {bool: "true or false", int: "a whole number", float: "a number", str: "text"}.get(
+        kind, str(kind)
+    )
+
+
+def _check_range(problems: list[str], name: str, value: float, low: float, high: float) -> None:
+    if not low <= value <= high:
+        problems.append(f"{name} is {value}; it must be between {low} and {high}.")
+
+
+def _is_loopback(host: str) -> bool:
+    if host.lower() in _LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _url_password(url: str) -> str:
+    try:
+        return urlsplit(url).password or ""
+    except ValueError:
+        return ""
+
+
+def _redact_url(url: str) -> str:
+    """Drop any user:password@ from a URL so it can be shown."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return REDACTED
+    if parts.username is None and parts.password is None:
+        return url
+    host = parts.hostname or ""
+    if parts.port:
+        host = f"{host}:{parts.port}"
+    return urlunsplit((parts.scheme, f"{REDACTED}@{host}", parts.path, parts.query, ""))
+
+
+def _mask_key_id(key_id: str) -> str:
+    # Key ids identify an account but are not secret; show only the tail to tell them apart.
+    return f"…{key_id[-4:]}" if len(key_id) > 8 else REDACTED

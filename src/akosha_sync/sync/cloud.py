@@ -1,0 +1,581 @@
+"""The cloud method: snapshots of the databases, streamed to an S3-compatible store
+(or a local folder) through obstore, committed by a manifest written last.
+
+One sync, in order:
+
+1. reserve an upload id with a conditional create (two syncs never share one);
+2. per database: skip it untouched if its stat fingerprint matches the last upload,
+   else snapshot it; reuse the stored object if the source digest is unchanged,
+   else stream it (SHA-256, zstd, multipart) and check the stored size;
+3. write ``memories.json`` (conversations new since the last upload) for Akosha;
+4. write ``manifest.json`` with a conditional create. Until then the upload is
+   invisible to Akosha; on failure the objects written so far are removed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import socket
+import time
+from collections.abc import AsyncIterator, Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import anyio
+import msgspec
+import obstore
+import structlog
+from obstore.exceptions import AlreadyExistsError
+
+from akosha_sync import __version__
+from akosha_sync.config import AkoshaSyncConfig
+from akosha_sync.sync import records
+from akosha_sync.sync.manifest import (
+    COMPRESSION_FORMAT,
+    MEMORIES_NAME,
+    FileEntry,
+    build_manifest,
+    claim_key,
+    decode_manifest,
+    encode_manifest,
+    make_upload_id,
+    manifest_key,
+    memories_key,
+    object_key,
+    uploads_prefix,
+)
+from akosha_sync.sync.protocol import (
+    CloudUploadError,
+    ProgressCallback,
+    SnapshotError,
+    SyncResult,
+)
+from akosha_sync.sync.snapshot import Snapshot, remove_snapshot_dir, take_snapshot
+from akosha_sync.sync.snapshot import fingerprint as source_fingerprint
+from akosha_sync.sync.state import StoredFile, TargetState, load_state, save_state, target_id
+from akosha_sync.sync.store import MIN_PART_SIZE, make_store, with_retries
+
+if TYPE_CHECKING:
+    from obstore.store import ObjectStore
+
+__all__ = ["CloudSyncMethod"]
+
+log = structlog.get_logger("akosha_sync.cloud")
+
+_ZSTD_LEVEL = 3
+_READ_SIZE = 1024 * 1024
+_MAX_CONCURRENCY = 4
+_MAX_ID_ATTEMPTS = 50
+
+
+def _no_progress(phase: str, done: int, total: int) -> None:
+    return None
+
+
+class _Upload:
+    """Mutable bookkeeping of one sync in progress."""
+
+    def __init__(self, upload_id: str) -> None:
+        self.upload_id = upload_id
+        self.written: list[str] = []  # keys written by this sync, for cleanup
+        self.files: dict[str, FileEntry] = {}
+        self.uploaded_keys: list[str] = []
+        self.unchanged: list[str] = []
+        self.missing: list[str] = []
+        self.errors: list[str] = []
+        self.snapshots: dict[str, Snapshot] = {}
+        self.new_state: dict[str, StoredFile] = {}
+        self.exported_ids: list[str] = []  # marked delivered once the manifest is written
+        self.bytes_sent = 0
+
+
+class CloudSyncMethod:
+    """Sync the Session-Buddy databases to S3/R2/MinIO/SeaweedFS or a ``file://`` folder."""
+
+    def __init__(
+        self,
+        config: AkoshaSyncConfig,
+        *,
+        clock: Callable[[], datetime] | None = None,
+    ) -> None:
+        problems = config.validate()
+        if problems:
+            raise ValueError("invalid akosha-sync configuration: " + "; ".join(problems))
+        self.config = config
+        self._clock = clock or (lambda: datetime.now(UTC))
+        self._store: ObjectStore | None = None
+
+    # ------------------------------------------------------------- protocol
+    def is_available(self) -> bool:
+        """True when a bucket is configured (reachability is found out by syncing)."""
+        return self.config.cloud_configured
+
+    def get_method_name(self) -> str:
+        return "cloud"
+
+    @property
+    def store(self) -> ObjectStore:
+        if self._store is None:
+            self._store = make_store(self.config)
+        return self._store
+
+    @property
+    def target_id(self) -> str:
+        c = self.config
+        return target_id("cloud", c.cloud_endpoint, c.cloud_bucket, c.system_id_resolved)
+
+    def _generate_upload_id(self, attempt: int = 0) -> str:
+        return make_upload_id(self.config.system_id_resolved, self._clock(), attempt)
+
+    def _get_cloud_path(self, db_name: str, upload_id: str) -> str:
+        return object_key(db_name, upload_id, self.config.system_id_resolved)
+
+    async def _compute_sha256(self, file_path: Path) -> str:
+        def digest() -> str:
+            h = hashlib.sha256()
+            with file_path.open("rb") as fh:
+                while chunk := fh.read(_READ_SIZE):
+                    h.update(chunk)
+            return h.hexdigest()
+
+        return await anyio.to_thread.run_sync(digest)
+
+    async def sync(
+        self,
+        upload_reflections: bool = True,
+        upload_knowledge_graph: bool = True,
+        **kwargs: Any,
+    ) -> dict[str, Any]:
+        """Upload the databases; return the seed's result dict (plus extras).
+
+        Raises ``CloudUploadError`` when the store cannot be used (unreachable, bad
+        credentials, missing bucket, timeout). A database that cannot be read is
+        reported in the result (``success`` False) while the other one still syncs.
+        Keyword ``progress``: a ``(phase, done, total)`` callback.
+        """
+        progress: ProgressCallback = kwargs.get("progress") or _no_progress
+        started = time.monotonic()
+        try:
+            with anyio.fail_after(self.config.upload_timeout_seconds):
+                result = await self._sync(upload_reflections, upload_knowledge_graph, progress)
+        except TimeoutError as exc:
+            raise CloudUploadError(
+                f"cloud sync did not finish within upload_timeout_seconds="
+                f"{self.config.upload_timeout_seconds}s; nothing was committed. Raise the "
+                "timeout for large databases or slow links.",
+                original=exc,
+            ) from exc
+        result.duration_seconds = round(time.monotonic() - started, 3)
+        return result.to_dict()
+
+    # ------------------------------------------------------------ the work
+    async def _sync(
+        self, reflections: bool, knowledge_graph: bool, progress: ProgressCallback
+    ) -> SyncResult:
+        config = self.config
+        sid = config.system_id_resolved
+        tid = self.target_id
+        state = load_state(config.state_path, tid)
+        upload = await self._claim_upload_id()
+        log.info("sync started", method="cloud", upload_id=upload.upload_id)
+        snapshot_dir = config.state_path / "snapshots" / upload.upload_id
+        try:
+            if state is None and config.enable_deduplication:
+                state = await self._remote_reference(sid, tid)
+            wanted = [
+                (name, path)
+                for (name, path), keep in zip(
+                    config.database_paths.items(), (reflections, knowledge_graph), strict=True
+                )
+                if keep
+            ]
+            for name, path in wanted:
+                await self._sync_database(upload, state, name, path, snapshot_dir, progress)
+            if not upload.files:
+                raise _NothingToUpload(upload)
+            conversations = await self._export_memories(upload, state, tid, progress)
+            manifest = build_manifest(
+                system_id=sid,
+                upload_id=upload.upload_id,
+                uploaded_at=self._clock(),
+                files=upload.files,
+                conversation_count=conversations,
+                metadata={
+                    "tool": "akosha-sync",
+                    "tool_version": __version__,
+                    "hostname": socket.gethostname(),
+                    "missing_databases": upload.missing,
+                    "failed_databases": upload.errors,
+                },
+            )
+            key = manifest_key(sid, upload.upload_id)
+            progress("manifest", 0, 0)
+            await self._put_small(key, encode_manifest(manifest), upload, create=True)
+        except _NothingToUpload:
+            await self._discard(upload)
+            return SyncResult(
+                method="cloud",
+                success=False,
+                upload_id=upload.upload_id,
+                files_missing=upload.missing,
+                error="; ".join(upload.errors)
+                or f"no Session-Buddy database found in {config.data_path} "
+                f"(looked for {', '.join(config.database_paths)}); nothing was uploaded. "
+                "Check data_dir.",
+            )
+        except BaseException:
+            await self._discard(upload)
+            raise
+        finally:
+            await anyio.to_thread.run_sync(remove_snapshot_dir, snapshot_dir)
+
+        self._commit_state(state, tid, sid, upload, key)
+        upload.uploaded_keys.append(key)
+        log.info(
+            "sync committed",
+            upload_id=upload.upload_id,
+            uploaded=upload.uploaded_keys,
+            unchanged=upload.unchanged,
+            bytes_sent=upload.bytes_sent,
+        )
+        return SyncResult(
+            method="cloud",
+            success=not upload.errors,
+            files_uploaded=upload.uploaded_keys,
+            bytes_transferred=upload.bytes_sent,
+            upload_id=upload.upload_id,
+            error="; ".join(upload.errors) or None,
+            files_unchanged=upload.unchanged,
+            files_missing=upload.missing,
+            bytes_stored=manifest.total_size_bytes,
+            manifest_key=key,
+            conversation_count=manifest.conversation_count,
+        )
+
+    async def _claim_upload_id(self) -> _Upload:
+        """Reserve a fresh upload id; the first contact with the store, so it fails fast."""
+        sid = self.config.system_id_resolved
+        for attempt in range(_MAX_ID_ATTEMPTS):
+            upload_id = self._generate_upload_id(attempt)
+            key = claim_key(sid, upload_id)
+            body = msgspec.json.encode(
+                {"upload_id": upload_id, "host": socket.gethostname(), "claimed_at": str(
+                    self._clock().isoformat())}
+            )
+
+            async def put(key: str = key, body: bytes = body) -> bool:
+                try:
+                    await obstore.put_async(self.store, key, body, mode="create")
+                except AlreadyExistsError:
+                    return False
+                return True
+
+            if await with_retries(
+                put, config=self.config, what="reserving an upload id", connect_attempts=2
+            ):
+                upload = _Upload(upload_id)
+                upload.written.append(key)
+                upload.bytes_sent += len(body)
+                return upload
+        raise CloudUploadError(
+            f"could not reserve an upload id after {_MAX_ID_ATTEMPTS} attempts; "
+            "is another machine using the same system_id?"
+        )
+
+    async def _remote_reference(self, sid: str, tid: str) -> TargetState | None:
+        """Without local state, the newest committed manifest tells what is stored."""
+
+        async def newest() -> TargetState | None:
+            listing = await obstore.list_with_delimiter_async(
+                self.store, prefix=uploads_prefix(sid)
+            )
+            prefixes = sorted(listing["common_prefixes"], reverse=True)
+            for prefix in prefixes[:20]:
+                key = f"{prefix.rstrip('/')}/manifest.json"
+                try:
+                    data = await (await obstore.get_async(self.store, key)).bytes_async()
+                except FileNotFoundError:
+                    continue
+                try:
+                    manifest = decode_manifest(bytes(data))
+                except (msgspec.DecodeError, msgspec.ValidationError):
+                    continue
+                return TargetState(
+                    target=tid,
+                    system_id=sid,
+                    last_upload_id=manifest.upload_id,
+                    last_manifest_key=key,
+                    files={
+                        name: StoredFile(fingerprint=None, entry=entry)
+                        for name, entry in manifest.file_details.items()
+                        if name != MEMORIES_NAME
+                    },
+                )
+            return None
+
+        return await with_retries(newest, config=self.config, what="reading the last manifest")
+
+    async def _object_intact(self, entry: FileEntry) -> bool:
+        async def head() -> bool:
+            try:
+                meta = await obstore.head_async(self.store, entry.key)
+            except FileNotFoundError:
+                return False
+            return int(meta["size"]) == entry.stored_size
+
+        return await with_retries(head, config=self.config, what=f"checking {entry.key}")
+
+    async def _sync_database(
+        self,
+        upload: _Upload,
+        state: TargetState | None,
+        name: str,
+        path: Path,
+        snapshot_dir: Path,
+        progress: ProgressCallback,
+    ) -> None:
+        config = self.config
+        fp = source_fingerprint(path)
+        if fp is None:
+            upload.missing.append(name)
+            log.info("database missing; skipped", database=str(path))
+            return
+        previous = state.files.get(name) if (state and config.enable_deduplication) else None
+        if previous and previous.fingerprint == fp and await self._object_intact(previous.entry):
+            self._reuse(upload, name, previous.entry, fp)
+            return
+        progress(f"snapshot:{name}", 0, fp.db.size + (fp.wal.size if fp.wal else 0))
+        try:
+            snap = await anyio.to_thread.run_sync(take_snapshot, name, path, snapshot_dir)
+        except FileNotFoundError:
+            upload.missing.append(name)
+            return
+        except SnapshotError as exc:
+            upload.errors.append(str(exc))
+            log.error("database not readable; skipped", database=str(path), error=str(exc))
+            return
+        upload.snapshots[name] = snap
+        if (
+            previous
+            and previous.entry.source_sha256 == snap.source_sha256
+            and await self._object_intact(previous.entry)
+        ):
+            self._reuse(upload, name, previous.entry, snap.fingerprint)
+            return
+        key = self._get_cloud_path(name, upload.upload_id)
+        entry = await self._upload_file(
+            Path(snap.path),
+            key,
+            upload,
+            compress=config.enable_compression,
+            progress=progress,
+            phase=f"upload:{name}",
+        )
+        entry = msgspec.structs.replace(
+            entry, source_sha256=snap.source_sha256, conversation_count=snap.conversation_count
+        )
+        upload.files[name] = entry
+        upload.uploaded_keys.append(key)
+        upload.new_state[name] = StoredFile(fingerprint=snap.fingerprint, entry=entry)
+
+    def _reuse(self, upload: _Upload, name: str, entry: FileEntry, fp: Any) -> None:
+        origin = entry.reused_from or entry.key.split("/")[-2]
+        reused = msgspec.structs.replace(entry, reused_from=origin)
+        upload.files[name] = reused
+        upload.unchanged.append(name)
+        upload.new_state[name] = StoredFile(fingerprint=fp, entry=reused)
+        log.info("database unchanged; reusing stored object", database=name, key=entry.key)
+
+    async def _upload_file(
+        self,
+        path: Path,
+        key: str,
+        upload: _Upload,
+        *,
+        compress: bool,
+        progress: ProgressCallback,
+        phase: str,
+    ) -> FileEntry:
+        """Stream one file to ``key``; hashes and sizes are taken on the way."""
+        total = path.stat().st_size
+        part = max(self.config.chunk_size_mb * 1024 * 1024, MIN_PART_SIZE)
+
+        async def attempt() -> FileEntry:
+            sink = _Digests(compress)
+            if total <= part:
+                data = await anyio.to_thread.run_sync(sink.whole, path)
+                upload.written.append(key)
+                await obstore.put_async(self.store, key, data, use_multipart=False)
+            else:
+                upload.written.append(key)
+                await obstore.put_async(
+                    self.store,
+                    key,
+                    sink.stream(path, part, lambda n: progress(phase, n, total)),
+                    use_multipart=True,
+                    chunk_size=part,
+                    max_concurrency=_MAX_CONCURRENCY,
+                )
+            meta = await obstore.head_async(self.store, key)
+            if int(meta["size"]) != sink.stored_size:
+                raise CloudUploadError(
+                    f"stored object {key} has {meta['size']} bytes, expected "
+                    f"{sink.stored_size}; the store lost data. Try again."
+                )
+            progress(phase, total, total)
+            return FileEntry(
+                key=key,
+                original_size=sink.original_size,
+                stored_size=sink.stored_size,
+                sha256=sink.original.hexdigest(),
+                stored_sha256=sink.stored.hexdigest(),
+                compression=COMPRESSION_FORMAT if compress else None,
+            )
+
+        entry = await with_retries(attempt, config=self.config, what=f"uploading {key}")
+        upload.bytes_sent += entry.stored_size
+        return entry
+
+    async def _put_small(self, key: str, body: bytes, upload: _Upload, *, create: bool) -> None:
+        async def put() -> None:
+            await obstore.put_async(self.store, key, body, mode="create" if create else None)
+
+        await with_retries(put, config=self.config, what=f"writing {key}")
+        upload.written.append(key)
+        upload.bytes_sent += len(body)
+
+    async def _export_memories(
+        self, upload: _Upload, state: TargetState | None, tid: str, progress: ProgressCallback
+    ) -> int:
+        """Write memories.json (new conversations); returns the manifest's count."""
+        config = self.config
+        name = config.reflection_db
+        snap = upload.snapshots.get(name)
+        if not config.export_memories:
+            if snap is not None:
+                return snap.conversation_count
+            entry = upload.files.get(name)
+            return (entry.conversation_count or 0) if entry else 0
+        out = config.state_path / "snapshots" / upload.upload_id / MEMORIES_NAME
+        progress("export:memories", 0, 0)
+        ids: list[str] = []
+        if snap is not None:
+            ids = await anyio.to_thread.run_sync(self._write_memories, Path(snap.path), out, tid)
+        else:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text('{"conversations": []}\n', encoding="utf-8")
+        key = memories_key(config.system_id_resolved, upload.upload_id)
+        entry = await self._upload_file(
+            out, key, upload, compress=False, progress=progress, phase="upload:memories"
+        )
+        upload.files[MEMORIES_NAME] = msgspec.structs.replace(entry, conversation_count=len(ids))
+        upload.uploaded_keys.append(key)
+        upload.exported_ids = ids
+        return len(ids)
+
+    def _write_memories(self, snapshot: Path, out: Path, tid: str) -> list[str]:
+        import duckdb
+
+        con = duckdb.connect(str(snapshot))  # our own copy; the live file is never opened
+        try:
+            records.open_progress(con, self._progress_db)
+            return records.write_memories_json(
+                con, out, system_id=self.config.system_id_resolved, channel=tid
+            )
+        finally:
+            con.close()
+
+    @property
+    def _progress_db(self) -> Path:
+        return self.config.state_path / "delivered.duckdb"
+
+    def _commit_state(
+        self, state: TargetState | None, tid: str, sid: str, upload: _Upload, key: str
+    ) -> None:
+        """After the manifest: remember what is stored and which rows were exported."""
+        files = dict(state.files) if state else {}
+        files.update(upload.new_state)
+        save_state(
+            self.config.state_path,
+            tid,
+            TargetState(
+                target=tid,
+                system_id=sid,
+                last_upload_id=upload.upload_id,
+                last_manifest_key=key,
+                files=files,
+            ),
+        )
+        if upload.exported_ids:
+            import duckdb
+
+            con = duckdb.connect()
+            try:
+                records.open_progress(con, self._progress_db)
+                records.mark_delivered(con, tid, "conversation", upload.exported_ids)
+            finally:
+                con.close()
+
+    async def _discard(self, upload: _Upload) -> None:
+        """Best effort: remove what a failed sync wrote (never a committed manifest)."""
+        with anyio.CancelScope(shield=True), anyio.move_on_after(10):
+            for key in reversed(upload.written):
+                try:
+                    await obstore.delete_async(self.store, key)
+                except Exception as exc:  # the store may be the very thing that failed
+                    log.debug("cleanup failed", key=key, error=str(exc)[:200])
+                    return
+
+
+class _NothingToUpload(Exception):  # noqa: N818 - control flow, not an error
+    def __init__(self, upload: _Upload) -> None:
+        self.upload = upload
+
+
+class _Digests:
+    """SHA-256 of original and stored bytes, and zstd in between, chunk by chunk."""
+
+    def __init__(self, compress: bool) -> None:
+        self.original = hashlib.sha256()
+        self.stored = hashlib.sha256()
+        self.original_size = 0
+        self.stored_size = 0
+        self._compressor: Any = None
+        if compress:
+            import zstandard
+
+            self._compressor = zstandard.ZstdCompressor(level=_ZSTD_LEVEL).compressobj()
+
+    def _feed(self, data: bytes, final: bool) -> bytes:
+        self.original.update(data)
+        self.original_size += len(data)
+        if self._compressor is not None:
+            out = self._compressor.compress(data)
+            if final:
+                out += self._compressor.flush()
+        else:
+            out = data
+        self.stored.update(out)
+        self.stored_size += len(out)
+        return bytes(out)
+
+    def whole(self, path: Path) -> bytes:
+        return self._feed(path.read_bytes(), final=True)
+
+    async def stream(
+        self, path: Path, part: int, on_progress: Callable[[int], None]
+    ) -> AsyncIterator[bytes]:
+        with path.open("rb") as fh:
+
+            def next_block() -> tuple[bytes, bool]:
+                data = fh.read(part)
+                return self._feed(data, final=len(data) < part), len(data) < part
+
+            while True:
+                out, final = await anyio.to_thread.run_sync(next_block)
+                on_progress(self.original_size)
+                if out:
+                    yield out
+                if final:
+                    return

@@ -1,0 +1,246 @@
+"""Memory records read from a snapshot, in the shapes Akosha accepts.
+
+Both ways of reaching Akosha send the same records: the cloud method writes them
+into ``memories.json`` (Akosha's ingestion file), the HTTP method passes them to
+``batch_store_memories``. DuckDB renders each record as JSON itself (fast, and the
+embedding rounded to 7 decimals keeps a 384-float record near 4 KB).
+
+Which records were already delivered is kept per *channel* (one per target) in a
+small DuckDB file in the state folder, so only new records are sent and progress
+advances only for records the target accepted.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import duckdb
+
+__all__ = [
+    "KINDS",
+    "RecordKind",
+    "RecordShape",
+    "count_undeliverable",
+    "iter_records",
+    "mark_delivered",
+    "memory_id",
+    "open_progress",
+    "write_memories_json",
+]
+
+RecordShape = Literal["ingest", "mcp"]
+
+
+@dataclass(frozen=True)
+class RecordKind:
+    """How one kind of record is read: candidate tables, text, useful columns."""
+
+    kind: str
+    tables: tuple[str, ...]
+    text: str  # SQL expression giving the memory text
+    columns: tuple[str, ...]  # copied into metadata when the table has them
+    timestamp_columns: tuple[str, ...] = ("timestamp", "created_at")
+
+
+CONVERSATION = RecordKind(
+    kind="conversation",
+    tables=("conversations_v2", "conversations"),
+    text="content",
+    columns=(
+        "category", "subcategory", "project", "namespace", "session_id", "user_id",
+        "source_type", "importance_score", "memory_tier", "turn_parent_id", "causal_parent_id",
+    ),
+)
+REFLECTION = RecordKind(
+    kind="reflection",
+    tables=("reflections_v2", "reflections"),
+    text="content",
+    columns=(
+        "category", "subcategory", "project", "namespace", "tags", "insight_type",
+        "importance_score", "confidence_score", "memory_tier",
+    ),
+)
+ENTITY = RecordKind(
+    kind="entity",
+    tables=("kg_entities",),
+    text="name || ' (' || entity_type || ')' || coalesce(': ' || array_to_string(observations, '; '), '')",
+    columns=("name", "entity_type", "observations"),
+    timestamp_columns=("created_at", "updated_at"),
+)
+KINDS = {k.kind: k for k in (CONVERSATION, REFLECTION, ENTITY)}
+
+_PROGRESS_SCHEMA = """
+CREATE TABLE IF NOT EXISTS progress.delivered (
+    channel VARCHAR NOT NULL,
+    kind VARCHAR NOT NULL,
+    id VARCHAR NOT NULL,
+    PRIMARY KEY (channel, kind, id)
+)
+"""
+
+
+def memory_id(system_id: str, kind: str, record_id: str) -> str:
+    """Akosha's memory ids are global across machines: prefix system and kind."""
+    return f"{system_id}:{kind}:{record_id}"
+
+
+def open_progress(con: duckdb.DuckDBPyConnection, progress_db: Path) -> None:
+    """Attach the delivered-ids store to a connection as ``progress``."""
+    progress_db.parent.mkdir(parents=True, exist_ok=True)
+    con.execute(f"ATTACH '{_sql_str(str(progress_db))}' AS progress")
+    con.execute(_PROGRESS_SCHEMA)
+
+
+def _sql_str(value: str) -> str:
+    return value.replace("'", "''")
+
+
+def _table_columns(con: duckdb.DuckDBPyConnection, table: str) -> set[str]:
+    rows = con.execute(
+        "SELECT column_name FROM information_schema.columns "
+        "WHERE table_schema = 'main' AND table_catalog = current_database() "
+        "AND table_name = ?",
+        [table],
+    ).fetchall()
+    return {r[0] for r in rows}
+
+
+def _find_table(con: duckdb.DuckDBPyConnection, kind: RecordKind) -> tuple[str, set[str]] | None:
+    for table in kind.tables:
+        columns = _table_columns(con, table)
+        if columns:
+            return table, columns
+    return None
+
+
+def _select_sql(
+    kind: RecordKind, table: str, columns: set[str], shape: RecordShape, undelivered: bool
+) -> str:
+    stamp = next((c for c in kind.timestamp_columns if c in columns), None)
+    ts = (
+        f"strftime(coalesce(t.{stamp}, now()::TIMESTAMP), '%Y-%m-%dT%H:%M:%S.%fZ')"
+        if stamp
+        else "strftime(now()::TIMESTAMP, '%Y-%m-%dT%H:%M:%S.%fZ')"
+    )
+    meta = [
+        "source: $system_id",
+        f"record_type: '{kind.kind}'",
+        "original_id: t.id",
+        f"created_at: {ts}",
+        f"source_table: '{table}'",
+    ]
+    meta += [f"{c}: t.{c}" for c in kind.columns if c in columns]
+    embedding = "list_transform(t.embedding, lambda x: round(x::DOUBLE, 7))"
+    mid = f"$system_id || ':{kind.kind}:' || t.id"
+    if shape == "ingest":
+        body = (
+            f"id: {mid}, content: {kind.text}, embedding: {embedding}, "
+            f"timestamp: {ts}, metadata: {{{', '.join(meta)}}}"
+        )
+    else:
+        body = (
+            f"memory_id: {mid}, text: {kind.text}, embedding: {embedding}, "
+            f"metadata: {{{', '.join(meta)}}}"
+        )
+    where = "t.embedding IS NOT NULL"
+    if undelivered:
+        where += (
+            " AND NOT EXISTS (SELECT 1 FROM progress.delivered d WHERE d.channel = $channel"
+            f" AND d.kind = '{kind.kind}' AND d.id = t.id)"
+        )
+    return f'SELECT t.id, to_json({{{body}}})::VARCHAR FROM "{table}" t WHERE {where} ORDER BY t.id'  # noqa: S608
+
+
+def iter_records(
+    con: duckdb.DuckDBPyConnection,
+    kind: str,
+    *,
+    system_id: str,
+    shape: RecordShape,
+    channel: str | None = None,
+    batch: int = 2000,
+) -> Iterator[tuple[str, str]]:
+    """Yield ``(original id, record JSON)`` for records with an embedding.
+
+    With ``channel``, only those not yet delivered on it (``open_progress`` first).
+    """
+    spec = KINDS[kind]
+    found = _find_table(con, spec)
+    if found is None:
+        return
+    table, columns = found
+    if "embedding" not in columns:
+        return
+    sql = _select_sql(spec, table, columns, shape, undelivered=channel is not None)
+    params: dict[str, str] = {"system_id": system_id}
+    if channel is not None:
+        params["channel"] = channel
+    cursor = con.cursor()
+    cursor.execute(sql, params)
+    while rows := cursor.fetchmany(batch):
+        for record_id, doc in rows:
+            yield str(record_id), str(doc)
+
+
+def count_undeliverable(
+    con: duckdb.DuckDBPyConnection, kind: str, *, channel: str | None = None
+) -> int:
+    """Records Akosha cannot take because they carry no embedding."""
+    spec = KINDS[kind]
+    found = _find_table(con, spec)
+    if found is None:
+        return 0
+    table, columns = found
+    if "embedding" not in columns:
+        row = con.execute(f'SELECT count(*) FROM "{table}"').fetchone()  # noqa: S608
+        return int(row[0]) if row else 0
+    sql = f'SELECT count(*) FROM "{table}" t WHERE t.embedding IS NULL'  # noqa: S608
+    params: list[str] = []
+    if channel is not None:
+        sql += (
+            " AND NOT EXISTS (SELECT 1 FROM progress.delivered d WHERE d.channel = ?"
+            f" AND d.kind = '{spec.kind}' AND d.id = t.id)"
+        )
+        params.append(channel)
+    row = con.execute(sql, params).fetchone()
+    return int(row[0]) if row else 0
+
+
+def mark_delivered(
+    con: duckdb.DuckDBPyConnection, channel: str, kind: str, ids: Sequence[str]
+) -> None:
+    """Record that these ids reached the channel's target."""
+    if not ids:
+        return
+    con.execute(
+        "INSERT OR IGNORE INTO progress.delivered SELECT ?, ?, unnest(?::VARCHAR[])",
+        [channel, kind, list(ids)],
+    )
+
+
+def write_memories_json(
+    con: duckdb.DuckDBPyConnection,
+    out: Path,
+    *,
+    system_id: str,
+    channel: str | None,
+) -> list[str]:
+    """Write Akosha's ``{"conversations": [...]}`` with the undelivered conversations.
+
+    Streams to ``out`` (memory stays bounded) and returns the original ids written.
+    """
+    ids: list[str] = []
+    with out.open("w", encoding="utf-8") as fh:
+        fh.write('{"conversations": [')
+        first = True
+        for record_id, doc in iter_records(
+            con, "conversation", system_id=system_id, shape="ingest", channel=channel
+        ):
+            fh.write(doc if first else ",\n" + doc)
+            first = False
+            ids.append(record_id)
+        fh.write("]}\n")
+    return ids

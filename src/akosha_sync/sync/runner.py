@@ -1,0 +1,77 @@
+"""One entry point for "sync now", shared by the CLI and the daemon.
+
+It takes the machine-wide lock, runs the hybrid orchestrator, and always returns a
+result dict: a failure is ``success: False`` with a readable ``error``.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import structlog
+
+from akosha_sync.config import AkoshaSyncConfig
+from akosha_sync.sync.hybrid import HybridAkoshaSync
+from akosha_sync.sync.protocol import HybridSyncError, ProgressCallback, SyncError
+from akosha_sync.sync.state import sync_lock
+
+__all__ = ["run_sync"]
+
+log = structlog.get_logger("akosha_sync.runner")
+
+
+async def run_sync(
+    config: AkoshaSyncConfig,
+    *,
+    method: str | None = None,
+    enable_fallback: bool | None = None,
+    trigger: str = "manual",
+    progress: ProgressCallback | None = None,
+    upload_reflections: bool = True,
+    upload_knowledge_graph: bool = True,
+) -> dict[str, Any]:
+    """Sync under the state lock; never raises for a sync failure."""
+    started = time.monotonic()
+    try:
+        async with sync_lock(config.state_path, timeout=config.upload_timeout_seconds):
+            hybrid = HybridAkoshaSync(config)
+            result = await hybrid.sync_memories(
+                force_method=method or config.force_method,  # type: ignore[arg-type]
+                upload_reflections=upload_reflections,
+                upload_knowledge_graph=upload_knowledge_graph,
+                enable_fallback=enable_fallback,
+                progress=progress,
+            )
+    except HybridSyncError as exc:
+        result = {
+            "method": exc.method,
+            "success": False,
+            "files_uploaded": [],
+            "bytes_transferred": 0,
+            "duration_seconds": round(time.monotonic() - started, 3),
+            "upload_id": "",
+            "error": str(exc),
+            "method_attempts": exc.errors,
+        }
+    except (SyncError, ValueError) as exc:
+        result = {
+            "method": getattr(exc, "method", "") or (method or config.force_method),
+            "success": False,
+            "files_uploaded": [],
+            "bytes_transferred": 0,
+            "duration_seconds": round(time.monotonic() - started, 3),
+            "upload_id": "",
+            "error": str(exc),
+        }
+    result["triggered_by"] = trigger
+    log.info(
+        "sync finished",
+        trigger=trigger,
+        method=result.get("method"),
+        success=result.get("success"),
+        upload_id=result.get("upload_id"),
+        error=result.get("error"),
+        duration_seconds=result.get("duration_seconds"),
+    )
+    return result

@@ -1,0 +1,207 @@
+"""Consistent snapshots of the live Session-Buddy databases.
+
+DuckDB keeps recent changes in ``NAME.duckdb.wal`` and a writer holds the database
+locked, so a snapshot is taken at the file level: copy the database and its WAL,
+check that neither changed while copying (else copy again), then open the *copy*
+with DuckDB, which replays the WAL, and checkpoint it into one self-contained file.
+The live files are only ever read.
+
+Whether a database changed is decided from the source files (their stat fingerprint,
+then the SHA-256 of database + WAL), never from the checkpointed copy: checkpointing
+the same content twice does not give the same bytes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import time
+from pathlib import Path
+
+import msgspec
+
+from akosha_sync.sync.protocol import SnapshotError
+
+__all__ = [
+    "FileStat",
+    "Snapshot",
+    "SourceFingerprint",
+    "count_conversations",
+    "remove_snapshot_dir",
+    "fingerprint",
+    "take_snapshot",
+    "wal_path",
+]
+
+_COPY_BUFFER = 1024 * 1024
+_WAL_SEPARATOR = b"\x00akosha-sync:wal\x00"
+
+
+class FileStat(msgspec.Struct, frozen=True):
+    size: int
+    mtime_ns: int
+    inode: int
+
+
+class SourceFingerprint(msgspec.Struct, frozen=True):
+    """What ``stat`` says of a database and its WAL; equal means 'not even re-read'."""
+
+    db: FileStat
+    wal: FileStat | None = None
+
+
+class Snapshot(msgspec.Struct, frozen=True, kw_only=True):
+    name: str
+    source: str
+    path: str  # the checkpointed copy, the thing that is uploaded
+    fingerprint: SourceFingerprint
+    source_sha256: str  # of the live database bytes followed by its WAL bytes
+    size: int
+    conversation_count: int
+    had_wal: bool
+
+
+def wal_path(db: Path) -> Path:
+    return db.with_name(db.name + ".wal")
+
+
+def _stat(path: Path) -> FileStat | None:
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    return FileStat(size=st.st_size, mtime_ns=st.st_mtime_ns, inode=st.st_ino)
+
+
+def fingerprint(db: Path) -> SourceFingerprint | None:
+    """The stat fingerprint of ``db`` and its WAL, or None if the database is missing."""
+    main = _stat(db)
+    if main is None:
+        return None
+    return SourceFingerprint(db=main, wal=_stat(wal_path(db)))
+
+
+def _copy_hashing(src: Path, dst: Path, digest: hashlib._Hash) -> None:
+    with src.open("rb") as fin, dst.open("wb") as fout:
+        while chunk := fin.read(_COPY_BUFFER):
+            digest.update(chunk)
+            fout.write(chunk)
+
+
+def _copy_once(db: Path, dest: Path) -> tuple[SourceFingerprint, str] | None:
+    """Copy database + WAL; None if either changed while being copied."""
+    before = fingerprint(db)
+    if before is None:
+        raise FileNotFoundError(db)
+    digest = hashlib.sha256()
+    _copy_hashing(db, dest, digest)
+    dest_wal = wal_path(dest)
+    if before.wal is not None:
+        digest.update(_WAL_SEPARATOR)
+        try:
+            _copy_hashing(wal_path(db), dest_wal, digest)
+        except FileNotFoundError:
+            return None  # checkpointed away under us: copy again
+    else:
+        dest_wal.unlink(missing_ok=True)
+    if fingerprint(db) != before:
+        return None
+    return before, digest.hexdigest()
+
+
+def count_conversations(con: object) -> int:
+    """Rows in ``conversations_v2``, else legacy ``conversations``, else 0."""
+    import duckdb
+
+    assert isinstance(con, duckdb.DuckDBPyConnection)
+    tables = {
+        row[0]
+        for row in con.execute(
+            "SELECT table_name FROM information_schema.tables WHERE table_schema = 'main'"
+        ).fetchall()
+    }
+    for table in ("conversations_v2", "conversations"):
+        if table in tables:
+            row = con.execute(f'SELECT count(*) FROM "{table}"').fetchone()  # noqa: S608
+            return int(row[0]) if row else 0
+    return 0
+
+
+def _checkpoint_copy(path: Path) -> int:
+    """Replay the copied WAL into the copy, check it is readable, count conversations."""
+    import duckdb
+
+    con = duckdb.connect(str(path))
+    try:
+        con.execute("CHECKPOINT")
+        return count_conversations(con)
+    finally:
+        con.close()
+
+
+def take_snapshot(
+    name: str,
+    source: Path,
+    dest_dir: Path,
+    *,
+    attempts: int = 5,
+    retry_delay: float = 0.05,
+) -> Snapshot:
+    """Copy ``source`` (and its WAL) into ``dest_dir`` consistently and checkpoint the copy.
+
+    Blocking; run it in a worker thread. Raises ``FileNotFoundError`` if the database
+    does not exist and ``SnapshotError`` if it cannot be read or never holds still.
+    """
+    dest_dir.mkdir(parents=True, exist_ok=True)
+    dest = dest_dir / name
+    last_error: Exception | None = None
+    for attempt in range(attempts):
+        if attempt:
+            # A writer is active: give it a moment, growing, before the next copy.
+            time.sleep(retry_delay * (2 ** (attempt - 1)))
+        try:
+            copied = _copy_once(source, dest)
+        except FileNotFoundError:
+            raise
+        except OSError as exc:
+            raise SnapshotError(
+                f"cannot read {source}: {exc.strerror or exc}; check the file's permissions.",
+                str(source),
+                exc,
+            ) from exc
+        if copied is None:
+            last_error = None
+            continue
+        before, source_sha256 = copied
+        try:
+            conversations = _checkpoint_copy(dest)
+        except Exception as exc:  # duckdb raises many classes; any means "not readable"
+            last_error = exc
+            continue
+        wal_path(dest).unlink(missing_ok=True)
+        return Snapshot(
+            name=name,
+            source=str(source),
+            path=str(dest),
+            fingerprint=before,
+            source_sha256=source_sha256,
+            size=dest.stat().st_size,
+            conversation_count=conversations,
+            had_wal=before.wal is not None,
+        )
+    if last_error is not None:
+        raise SnapshotError(
+            f"{source} is not a readable DuckDB database ({last_error}). Check that it is a "
+            "Session-Buddy database written by DuckDB >= 2.0; it was not uploaded.",
+            str(source),
+            last_error,
+        )
+    raise SnapshotError(
+        f"{source} kept changing while it was being copied ({attempts} attempts); "
+        "try again when Session-Buddy is idle.",
+        str(source),
+    )
+
+
+def remove_snapshot_dir(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)

@@ -1,0 +1,97 @@
+"""What this machine already delivered, kept in ``state_dir``.
+
+Per target (endpoint + bucket + system id, or Akosha URL + system id) a small JSON
+file remembers the last upload and, for each database, the stat fingerprint and
+source digest of what was stored and where. A lock file keeps two processes on one
+machine (the daemon and a CLI run) from uploading at the same time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import os
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import anyio
+import msgspec
+
+from akosha_sync.sync.manifest import FileEntry
+from akosha_sync.sync.protocol import SyncError
+from akosha_sync.sync.snapshot import SourceFingerprint
+
+__all__ = ["StoredFile", "TargetState", "load_state", "save_state", "sync_lock", "target_id"]
+
+
+class StoredFile(msgspec.Struct, kw_only=True):
+    """A database as last stored on a target."""
+
+    fingerprint: SourceFingerprint | None
+    entry: FileEntry  # entry.key is where the object lives, in whichever upload
+
+
+class TargetState(msgspec.Struct, kw_only=True):
+    target: str
+    system_id: str
+    last_upload_id: str | None = None
+    last_manifest_key: str | None = None
+    files: dict[str, StoredFile] = msgspec.field(default_factory=dict)
+
+
+def target_id(*parts: str) -> str:
+    """A stable short name for a target, safe in file names."""
+    return hashlib.sha256("\x00".join(parts).encode()).hexdigest()[:16]
+
+
+def _state_file(state_dir: Path, tid: str) -> Path:
+    return state_dir / "targets" / f"{tid}.json"
+
+
+def load_state(state_dir: Path, tid: str) -> TargetState | None:
+    """The saved state, or None if absent or unreadable (it is only a cache)."""
+    try:
+        return msgspec.json.decode(_state_file(state_dir, tid).read_bytes(), type=TargetState)
+    except (FileNotFoundError, msgspec.DecodeError, msgspec.ValidationError):
+        return None
+
+
+def save_state(state_dir: Path, tid: str, state: TargetState) -> None:
+    """Write atomically: a crash leaves the old state or the new one, never half."""
+    path = _state_file(state_dir, tid)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_bytes(msgspec.json.encode(state))
+    os.replace(tmp, path)
+
+
+@contextlib.asynccontextmanager
+async def sync_lock(state_dir: Path, *, timeout: float) -> AsyncIterator[None]:
+    """Hold the machine-wide upload lock, waiting up to ``timeout`` seconds for it."""
+    state_dir.mkdir(parents=True, exist_ok=True)
+    path = state_dir / "sync.lock"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise SyncError(
+                        f"another akosha-sync process is uploading (lock {path}); "
+                        "wait for it to finish, or check `akosha-sync status`.",
+                        "lock",
+                    ) from None
+                await anyio.sleep(0.1)
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        try:
+            yield
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)

@@ -1,0 +1,56 @@
+"""What can be known about the sync without contacting anything: the seed's status
+fields, the redacted configuration, its problems, the databases and the last upload."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from akosha_sync.config import AkoshaSyncConfig
+from akosha_sync.sync.snapshot import fingerprint
+from akosha_sync.sync.state import load_state, target_id
+from akosha_sync.sync.store import describe_target
+
+__all__ = ["local_status"]
+
+
+def local_status(config: AkoshaSyncConfig) -> dict[str, Any]:
+    sid = config.system_id_resolved
+    state = (
+        load_state(
+            config.state_path,
+            target_id("cloud", config.cloud_endpoint, config.cloud_bucket, sid),
+        )
+        if config.cloud_configured
+        else None
+    )
+    databases: dict[str, Any] = {}
+    for name, path in config.database_paths.items():
+        fp = fingerprint(path)
+        stored = state.files.get(name) if state else None
+        databases[name] = {
+            "path": str(path),
+            "exists": fp is not None,
+            "size": fp.db.size if fp else 0,
+            "wal": bool(fp and fp.wal),
+            "changed_since_last_upload": (
+                None if stored is None or fp is None else stored.fingerprint != fp
+            ),
+        }
+    return {
+        "cloud_configured": config.cloud_configured,
+        "system_id": sid,
+        "should_use_cloud": config.should_use_cloud,
+        "should_use_http": config.should_use_http,
+        "force_method": config.force_method,
+        "enable_fallback": config.enable_fallback,
+        "upload_on_session_end": config.upload_on_session_end,
+        "configuration": config.redacted(),
+        "validation_errors": config.validate(),
+        "target": describe_target(config) if config.cloud_configured else None,
+        "databases": databases,
+        "last_upload": (
+            {"upload_id": state.last_upload_id, "manifest_key": state.last_manifest_key}
+            if state and state.last_upload_id
+            else None
+        ),
+    }

@@ -1,0 +1,231 @@
+"""The object store client: building an obstore store from the configuration,
+telling transient failures from permanent ones, and retrying the former.
+
+obstore reports many different situations as ``GenericError`` with the cause only in
+the message text (see the object-storage reference), so classification reads the
+text. obstore's own retries are off: we retry here, with the configured backoff, so
+that "cannot connect at all" can be reported at once to the hybrid orchestrator.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from collections.abc import Awaitable, Callable
+from datetime import timedelta
+from enum import Enum
+from pathlib import Path
+from typing import TYPE_CHECKING, TypeVar
+from urllib.parse import urlsplit
+
+import anyio
+import structlog
+from obstore.exceptions import (
+    AlreadyExistsError,
+    PermissionDeniedError,
+    PreconditionError,
+    UnauthenticatedError,
+)
+from obstore.store import LocalStore, S3Store
+
+from akosha_sync.config import AkoshaSyncConfig
+from akosha_sync.sync.protocol import CloudUploadError
+
+if TYPE_CHECKING:
+    from obstore.store import ObjectStore
+
+__all__ = ["Failure", "RetryPolicy", "classify", "describe_target", "make_store", "with_retries"]
+
+T = TypeVar("T")
+log = structlog.get_logger("akosha_sync.store")
+
+# An S3 multipart upload allows at most 10,000 parts of at least 5 MiB (but the last).
+MIN_PART_SIZE = 5 * 1024 * 1024
+
+
+class Failure(Enum):
+    CONNECT = "connect"  # nothing answered: refused, unresolvable, unreachable
+    TRANSIENT = "transient"  # worth another try: reset, timeout, 5xx, throttling
+    AUTH = "auth"  # credentials refused
+    NO_BUCKET = "no_bucket"
+    EXISTS = "exists"  # a conditional create found the key taken
+    PERMANENT = "permanent"  # any other 4xx or local misuse
+
+
+_CONNECT_PATTERNS = re.compile(
+    r"connection refused|tcp connect error|dns error|failed to lookup|no route to host|"
+    r"network is unreachable|name or service not known|error trying to connect",
+    re.IGNORECASE,
+)
+_TRANSIENT_PATTERNS = re.compile(
+    r"connection reset|broken pipe|timed out|timeout|operation timed out|"
+    r"error sending request|connection closed|unexpected eof|incomplete message|"
+    r"server error|status: 5\d\d|\b50[0-4]\b|slowdown|slow down|throttl|requesttimeout|"
+    r"internalerror|serviceunavailable|too many requests|\b429\b|error decoding response body|"
+    r"hyper|body write aborted|stream closed",
+    re.IGNORECASE,
+)
+_AUTH_PATTERNS = re.compile(
+    r"accessdenied|access denied|signaturedoesnotmatch|invalidaccesskeyid|forbidden|"
+    r"\b403\b|unauthori[sz]ed|\b401\b|invalid.*credential",
+    re.IGNORECASE,
+)
+_NO_BUCKET_PATTERNS = re.compile(r"nosuchbucket|bucket.*(does not exist|not found)", re.IGNORECASE)
+
+
+def classify(exc: BaseException) -> Failure:
+    """Sort an exception from obstore (or the OS) into what to do about it."""
+    if isinstance(exc, AlreadyExistsError | PreconditionError):
+        return Failure.EXISTS
+    if isinstance(exc, PermissionDeniedError | UnauthenticatedError):
+        return Failure.AUTH
+    text = str(exc)
+    if _NO_BUCKET_PATTERNS.search(text):
+        return Failure.NO_BUCKET
+    if isinstance(exc, ConnectionRefusedError) or _CONNECT_PATTERNS.search(text):
+        return Failure.CONNECT
+    if isinstance(exc, TimeoutError | ConnectionError) or _TRANSIENT_PATTERNS.search(text):
+        return Failure.TRANSIENT
+    if _AUTH_PATTERNS.search(text):
+        return Failure.AUTH
+    return Failure.PERMANENT
+
+
+def describe_target(config: AkoshaSyncConfig) -> str:
+    """'bucket B at ENDPOINT', with no credentials in it."""
+    if config.is_local_target:
+        return f"folder {config.cloud_bucket!r} under {config.cloud_endpoint}"
+    endpoint = config.redacted()["cloud_endpoint"] or "AWS S3 (default endpoint)"
+    return f"bucket {config.cloud_bucket!r} at {endpoint}"
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    # obstore messages carry a whole source chain; the useful part is short.
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    summary = " | ".join(lines[:4])
+    return summary[:600]
+
+
+def explain(exc: BaseException, config: AkoshaSyncConfig, what: str) -> str:
+    """A sentence a user can act on, naming the bucket, the endpoint and the cause."""
+    kind = classify(exc)
+    target = describe_target(config)
+    cause = _first_line(exc)
+    if kind is Failure.AUTH:
+        advice = (
+            "the credentials were refused; check access_key_id / secret_access_key "
+            "(or AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY) and the key's permissions"
+        )
+    elif kind is Failure.NO_BUCKET:
+        advice = "the bucket does not exist; create it or correct cloud_bucket"
+    elif kind is Failure.CONNECT:
+        advice = "could not connect; is the server running and is cloud_endpoint right?"
+    elif kind is Failure.TRANSIENT:
+        advice = "the store kept failing (network or server trouble); try again later"
+    else:
+        advice = "the store rejected the request"
+    message = f"cloud upload failed while {what}: {advice}. Target: {target}. Cause: {cause}"
+    for secret in config.secrets():
+        message = message.replace(secret, "***redacted***")
+    return message
+
+
+def make_store(config: AkoshaSyncConfig) -> ObjectStore:
+    """An obstore store for the configured target (S3-compatible or a local folder)."""
+    if config.is_local_target:
+        root = Path(urlsplit(config.cloud_endpoint).path) / config.cloud_bucket
+        return LocalStore(root, mkdir=True)
+    endpoint = config.cloud_endpoint or None
+    allow_http = bool(endpoint and endpoint.startswith("http://"))
+    kwargs: dict[str, object] = {}
+    if endpoint:
+        kwargs["endpoint"] = endpoint
+    if config.access_key_id:
+        kwargs["access_key_id"] = config.access_key_id
+        kwargs["secret_access_key"] = config.secret_access_key
+    region = config.cloud_region
+    if region == "auto" and endpoint is None:
+        region = "us-east-1"  # 'auto' is R2's; plain AWS needs a real region to sign with
+    return S3Store(
+        config.cloud_bucket,
+        region=region,
+        virtual_hosted_style_request=False,
+        client_options={
+            "allow_http": allow_http,
+            "connect_timeout": "5s",
+            "timeout": "120s",
+        },
+        retry_config={"max_retries": 0, "retry_timeout": timedelta(seconds=1)},
+        **kwargs,  # type: ignore[arg-type]
+    )
+
+
+class RetryPolicy:
+    """Exponential backoff with jitter: ``backoff * 2**n``, scaled by 0.5..1.5."""
+
+    def __init__(self, max_retries: int, backoff: float, *, cap: float = 60.0) -> None:
+        self.max_retries = max_retries
+        self.backoff = backoff
+        self.cap = cap
+
+    @classmethod
+    def from_config(cls, config: AkoshaSyncConfig) -> RetryPolicy:
+        return cls(config.max_retries, config.retry_backoff_seconds)
+
+    def delay(self, attempt: int) -> float:
+        return float(min(self.cap, self.backoff * 2**attempt) * random.uniform(0.5, 1.5))
+
+
+async def with_retries(
+    op: Callable[[], Awaitable[T]],
+    *,
+    config: AkoshaSyncConfig,
+    what: str,
+    policy: RetryPolicy | None = None,
+    connect_attempts: int | None = None,
+) -> T:
+    """Run ``op``; retry transient failures, raise ``CloudUploadError`` for the rest.
+
+    ``connect_attempts`` bounds tries when nothing answers at all: the first contact
+    uses a small number so a dead store is reported within about a second.
+    """
+    policy = policy or RetryPolicy.from_config(config)
+    attempt = 0
+    connect_failures = 0
+    while True:
+        try:
+            return await op()
+        except CloudUploadError:
+            raise
+        except Exception as exc:
+            kind = classify(exc)
+            if kind is Failure.CONNECT:
+                connect_failures += 1
+            retryable = kind in (Failure.CONNECT, Failure.TRANSIENT)
+            exhausted = attempt >= policy.max_retries or (
+                kind is Failure.CONNECT
+                and connect_attempts is not None
+                and connect_failures >= connect_attempts
+            )
+            if not retryable or exhausted:
+                raise CloudUploadError(
+                    explain(exc, config, what),
+                    original=exc,
+                    connect_failed=kind is Failure.CONNECT,
+                ) from exc
+            delay = (
+                min(0.25 * (attempt + 1), 1.0)
+                if kind is Failure.CONNECT and connect_attempts is not None
+                else policy.delay(attempt)
+            )
+            log.warning(
+                "cloud operation failed; retrying",
+                what=what,
+                attempt=attempt + 1,
+                max_retries=policy.max_retries,
+                retry_in=round(delay, 2),
+                cause=_first_line(exc),
+            )
+            attempt += 1
+            await anyio.sleep(delay)
