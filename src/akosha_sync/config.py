@@ -39,7 +39,7 @@ __all__ = [
 ForceMethod = Literal["auto", "cloud", "http"]
 
 REDACTED = "***redacted***"
-SECRET_FIELDS = frozenset({"secret_access_key", "akosha_token"})
+SECRET_FIELDS = frozenset({"secret_access_key", "akosha_token", "daemon_token"})
 # Our own names win over Session-Buddy's when both are set.
 ENV_PREFIXES = ("AKOSHA_SYNC_", "SESSION_BUDDY_AKOSHA_")
 DEFAULT_CONFIG_PATH = Path("~/.config/akosha-sync/config.toml")
@@ -99,6 +99,12 @@ class AkoshaSyncConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown
     akosha_token: str = ""
     http_batch_size: int = 1000
 
+    # The local daemon (``akosha-sync serve --transport http``) and its hook route.
+    daemon_host: str = "127.0.0.1"
+    daemon_port: int = 8683
+    # When set, POST /hooks/session-end requires ``Authorization: Bearer <token>``.
+    daemon_token: str = ""
+
     # ----------------------------------------------------------------- derived
     @property
     def is_local_target(self) -> bool:
@@ -150,6 +156,11 @@ class AkoshaSyncConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown
         return Path(self.log_file or "~/.claude/logs/akosha-sync.log").expanduser()
 
     @property
+    def daemon_url(self) -> str:
+        host = f"[{self.daemon_host}]" if ":" in self.daemon_host else self.daemon_host
+        return f"http://{host}:{self.daemon_port}"
+
+    @property
     def database_paths(self) -> dict[str, Path]:
         """The two source databases by their file names."""
         return {
@@ -160,8 +171,11 @@ class AkoshaSyncConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown
     def secrets(self) -> list[str]:
         """Every secret value in force, for scrubbing text that leaves the process."""
         values = [
+            # Key ids are not secret, but they identify an account; keep them out too.
+            self.resolved_access_key_id,
             self.secret_access_key,
             self.akosha_token,
+            self.daemon_token,
             self.resolved_secret_access_key,
             _url_password(self.cloud_endpoint),
             _url_password(self.akosha_url),
@@ -177,6 +191,7 @@ class AkoshaSyncConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown
         _check_range(problems, "retry_backoff_seconds", self.retry_backoff_seconds, 0.1, 60)
         _check_range(problems, "chunk_size_mb", self.chunk_size_mb, 1, 100)
         _check_range(problems, "http_batch_size", self.http_batch_size, 1, 1000)
+        _check_range(problems, "daemon_port", self.daemon_port, 0, 65535)  # 0: any free port
         if self.force_method not in ("auto", "cloud", "http"):
             problems.append(
                 f"force_method is {self.force_method!r}; use one of 'auto', 'cloud' or 'http'."

@@ -528,7 +528,7 @@ class CloudSyncMethod:
                     return
 
 
-class _NothingToUpload(Exception):  # noqa: N818 - control flow, not an error
+class _NothingToUpload(Exception):
     def __init__(self, upload: _Upload) -> None:
         self.upload = upload
 

@@ -105,7 +105,7 @@ class FileEntry(msgspec.Struct, frozen=True, kw_only=True):
     conversation_count: int | None = None
 
 
-class Manifest(msgspec.Struct, kw_only=True, omit_defaults=True):
+class Manifest(msgspec.Struct, kw_only=True):
     """``manifest.json``: Akosha's schema fields first, then ours (ignored by Akosha)."""
 
     uploaded_at: str
@@ -113,7 +113,7 @@ class Manifest(msgspec.Struct, kw_only=True, omit_defaults=True):
     total_size_bytes: int
     version: str = MANIFEST_VERSION
     system_type: str = SYSTEM_TYPE
-    compressed: bool = False
+    compressed: bool
     compression_format: str | None = None
     files: list[str] = msgspec.field(default_factory=list)
     metadata: dict[str, Any] = msgspec.field(default_factory=dict)
@@ -156,15 +156,23 @@ def build_manifest(
     return manifest
 
 
+def _as_dict(manifest: Manifest) -> dict[str, Any]:
+    data: dict[str, Any] = msgspec.to_builtins(manifest)
+    # Akosha: compression_format is present if and only if compressed is true.
+    if data.get("compression_format") is None:
+        data.pop("compression_format", None)
+    return data
+
+
 def manifest_checksum(manifest: Manifest) -> str:
     """SHA-256 of the manifest's canonical JSON (sorted keys) without ``checksum``."""
-    data = msgspec.to_builtins(manifest)
+    data = _as_dict(manifest)
     data.pop("checksum", None)
     return hashlib.sha256(msgspec.json.encode(data, order="sorted")).hexdigest()
 
 
 def encode_manifest(manifest: Manifest) -> bytes:
-    return msgspec.json.format(msgspec.json.encode(manifest), indent=2) + b"\n"
+    return msgspec.json.format(msgspec.json.encode(_as_dict(manifest)), indent=2) + b"\n"
 
 
 def decode_manifest(data: bytes) -> Manifest:

@@ -66,7 +66,10 @@ REFLECTION = RecordKind(
 ENTITY = RecordKind(
     kind="entity",
     tables=("kg_entities",),
-    text="name || ' (' || entity_type || ')' || coalesce(': ' || array_to_string(observations, '; '), '')",
+    text=(
+        "name || ' (' || entity_type || ')' "
+        "|| coalesce(': ' || array_to_string(observations, '; '), '')"
+    ),
     columns=("name", "entity_type", "observations"),
     timestamp_columns=("created_at", "updated_at"),
 )
@@ -151,7 +154,7 @@ def _select_sql(
             " AND NOT EXISTS (SELECT 1 FROM progress.delivered d WHERE d.channel = $channel"
             f" AND d.kind = '{kind.kind}' AND d.id = t.id)"
         )
-    return f'SELECT t.id, to_json({{{body}}})::VARCHAR FROM "{table}" t WHERE {where} ORDER BY t.id'  # noqa: S608
+    return f'SELECT t.id, to_json({{{body}}})::VARCHAR FROM "{table}" t WHERE {where} ORDER BY t.id'
 
 
 def iter_records(
@@ -195,9 +198,9 @@ def count_undeliverable(
         return 0
     table, columns = found
     if "embedding" not in columns:
-        row = con.execute(f'SELECT count(*) FROM "{table}"').fetchone()  # noqa: S608
+        row = con.execute(f'SELECT count(*) FROM "{table}"').fetchone()
         return int(row[0]) if row else 0
-    sql = f'SELECT count(*) FROM "{table}" t WHERE t.embedding IS NULL'  # noqa: S608
+    sql = f'SELECT count(*) FROM "{table}" t WHERE t.embedding IS NULL'
     params: list[str] = []
     if channel is not None:
         sql += (

@@ -27,8 +27,8 @@ __all__ = [
     "Snapshot",
     "SourceFingerprint",
     "count_conversations",
-    "remove_snapshot_dir",
     "fingerprint",
+    "remove_snapshot_dir",
     "take_snapshot",
     "wal_path",
 ]
@@ -122,7 +122,7 @@ def count_conversations(con: object) -> int:
     }
     for table in ("conversations_v2", "conversations"):
         if table in tables:
-            row = con.execute(f'SELECT count(*) FROM "{table}"').fetchone()  # noqa: S608
+            row = con.execute(f'SELECT count(*) FROM "{table}"').fetchone()
             return int(row[0]) if row else 0
     return 0
 

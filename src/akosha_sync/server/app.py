@@ -1,0 +1,71 @@
+"""The MCP server: the seed's two tools, served over stdio, SSE or streamable HTTP.
+
+The tools only talk to the daemon: a sync is a request in its queue, run in the
+daemon's task group, so it outlives the call (and the connection) that asked for it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Literal
+
+import anyio
+from mcp.server.mcpserver import Context, MCPServer
+
+from akosha_sync import __version__
+from akosha_sync.server.daemon import SyncDaemon
+
+__all__ = ["build_mcp_server"]
+
+_INSTRUCTIONS = (
+    "akosha-sync ships this machine's Session-Buddy memories (reflection and knowledge-graph "
+    "databases) to cloud storage for the Akosha aggregator, falling back to Akosha's HTTP "
+    "endpoint. Use sync_to_akosha to sync now and akosha_sync_status to see configuration, "
+    "problems, the running sync and recent history."
+)
+
+
+def build_mcp_server(daemon: SyncDaemon) -> MCPServer:
+    """An MCPServer whose tools delegate to ``daemon``."""
+    server = MCPServer(name="akosha-sync", version=__version__, instructions=_INSTRUCTIONS)
+
+    @server.tool()
+    async def sync_to_akosha(
+        ctx: Context,
+        method: Literal["auto", "cloud", "http"] = "auto",
+        enable_fallback: bool = True,
+    ) -> dict[str, Any]:
+        """Sync memories to Akosha now: cloud first, falling back to Akosha's HTTP endpoint.
+
+        method: "auto" (cloud, then HTTP if enabled), "cloud" (cloud only) or "http".
+        enable_fallback: allow falling back from cloud to HTTP (auto only).
+        Waits for the sync and returns its result; a failure is success=false with an error.
+        """
+        request_id = daemon.submit("manual", method=method, enable_fallback=enable_fallback)
+        send, receive = anyio.create_memory_object_stream[tuple[str, int, int]](64)
+
+        def on_progress(phase: str, done: int, total: int) -> None:
+            # Dropped when the client reads slowly: progress is advisory.
+            with contextlib.suppress(anyio.WouldBlock, anyio.ClosedResourceError):
+                send.send_nowait((phase, done, total))
+
+        async def forward() -> None:
+            async with receive:
+                async for phase, done, total in receive:
+                    await ctx.report_progress(done, total or None, phase)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(forward)
+            try:
+                result = await daemon.wait_for(request_id, on_progress)
+            finally:
+                send.close()
+        return {**result, "triggered_by": "manual"}
+
+    @server.tool()
+    async def akosha_sync_status() -> dict[str, Any]:
+        """Configuration (secrets redacted), its problems, the running sync, the queue,
+        the last result and recent history."""
+        return daemon.status()
+
+    return server

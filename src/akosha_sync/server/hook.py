@@ -1,0 +1,110 @@
+"""The session-end hook command, for Claude Code ``command`` hooks.
+
+It must finish well inside Claude Code's 1.5 s hook budget, so it imports nothing
+heavy (no MCP SDK, DuckDB or obstore): it forwards the hook JSON to the running
+daemon; if none answers, it records the request in the durable queue and starts a
+detached one-shot ``akosha-sync drain`` so the session end is never lost.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from akosha_sync.config import AkoshaSyncConfig
+
+__all__ = ["DAEMON_FILE", "read_daemon_url", "remove_daemon_file", "run_hook", "write_daemon_file"]
+
+DAEMON_FILE = "daemon.json"
+_FORWARD_TIMEOUT = 0.5
+
+
+def write_daemon_file(config: AkoshaSyncConfig, url: str) -> None:
+    """Tell hook commands where the running daemon listens."""
+    path = config.state_path / DAEMON_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"pid": os.getpid(), "url": url}), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def remove_daemon_file(config: AkoshaSyncConfig) -> None:
+    path = config.state_path / DAEMON_FILE
+    try:
+        if json.loads(path.read_text(encoding="utf-8")).get("pid") == os.getpid():
+            path.unlink()
+    except (OSError, ValueError):
+        pass
+
+
+def read_daemon_url(config: AkoshaSyncConfig) -> str:
+    """The URL in the daemon file if its process is alive, else the configured one."""
+    try:
+        info = json.loads((config.state_path / DAEMON_FILE).read_text(encoding="utf-8"))
+        os.kill(int(info["pid"]), 0)
+        return str(info["url"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return config.daemon_url
+
+
+def _forward(url: str, body: bytes, token: str) -> tuple[int, str]:
+    request = urllib.request.Request(  # noqa: S310 - loopback URL from our own config
+        f"{url}/hooks/session-end", data=body, method="POST",
+        headers={"Content-Type": "application/json"},
+    )
+    if token:
+        request.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=_FORWARD_TIMEOUT) as response:  # noqa: S310
+            return response.status, response.read().decode("utf-8", "replace")
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode("utf-8", "replace")
+
+
+def _spawn_drain(config_path: str | None) -> None:
+    args = [sys.executable, "-m", "akosha_sync"]
+    if config_path:
+        args += ["--config", config_path]
+    args.append("drain")
+    subprocess.Popen(  # detached: it must outlive Claude Code
+        args,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+        close_fds=True,
+    )
+
+
+def run_hook(config: AkoshaSyncConfig, raw: str, *, config_path: str | None = None) -> int:
+    """Forward or record one hook invocation; returns the process exit code."""
+    from akosha_sync.server.payload import HookPayloadError, validate_hook_payload
+
+    try:
+        payload: Any = validate_hook_payload(json.loads(raw or "null"))
+    except (ValueError, HookPayloadError) as exc:
+        print(f"akosha-sync hook: ignored: {exc}", file=sys.stderr)
+        return 0  # never fail the user's session over a malformed hook input
+    if not config.upload_on_session_end:
+        return 0
+    url = read_daemon_url(config)
+    try:
+        status, text = _forward(url, raw.encode("utf-8"), config.daemon_token)
+        if status in (200, 202):
+            return 0
+        print(f"akosha-sync hook: daemon at {url} answered {status}: {text[:200]}",
+              file=sys.stderr)
+    except (OSError, TimeoutError):
+        pass  # no daemon: record it ourselves
+    from akosha_sync.server.queue import JobQueue
+
+    trigger = "session-end" if payload["hook_event_name"] == "SessionEnd" else "pre-compact"
+    JobQueue(Path(config.state_path)).enqueue(trigger, payload=payload)
+    _spawn_drain(config_path)
+    return 0

@@ -1,0 +1,101 @@
+"""Running the daemon: the task group, the chosen transport, and signal handling."""
+
+from __future__ import annotations
+
+import signal
+from typing import Literal
+
+import anyio
+import structlog
+
+from akosha_sync.config import AkoshaSyncConfig
+from akosha_sync.server.app import build_mcp_server
+from akosha_sync.server.daemon import SyncDaemon
+from akosha_sync.server.hook import remove_daemon_file, write_daemon_file
+
+__all__ = ["Transport", "serve"]
+
+Transport = Literal["stdio", "http", "sse"]
+log = structlog.get_logger("akosha_sync.serve")
+
+
+async def serve(
+    config: AkoshaSyncConfig,
+    *,
+    transport: Transport,
+    host: str | None = None,
+    port: int | None = None,
+    grace_seconds: float = 10.0,
+) -> None:
+    """Serve until stdin closes (stdio) or SIGINT/SIGTERM arrives."""
+    daemon = SyncDaemon(config, grace_seconds=grace_seconds)
+    daemon.transport = transport
+    server = build_mcp_server(daemon)
+    async with daemon.running(), anyio.create_task_group() as tg:
+        stop = anyio.Event()
+        tg.start_soon(_watch_signals, stop)
+        if transport == "stdio":
+            tg.start_soon(_until, stop, tg)
+            await server.run_stdio_async()
+            log.info("stdin closed; shutting down")
+        else:
+            await _serve_http(daemon, server, host or config.daemon_host,
+                              config.daemon_port if port is None else port, stop)
+        tg.cancel_scope.cancel()
+
+
+async def _until(stop: anyio.Event, tg: anyio.abc.TaskGroup) -> None:
+    await stop.wait()
+    tg.cancel_scope.cancel()
+
+
+async def _watch_signals(stop: anyio.Event) -> None:
+    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async for signum in signals:
+            log.info("signal received; shutting down", signal=signal.Signals(signum).name)
+            stop.set()
+            return
+
+
+async def _serve_http(
+    daemon: SyncDaemon, server: object, host: str, port: int, stop: anyio.Event
+) -> None:
+    import uvicorn
+
+    from akosha_sync.server.http import build_http_app
+
+    app = build_http_app(daemon, server, host=host)  # type: ignore[arg-type]
+
+    class _Server(uvicorn.Server):
+        # Signals are ours (graceful sync shutdown), not uvicorn's.
+        def install_signal_handlers(self) -> None:
+            return None
+
+        def capture_signals(self):  # type: ignore[no-untyped-def]
+            import contextlib
+
+            return contextlib.nullcontext()
+
+    uv = _Server(uvicorn.Config(app, host=host, port=port, log_config=None, access_log=False,
+                                lifespan="on", timeout_graceful_shutdown=3))
+
+    async def stopper() -> None:
+        await stop.wait()
+        uv.should_exit = True
+
+    async def announce() -> None:
+        while not uv.started:  # noqa: ASYNC110 - uvicorn offers a flag, not an event
+            await anyio.sleep(0.01)
+        bound = uv.servers[0].sockets[0].getsockname()
+        url = f"http://{host}:{bound[1]}"
+        write_daemon_file(daemon.config, url)
+        log.info("daemon listening", url=url, mcp=f"{url}/mcp", sse=f"{url}/sse")
+
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(stopper)
+            tg.start_soon(announce)
+            await uv.serve()
+            tg.cancel_scope.cancel()
+    finally:
+        remove_daemon_file(daemon.config)

@@ -1,0 +1,365 @@
+"""The cloud method against a real S3 server (SeaweedFS), checked with the minio client."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import anyio
+import duckdb
+import pytest
+import zstandard
+from minio import Minio
+
+from akosha_sync.config import AkoshaSyncConfig
+from akosha_sync.sample import SampleInfo, add_conversations, grow_to_size
+from akosha_sync.sync.cloud import CloudSyncMethod
+from akosha_sync.sync.manifest import akosha_manifest_problems
+from akosha_sync.sync.protocol import CloudUploadError
+
+MakeConfig = Callable[..., AkoshaSyncConfig]
+
+
+def _sync(config: AkoshaSyncConfig, **kwargs: Any) -> dict[str, Any]:
+    method = CloudSyncMethod(config, **kwargs)
+    return anyio.run(method.sync)
+
+
+def _get(client: Minio, bucket: str, key: str) -> bytes:
+    response = client.get_object(bucket, key)
+    try:
+        return response.read()
+    finally:
+        response.close()
+        response.release_conn()
+
+
+def _manifests(client: Minio, bucket: str) -> list[str]:
+    return sorted(
+        o.object_name
+        for o in client.list_objects(bucket, prefix="systems/", recursive=True)
+        if o.object_name.endswith("/manifest.json")
+    )
+
+
+@pytest.fixture
+def s3_config(make_config: MakeConfig, seaweedfs: Any, s3_bucket: str, s3_credentials: Any
+              ) -> MakeConfig:
+    def make(**overrides: Any) -> AkoshaSyncConfig:
+        values = {
+            "cloud_bucket": s3_bucket,
+            "cloud_endpoint": seaweedfs.endpoint,
+            "access_key_id": s3_credentials.access_key,
+            "secret_access_key": s3_credentials.secret_key,
+        }
+        values.update(overrides)
+        return make_config(**values)
+
+    return make
+
+
+def test_round_trip_includes_wal_rows(
+    s3_config: MakeConfig, minio_client: Minio, s3_bucket: str, sample: SampleInfo,
+    tmp_path: Path,
+) -> None:
+    result = _sync(s3_config())
+
+    assert result["success"] is True and result["error"] is None
+    assert set(result) >= {"method", "success", "files_uploaded", "bytes_transferred",
+                           "duration_seconds", "upload_id", "error"}
+    assert result["method"] == "cloud"
+    uid = result["upload_id"]
+    assert uid.endswith("_test-host") and len(uid) == len("20250101_000000_test-host")
+    manifest = json.loads(_get(minio_client, s3_bucket, result["manifest_key"]))
+    assert result["manifest_key"] == f"systems/test-host/uploads/{uid}/manifest.json"
+    assert akosha_manifest_problems(manifest) == []
+    assert manifest["files"] == ["knowledge_graph.duckdb", "memories.json", "reflection.duckdb"]
+
+    for name, source in (("reflection.duckdb", sample.reflection_path),
+                         ("knowledge_graph.duckdb", sample.knowledge_graph_path)):
+        detail = manifest["file_details"][name]
+        assert detail["key"] == f"systems/test-host/uploads/{uid}/{name}"
+        stored = _get(minio_client, s3_bucket, detail["key"])
+        assert hashlib.sha256(stored).hexdigest() == detail["stored_sha256"]
+        assert len(stored) == detail["stored_size"] < detail["original_size"]
+        original = zstandard.ZstdDecompressor().decompressobj().decompress(stored)
+        assert hashlib.sha256(original).hexdigest() == detail["sha256"]
+        restored = tmp_path / f"restored-{name}"
+        restored.write_bytes(original)
+        con = duckdb.connect(str(restored), read_only=True)
+        try:
+            for table, count in sample.row_counts.items():
+                present = con.execute(
+                    "SELECT count(*) FROM information_schema.tables WHERE table_name = ?",
+                    [table],
+                ).fetchone()
+                if present and present[0]:
+                    got = con.execute(f'SELECT count(*) FROM "{table}"').fetchone()
+                    assert got is not None and got[0] == count, (name, table)
+            if name == "reflection.duckdb":
+                ids = {r[0] for r in con.execute(
+                    f"SELECT id FROM {sample.conversations_table}").fetchall()}
+                assert set(sample.wal_conversation_ids) <= ids  # rows only in the WAL
+        finally:
+            con.close()
+
+    memories = json.loads(_get(minio_client, s3_bucket, f"systems/test-host/uploads/{uid}/memories.json"))
+    conversations = memories["conversations"]
+    assert manifest["conversation_count"] == len(conversations) > 0
+    first = conversations[0]
+    assert set(first) == {"id", "content", "embedding", "timestamp", "metadata"}
+    assert len(first["embedding"]) == 384 and first["metadata"]["source"] == "test-host"
+    exported = {c["metadata"]["original_id"] for c in conversations}
+    assert set(sample.wal_conversation_ids) <= exported
+    assert result["bytes_transferred"] >= sum(
+        manifest["file_details"][n]["stored_size"] for n in manifest["files"]
+    )
+
+
+def test_resync_sends_no_database_and_changed_one_is_sent(
+    s3_config: MakeConfig, minio_client: Minio, s3_bucket: str, sample: SampleInfo
+) -> None:
+    config = s3_config()
+    first = _sync(config)
+    second = _sync(config)
+
+    assert second["success"]
+    assert not [k for k in second["files_uploaded"] if k.endswith(".duckdb")]
+    assert sorted(second["files_unchanged"]) == ["knowledge_graph.duckdb", "reflection.duckdb"]
+    manifest = json.loads(_get(minio_client, s3_bucket, second["manifest_key"]))
+    for name in ("reflection.duckdb", "knowledge_graph.duckdb"):
+        detail = manifest["file_details"][name]
+        assert detail["reused_from"] == first["upload_id"]
+        assert first["upload_id"] in detail["key"]
+        minio_client.stat_object(s3_bucket, detail["key"])  # the object really is there
+    assert manifest["conversation_count"] == 0
+    memories = json.loads(_get(minio_client, s3_bucket, f"systems/test-host/uploads/{second['upload_id']}/memories.json"))
+    assert memories == {"conversations": []}
+
+    new_ids = add_conversations(sample.data_dir, 4, seed=99)
+    third = _sync(config)
+    uploaded = [k.rsplit("/", 1)[-1] for k in third["files_uploaded"]]
+    assert "reflection.duckdb" in uploaded and "knowledge_graph.duckdb" not in uploaded
+    assert third["files_unchanged"] == ["knowledge_graph.duckdb"]
+    memories = json.loads(_get(minio_client, s3_bucket, f"systems/test-host/uploads/{third['upload_id']}/memories.json"))
+    assert sorted(c["metadata"]["original_id"] for c in memories["conversations"]) == sorted(new_ids)
+
+
+def test_lost_local_state_uses_the_last_remote_manifest(
+    s3_config: MakeConfig, tmp_path: Path
+) -> None:
+    config = s3_config(export_memories=False)
+    first = _sync(config)
+    shutil.rmtree(tmp_path / "state")
+    second = _sync(config)
+    assert second["success"]
+    assert sorted(second["files_unchanged"]) == ["knowledge_graph.duckdb", "reflection.duckdb"]
+    assert second["upload_id"] != first["upload_id"]
+
+
+def test_export_off_counts_all_conversations(
+    s3_config: MakeConfig, minio_client: Minio, s3_bucket: str, sample: SampleInfo
+) -> None:
+    result = _sync(s3_config(export_memories=False))
+    manifest = json.loads(_get(minio_client, s3_bucket, result["manifest_key"]))
+    assert "memories.json" not in manifest["files"]
+    assert manifest["conversation_count"] == sample.row_counts[sample.conversations_table]
+
+
+def test_uncompressed_upload_is_the_snapshot_itself(
+    s3_config: MakeConfig, minio_client: Minio, s3_bucket: str
+) -> None:
+    result = _sync(s3_config(enable_compression=False))
+    manifest = json.loads(_get(minio_client, s3_bucket, result["manifest_key"]))
+    detail = manifest["file_details"]["reflection.duckdb"]
+    stored = _get(minio_client, s3_bucket, detail["key"])
+    assert detail["compression"] is None and manifest["compressed"] is False
+    assert hashlib.sha256(stored).hexdigest() == detail["sha256"] == detail["stored_sha256"]
+    assert akosha_manifest_problems(manifest) == []
+
+
+def test_two_syncs_in_the_same_second_do_not_collide(
+    s3_config: MakeConfig, minio_client: Minio, s3_bucket: str
+) -> None:
+    frozen = datetime(2026, 11, 25, 12, 0, 0, tzinfo=UTC)
+    config = s3_config()
+
+    async def both() -> list[dict[str, Any]]:
+        results: list[dict[str, Any]] = []
+
+        async def one() -> None:
+            results.append(await CloudSyncMethod(config, clock=lambda: frozen).sync())
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(one)
+            tg.start_soon(one)
+        return results
+
+    results = anyio.run(both)
+    ids = sorted(r["upload_id"] for r in results)
+    assert ids == ["20261125_120000_test-host", "20261125_120000_test-host.2"]
+    assert all(r["success"] for r in results)
+    assert len(_manifests(minio_client, s3_bucket)) == 2
+
+
+def test_wrong_credentials_fail_fast_and_clearly(
+    s3_config: MakeConfig, minio_client: Minio, s3_bucket: str, seaweedfs: Any
+) -> None:
+    config = s3_config(secret_access_key="definitely-not-the-secret", max_retries=3)
+    started = time.monotonic()
+    with pytest.raises(CloudUploadError) as info:
+        _sync(config)
+    assert time.monotonic() - started < 5
+    message = str(info.value)
+    assert "credentials" in message and s3_bucket in message and seaweedfs.endpoint in message
+    assert "definitely-not-the-secret" not in message
+    assert _manifests(minio_client, s3_bucket) == []
+
+
+def test_missing_bucket_fails_fast_and_clearly(s3_config: MakeConfig) -> None:
+    started = time.monotonic()
+    with pytest.raises(CloudUploadError) as info:
+        _sync(s3_config(cloud_bucket="no-such-bucket-here", max_retries=3))
+    assert time.monotonic() - started < 5
+    assert "does not exist" in str(info.value) and "no-such-bucket-here" in str(info.value)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_refused_connection_fails_fast_and_says_so(s3_config: MakeConfig) -> None:
+    endpoint = f"http://127.0.0.1:{_free_port()}"
+    started = time.monotonic()
+    with pytest.raises(CloudUploadError) as info:
+        _sync(s3_config(cloud_endpoint=endpoint, max_retries=3, retry_backoff_seconds=2.0))
+    assert time.monotonic() - started < 2.5
+    assert info.value.connect_failed
+    assert "could not connect" in str(info.value) and endpoint in str(info.value)
+
+
+def test_server_stopped_mid_upload_leaves_no_manifest_and_next_sync_succeeds(
+    make_config: MakeConfig, private_seaweedfs: Any, s3_credentials: Any, tmp_path: Path
+) -> None:
+    big = grow_to_size(tmp_path / "big-data", 24, 1)
+    config = make_config(
+        cloud_bucket="private",
+        cloud_endpoint=private_seaweedfs.endpoint,
+        access_key_id=s3_credentials.access_key,
+        secret_access_key=s3_credentials.secret_key,
+        data_dir=str(big.data_dir),
+        enable_compression=False,
+        max_retries=0,
+    )
+    killed: list[int] = []
+
+    def kill_mid_upload(phase: str, done: int, total: int) -> None:
+        if phase == "upload:reflection.duckdb" and 0 < done < total and not killed:
+            killed.append(done)
+            private_seaweedfs.kill()
+
+    with pytest.raises(CloudUploadError):
+        anyio.run(lambda: CloudSyncMethod(config).sync(progress=kill_mid_upload))
+    assert killed, "the upload never reached the middle"
+
+    private_seaweedfs.restart()
+    client = private_seaweedfs.minio_client()
+    assert _manifests(client, "private") == []
+
+    result = _sync(config)
+    assert result["success"]
+    assert len(_manifests(client, "private")) == 1
+    manifest = json.loads(_get(client, "private", result["manifest_key"]))
+    stored = _get(client, "private", manifest["file_details"]["reflection.duckdb"]["key"])
+    assert hashlib.sha256(stored).hexdigest() == manifest["file_details"]["reflection.duckdb"]["sha256"]
+
+
+def test_unreadable_database_is_named_and_the_other_still_syncs(
+    s3_config: MakeConfig, sample: SampleInfo, minio_client: Minio, s3_bucket: str
+) -> None:
+    sample.reflection_path.write_bytes(b"not a duckdb file at all " * 1000)
+    sample.reflection_wal_path.unlink()
+    result = _sync(s3_config())
+    assert result["success"] is False
+    assert str(sample.reflection_path) in result["error"]
+    manifest = json.loads(_get(minio_client, s3_bucket, result["manifest_key"]))
+    assert manifest["files"] == ["knowledge_graph.duckdb", "memories.json"]
+
+
+def test_missing_database_is_skipped_and_named(
+    s3_config: MakeConfig, sample: SampleInfo
+) -> None:
+    sample.knowledge_graph_path.unlink()
+    result = _sync(s3_config())
+    assert result["success"] is True
+    assert result["files_missing"] == ["knowledge_graph.duckdb"]
+
+
+def test_manifest_accepted_by_akoshas_own_schema(
+    s3_config: MakeConfig, minio_client: Minio, s3_bucket: str, akosha_python: Path,
+    tmp_path: Path,
+) -> None:
+    first = _sync(s3_config())
+    second = _sync(s3_config())
+    for result in (first, second):
+        path = tmp_path / "manifest.json"
+        path.write_bytes(_get(minio_client, s3_bucket, result["manifest_key"]))
+        check = (
+            "import json, sys\n"
+            "from akosha.models.schemas import SystemMemoryUploadManifest as M\n"
+            "m = M.model_validate(json.load(open(sys.argv[1])))\n"
+            "print(m.conversation_count)\n"
+        )
+        out = subprocess.run(
+            [str(akosha_python), "-c", check, str(path)],
+            capture_output=True, text=True, timeout=120, check=False,
+        )
+        assert out.returncode == 0, out.stderr[-2000:]
+        assert int(out.stdout.strip().splitlines()[-1]) == json.loads(path.read_text())[
+            "conversation_count"]
+
+
+def test_no_secret_in_any_output_or_log(
+    s3_config: MakeConfig, tmp_path: Path, seaweedfs: Any, s3_bucket: str, s3_credentials: Any
+) -> None:
+    secret = s3_credentials.secret_key
+    key_id = s3_credentials.access_key
+    toml = tmp_path / "config.toml"
+    log = tmp_path / "state" / "akosha-sync.log"
+    config = s3_config()
+    toml.write_text(
+        f'cloud_bucket = "{s3_bucket}"\ncloud_endpoint = "{seaweedfs.endpoint}"\n'
+        f'system_id = "test-host"\ndata_dir = "{config.data_dir}"\n'
+        f'state_dir = "{config.state_dir}"\nlog_file = "{log}"\nmax_retries = 0\n'
+    )
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path / "home"),
+           "AWS_ACCESS_KEY_ID": key_id, "AWS_SECRET_ACCESS_KEY": secret}
+    exe = str(Path(__import__("sys").executable).with_name("akosha-sync"))
+    runs = [
+        subprocess.run([exe, "--config", str(toml), "sync", "--json"], env=env,
+                       capture_output=True, text=True, timeout=120, check=False),
+        subprocess.run([exe, "--config", str(toml), "status", "--json"], env=env,
+                       capture_output=True, text=True, timeout=60, check=False),
+        # Wrong secret: the failure path must not echo it either.
+        subprocess.run([exe, "--config", str(toml), "sync"],
+                       env={**env, "AWS_SECRET_ACCESS_KEY": secret + "-wrong"},
+                       capture_output=True, text=True, timeout=120, check=False),
+    ]
+    assert runs[0].returncode == 0, runs[0].stderr
+    assert json.loads(runs[0].stdout)["success"] is True
+    assert runs[2].returncode != 0 and "credentials" in runs[2].stderr
+    texts = [r.stdout + r.stderr for r in runs] + [log.read_text()]
+    assert log.read_text().strip(), "the log file is empty"
+    for text in texts:
+        assert secret not in text
+        assert key_id not in text
