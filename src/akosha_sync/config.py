@@ -90,6 +90,10 @@ class AkoshaSyncConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown
     # Also write Akosha's ingestion file (memories.json) beside each upload.
     export_memories: bool = True
 
+    # Plain http:// is refused for non-local endpoints unless this is set (e.g. MinIO on a
+    # private docker network); data and request signatures then travel unencrypted.
+    allow_plain_http: bool = False
+
     # Credentials for the object store; empty falls back to AWS_* variables.
     access_key_id: str = ""
     secret_access_key: str = ""
@@ -259,11 +263,15 @@ class AkoshaSyncConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown
                 f"cloud_endpoint {shown!r} is not a URL; use 'https://HOST' for S3/R2, "
                 "'http://127.0.0.1:PORT' for a local MinIO/SeaweedFS, or 'file:///PATH'."
             ]
-        if parts.scheme == "http" and not _is_loopback(parts.hostname):
+        if (
+            parts.scheme == "http"
+            and not _is_loopback(parts.hostname)
+            and not self.allow_plain_http
+        ):
             return [
                 f"cloud_endpoint {shown!r} uses plain http to a non-local host, which would "
                 "send your data and signatures unencrypted; use https:// (plain http is "
-                "accepted only for localhost)."
+                "accepted only for localhost, or with allow_plain_http = true on a private network)."
             ]
         return []
 

@@ -19,6 +19,7 @@ Only ``duckdb`` and the standard library are used.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -338,7 +339,21 @@ _OBSERVATIONS = (
 )
 
 # Words for bulk (SQL-side) text in grow_to_size(): realistic enough, compresses like text.
-_BULK_WORDS = ["the", "a", "user", "asked", "claude", "to", "fix", "refactor", "test", "deploy", "migrate", "database", "schema", "query", "index", "embedding", "vector", "search", "sync", "upload", "wal", "checkpoint", "duckdb", "python", "async", "function", "class", "module", "error", "traceback", "timeout", "retry", "cache", "config", "settings", "project", "session", "reflection", "knowledge", "graph", "entity", "relation", "memory", "tier", "importance", "score", "token", "model", "prompt", "response", "latency", "benchmark", "pytest", "ruff", "mypy", "typing", "coverage", "commit", "branch", "merge", "review", "pull", "request", "api", "endpoint", "server", "client", "http", "json", "parse", "validate", "field", "column", "table", "row", "file", "path", "directory", "lock", "conflict", "resolution", "strategy", "because", "when", "then", "after", "before", "should", "could", "would", "we", "it", "this", "that", "with", "from", "into", "over", "for", "and", "or", "not", "but"]
+# fmt: off
+_BULK_WORDS = (
+    "the", "a", "user", "asked", "claude", "to", "fix", "refactor", "test", "deploy", "migrate",
+    "database", "schema", "query", "index", "embedding", "vector", "search", "sync", "upload",
+    "wal", "checkpoint", "duckdb", "python", "async", "function", "class", "module", "error",
+    "traceback", "timeout", "retry", "cache", "config", "settings", "project", "session",
+    "reflection", "knowledge", "graph", "entity", "relation", "memory", "tier", "importance",
+    "score", "token", "model", "prompt", "response", "latency", "benchmark", "pytest", "ruff",
+    "mypy", "typing", "coverage", "commit", "branch", "merge", "review", "pull", "request",
+    "api", "endpoint", "server", "client", "http", "json", "parse", "validate", "field",
+    "column", "table", "row", "file", "path", "directory", "lock", "conflict", "resolution",
+    "strategy", "because", "when", "then", "after", "before", "should", "could", "would", "we",
+    "it", "this", "that", "with", "from", "into", "over", "for", "and", "or", "not", "but",
+)
+# fmt: on
 
 
 # --------------------------------------------------------------------------- result type
@@ -399,9 +414,7 @@ def _prepare_dir(data_dir: Path, overwrite: bool) -> tuple[Path, Path]:
     data_dir.mkdir(parents=True, exist_ok=True)
     reflection = data_dir / REFLECTION_DB
     kg = data_dir / KNOWLEDGE_GRAPH_DB
-    existing = [
-        p for db in (reflection, kg) for p in (db, _wal_path(db)) if p.exists()
-    ]
+    existing = [p for db in (reflection, kg) for p in (db, _wal_path(db)) if p.exists()]
     if existing and not overwrite:
         names = ", ".join(str(p) for p in existing)
         raise FileExistsError(f"refusing to replace existing database files: {names}")
@@ -594,9 +607,7 @@ def _placeholders(n: int) -> str:
 
 def _insert(conn: duckdb.DuckDBPyConnection, table: str, rows: Sequence[tuple[Any, ...]]) -> None:
     if rows:
-        conn.executemany(
-            f"INSERT INTO {table} VALUES ({_placeholders(len(rows[0]))})", list(rows)
-        )
+        conn.executemany(f"INSERT INTO {table} VALUES ({_placeholders(len(rows[0]))})", list(rows))
 
 
 def _reflection_tag_rows(rows: Sequence[tuple[Any, ...]], legacy: bool) -> list[tuple[str, str]]:
@@ -651,10 +662,8 @@ def _open_for_wal(path: Path) -> duckdb.DuckDBPyConnection:
         "SET checkpoint_threshold = '1TB'",
         "SET auto_checkpoint_skip_wal_threshold = 1099511627776",
     ):
-        try:
+        with contextlib.suppress(duckdb.Error):  # setting renamed in a later DuckDB
             conn.execute(setting)
-        except duckdb.Error:  # pragma: no cover - setting renamed in a later DuckDB
-            pass
     return conn
 
 
@@ -664,7 +673,9 @@ def _verify_wal(path: Path, table: str, expected_rows: int) -> None:
         raise RuntimeError(f"expected uncheckpointed rows in {wal}, but it is missing or empty")
     seen = _count_rows(path).get(table, -1)
     if seen != expected_rows:
-        raise RuntimeError(f"{table}: a fresh connection sees {seen} rows, expected {expected_rows}")
+        raise RuntimeError(
+            f"{table}: a fresh connection sees {seen} rows, expected {expected_rows}"
+        )
     if not wal.exists():  # pragma: no cover - read-only connections must not merge the WAL
         raise RuntimeError(f"{wal} disappeared after a read-only connection")
 
@@ -702,8 +713,10 @@ def _fill_knowledge_graph(
     names: list[str] = []
     for i in range(entities):
         project = gen.pick(_PROJECTS)
-        etype = _ENTITY_TYPES[i % len(_ENTITY_TYPES)] if i < len(_ENTITY_TYPES) else gen.pick(
-            _ENTITY_TYPES
+        etype = (
+            _ENTITY_TYPES[i % len(_ENTITY_TYPES)]
+            if i < len(_ENTITY_TYPES)
+            else gen.pick(_ENTITY_TYPES)
         )
         name = gen.fill(gen.pick(_ENTITY_NAMES), project)
         if name in names:
@@ -824,9 +837,7 @@ def _append_wal(
         last = conn.execute(f"SELECT max(timestamp) FROM {table}").fetchone()
         start = last[0] if last and isinstance(last[0], datetime) else gen.now
         convs = _conversations(gen, conversations, legacy, start + timedelta(minutes=7))
-        refl = _reflections(
-            gen, reflections, legacy, entity_names, start + timedelta(minutes=11)
-        )
+        refl = _reflections(gen, reflections, legacy, entity_names, start + timedelta(minutes=11))
         tags = _reflection_tag_rows(refl, legacy)
         conn.execute("BEGIN TRANSACTION")
         _insert(conn, table, [c.row for c in convs])
@@ -918,7 +929,11 @@ def create_sample_databases(
     if wal_conversations:
         wal_gen = _Gen(f"{seed}-wal", now or SAMPLE_EPOCH)
         wal_ids, wal_counts = _append_wal(
-            reflection, wal_gen, wal_conversations, 2 if wal_conversations > 1 else 1, names,
+            reflection,
+            wal_gen,
+            wal_conversations,
+            2 if wal_conversations > 1 else 1,
+            names,
             checkpoint=False,
         )
     return _info(data_dir, reflection, kg, wal_counts, wal_ids)
@@ -1011,12 +1026,12 @@ def _bulk_conversations(
         source_types = _sql_list(SOURCE_TYPES)
         select = f"""
             {cid},
-            {_sql_text('c', seed, 40, 90)} AS content,
+            {_sql_text("c", seed, 40, 90)} AS content,
             {emb},
-            {_pick(_CATEGORIES, 'cat', seed)},
-            {_pick([s for s in _SUBCATEGORIES if s], 'sub', seed)},
+            {_pick(_CATEGORIES, "cat", seed)},
+            {_pick([s for s in _SUBCATEGORIES if s], "sub", seed)},
             ((hash(i, 'imp', {seed}) % 1000)::DOUBLE / 1000.0)::REAL,
-            {_pick(_TIERS, 'tier', seed)},
+            {_pick(_TIERS, "tier", seed)},
             (hash(i, 'acc', {seed}) % 40)::INTEGER,
             {ts} + INTERVAL 2 HOUR,
             {project},
@@ -1025,7 +1040,7 @@ def _bulk_conversations(
             'bulk-session-{seed}-' || (i // 5),
             'default',
             lower(content),
-            CASE WHEN i % 3 = 0 THEN {_sql_text('r', seed, 8, 20)} END,
+            CASE WHEN i % 3 = 0 THEN {_sql_text("r", seed, 8, 20)} END,
             {meta}::VARCHAR,
             {source_types}[1 + (hash(i, 'src', {seed}) % {len(SOURCE_TYPES)})::BIGINT],
             CASE WHEN i % 5 <> 0 THEN md5('bulk-conv-{seed}-' || (i - 1))::UUID::VARCHAR END,
@@ -1052,13 +1067,13 @@ def _bulk_reflections(
     else:
         select = f"""
             {rid},
-            {_sql_text('rc', seed, 25, 60)} AS content,
+            {_sql_text("rc", seed, 25, 60)} AS content,
             {emb},
-            {_pick(_REFLECTION_CATEGORIES, 'rcat', seed)},
+            {_pick(_REFLECTION_CATEGORIES, "rcat", seed)},
             ((hash(i, 'rimp', {seed}) % 1000)::DOUBLE / 1000.0)::REAL,
-            {_pick(_TIERS, 'rtier', seed)},
+            {_pick(_TIERS, "rtier", seed)},
             {tags},
-            [{_pick(_LIBS, 'rel', seed)}],
+            [{_pick(_LIBS, "rel", seed)}],
             {ts},
             {project},
             'default',
@@ -1066,12 +1081,12 @@ def _bulk_reflections(
             {ts} + INTERVAL 3 HOUR,
             {ts},
             {ts} + INTERVAL 1 HOUR,
-            {_pick(_INSIGHT_TYPES, 'itype', seed)},
+            {_pick(_INSIGHT_TYPES, "itype", seed)},
             (hash(i, 'use', {seed}) % 15)::INTEGER,
             {ts} + INTERVAL 5 HOUR,
             ((hash(i, 'conf', {seed}) % 600)::DOUBLE / 1000.0 + 0.4)::REAL,
             unhex(sha256(content))::BLOB,
-            {_pick([s for s in _SUBCATEGORIES if s], 'rsub', seed)},
+            {_pick([s for s in _SUBCATEGORIES if s], "rsub", seed)},
             json_object('bulk', true)
         """
         table = "reflections_v2"
@@ -1084,12 +1099,12 @@ def _bulk_entities(
     ts = _ago("ets", seed, now, 120)
     select = f"""
         md5('bulk-ent-{seed}-' || i)::UUID::VARCHAR,
-        {_pick(_LIBS, 'ename', seed)} || ' ' || {_pick(_MODULES, 'emod', seed)} || ' #' || i,
-        {_pick(_ENTITY_TYPES, 'etype', seed)},
+        {_pick(_LIBS, "ename", seed)} || ' ' || {_pick(_MODULES, "emod", seed)} || ' #' || i,
+        {_pick(_ENTITY_TYPES, "etype", seed)},
         list_transform(range((hash(i, 'nobs', {seed}) % 5)::BIGINT),
             lambda k: array_to_string(list_transform(range(8 + k * 3),
                 lambda x: w[1 + (hash(i, k, x, {seed}) % len(w))::BIGINT]), ' ')),
-        json_object('project', {_pick(_PROJECTS, 'eproj', seed)}),
+        json_object('project', {_pick(_PROJECTS, "eproj", seed)}),
         {ts},
         {ts} + INTERVAL 6 HOUR,
         json_object('source', 'bulk'),
@@ -1108,9 +1123,9 @@ def _bulk_relations(
         f"""
         INSERT INTO kg_relationships
         SELECT md5('bulk-rel-{seed}-' || i)::UUID::VARCHAR,
-               {ent.format(seed=seed, k='from', m=max(entities, 1))},
-               {ent.format(seed=seed, k='to', m=max(entities, 1))},
-               {_pick(_RELATION_TYPES, 'rtype', seed)},
+               {ent.format(seed=seed, k="from", m=max(entities, 1))},
+               {ent.format(seed=seed, k="to", m=max(entities, 1))},
+               {_pick(_RELATION_TYPES, "rtype", seed)},
                json_object('weight', (hash(i, 'wt') % 1000)::DOUBLE / 1000.0),
                {ts}, {ts}, json_object('source', 'bulk')
         FROM range({start}, {start + n}) r(i)
@@ -1187,9 +1202,7 @@ def _build_grown(
         _GROW_BASE["conversations"],
         _GROW_BASE["reflections"],
         names,
-        grow=bulk(
-            lambda conn: _add_reflection_units(conn, legacy, 0, reflection_units, seed, now)
-        ),
+        grow=bulk(lambda conn: _add_reflection_units(conn, legacy, 0, reflection_units, seed, now)),
     )
 
 
@@ -1252,7 +1265,7 @@ def grow_to_size(
     targets = (int(reflection_mb * _MIB), int(knowledge_graph_mb * _MIB))
 
     # Calibrate: file sizes of the base sample alone and with a probe of bulk units.
-    with tempfile.TemporaryDirectory(prefix=".sample-probe-", dir=data_dir) as tmp:
+    with tempfile.TemporaryDirectory(prefix="akosha-sample-probe-") as tmp:
         probe = Path(tmp)
         sizes: list[tuple[int, int]] = []
         units = (0, 0)

@@ -70,6 +70,8 @@ _AUTH_PATTERNS = re.compile(
     r"\b403\b|unauthori[sz]ed|\b401\b|invalid.*credential",
     re.IGNORECASE,
 )
+# With no credentials configured, obstore asks the EC2 instance metadata service.
+_NO_CREDENTIALS_PATTERNS = re.compile(r"169\.254\.169\.254|latest/api/token", re.IGNORECASE)
 _NO_BUCKET_PATTERNS = re.compile(r"nosuchbucket|bucket.*(does not exist|not found)", re.IGNORECASE)
 
 
@@ -80,6 +82,8 @@ def classify(exc: BaseException) -> Failure:
     if isinstance(exc, PermissionDeniedError | UnauthenticatedError):
         return Failure.AUTH
     text = str(exc)
+    if _NO_CREDENTIALS_PATTERNS.search(text):
+        return Failure.AUTH
     if _NO_BUCKET_PATTERNS.search(text):
         return Failure.NO_BUCKET
     if isinstance(exc, ConnectionRefusedError) or _CONNECT_PATTERNS.search(text):
