@@ -42,6 +42,10 @@ def _get(client: Minio, bucket: str, key: str) -> bytes:
         response.release_conn()
 
 
+def _memories_key(upload_id: str) -> str:
+    return f"systems/test-host/uploads/{upload_id}/memories.json"
+
+
 def _manifests(client: Minio, bucket: str) -> list[str]:
     return sorted(
         o.object_name
@@ -83,8 +87,7 @@ def test_round_trip_includes_wal_rows(
     assert akosha_manifest_problems(manifest) == []
     assert manifest["files"] == ["knowledge_graph.duckdb", "memories.json", "reflection.duckdb"]
 
-    for name, source in (("reflection.duckdb", sample.reflection_path),
-                         ("knowledge_graph.duckdb", sample.knowledge_graph_path)):
+    for name in ("reflection.duckdb", "knowledge_graph.duckdb"):
         detail = manifest["file_details"][name]
         assert detail["key"] == f"systems/test-host/uploads/{uid}/{name}"
         stored = _get(minio_client, s3_bucket, detail["key"])
@@ -111,7 +114,7 @@ def test_round_trip_includes_wal_rows(
         finally:
             con.close()
 
-    memories = json.loads(_get(minio_client, s3_bucket, f"systems/test-host/uploads/{uid}/memories.json"))
+    memories = json.loads(_get(minio_client, s3_bucket, _memories_key(uid)))
     conversations = memories["conversations"]
     assert manifest["conversation_count"] == len(conversations) > 0
     first = conversations[0]
@@ -141,7 +144,7 @@ def test_resync_sends_no_database_and_changed_one_is_sent(
         assert first["upload_id"] in detail["key"]
         minio_client.stat_object(s3_bucket, detail["key"])  # the object really is there
     assert manifest["conversation_count"] == 0
-    memories = json.loads(_get(minio_client, s3_bucket, f"systems/test-host/uploads/{second['upload_id']}/memories.json"))
+    memories = json.loads(_get(minio_client, s3_bucket, _memories_key(second["upload_id"])))
     assert memories == {"conversations": []}
 
     new_ids = add_conversations(sample.data_dir, 4, seed=99)
@@ -149,8 +152,9 @@ def test_resync_sends_no_database_and_changed_one_is_sent(
     uploaded = [k.rsplit("/", 1)[-1] for k in third["files_uploaded"]]
     assert "reflection.duckdb" in uploaded and "knowledge_graph.duckdb" not in uploaded
     assert third["files_unchanged"] == ["knowledge_graph.duckdb"]
-    memories = json.loads(_get(minio_client, s3_bucket, f"systems/test-host/uploads/{third['upload_id']}/memories.json"))
-    assert sorted(c["metadata"]["original_id"] for c in memories["conversations"]) == sorted(new_ids)
+    memories = json.loads(_get(minio_client, s3_bucket, _memories_key(third["upload_id"])))
+    sent = sorted(c["metadata"]["original_id"] for c in memories["conversations"])
+    assert sent == sorted(new_ids)
 
 
 def test_lost_local_state_uses_the_last_remote_manifest(
@@ -281,7 +285,8 @@ def test_server_stopped_mid_upload_leaves_no_manifest_and_next_sync_succeeds(
     assert len(_manifests(client, "private")) == 1
     manifest = json.loads(_get(client, "private", result["manifest_key"]))
     stored = _get(client, "private", manifest["file_details"]["reflection.duckdb"]["key"])
-    assert hashlib.sha256(stored).hexdigest() == manifest["file_details"]["reflection.duckdb"]["sha256"]
+    detail = manifest["file_details"]["reflection.duckdb"]
+    assert hashlib.sha256(stored).hexdigest() == detail["sha256"]
 
 
 def test_unreadable_database_is_named_and_the_other_still_syncs(

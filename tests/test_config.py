@@ -17,7 +17,8 @@ def test_seed_defaults() -> None:
     assert (c.upload_timeout_seconds, c.max_retries, c.retry_backoff_seconds) == (300, 3, 2.0)
     assert c.enable_compression and c.enable_deduplication and c.chunk_size_mb == 5
     assert c.data_dir == "~/.claude/data" and c.akosha_url == "http://localhost:8682/mcp"
-    assert (c.reflection_db, c.knowledge_graph_db) == ("reflection.duckdb", "knowledge_graph.duckdb")
+    assert c.reflection_db == "reflection.duckdb"
+    assert c.knowledge_graph_db == "knowledge_graph.duckdb"
     assert c.validate() == []
 
 

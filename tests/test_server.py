@@ -108,7 +108,8 @@ class Daemon:
         info = self.config.state_path / "daemon.json"
         info.unlink(missing_ok=True)
         self.proc = subprocess.Popen(
-            [EXE, "--config", str(self.toml), "serve", "--transport", "http", "--port", "0"],
+            [EXE, "--config", str(self.toml), "serve", "--transport", "http", "--port", "0",
+             "--grace", "1"],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
             stderr=open(self.config.state_path.parent / "daemon.err", "ab"),  # noqa: SIM115
         )
@@ -350,6 +351,25 @@ def test_killed_after_ack_completes_after_restart(
     _until(lambda: _manifests(minio_client, s3_bucket), what="the resumed upload")
     history = _until(lambda: _status_via_mcp(again.url)["history"], what="history")
     assert "session-end" in history[0]["triggered_by"] and history[0]["success"]
+
+
+def test_sigterm_mid_sync_keeps_the_request_for_the_next_start(
+    s3_config: MakeConfig, daemon_factory: Callable[[AkoshaSyncConfig], Daemon],
+    minio_client: Minio, s3_bucket: str,
+) -> None:
+    config = s3_config()
+    daemon = daemon_factory(config)
+    with _holding_sync_lock(config):
+        answer = httpx.post(f"{daemon.url}/hooks/session-end", json=_session_end(), timeout=5)
+        assert answer.status_code == 202
+        _until(lambda: daemon.status()["running"], what="the sync to start")
+        started = time.monotonic()
+        assert daemon.stop() == 0  # graceful: 1 s grace, then the sync is cancelled
+        assert time.monotonic() - started < 15
+    assert _manifests(minio_client, s3_bucket) == []
+    again = daemon_factory(config)
+    _until(lambda: _manifests(minio_client, s3_bucket), what="the resumed upload")
+    assert again.stop() == 0
 
 
 def test_hook_command_without_daemon_records_and_drains(

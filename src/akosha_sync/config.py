@@ -271,7 +271,8 @@ class AkoshaSyncConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown
             return [
                 f"cloud_endpoint {shown!r} uses plain http to a non-local host, which would "
                 "send your data and signatures unencrypted; use https:// (plain http is "
-                "accepted only for localhost, or with allow_plain_http = true on a private network)."
+                "accepted only for localhost, or with allow_plain_http = true on a private "
+                "network)."
             ]
         return []
 

@@ -601,13 +601,16 @@ def _reflections(
     return rows
 
 
-def _placeholders(n: int) -> str:
-    return ", ".join("?" * n)
-
-
 def _insert(conn: duckdb.DuckDBPyConnection, table: str, rows: Sequence[tuple[Any, ...]]) -> None:
-    if rows:
-        conn.executemany(f"INSERT INTO {table} VALUES ({_placeholders(len(rows[0]))})", list(rows))
+    """Insert rows column-wise: one statement, each column passed as a list and unnested.
+
+    Several times faster than ``executemany`` (which runs one INSERT per row).
+    """
+    if not rows:
+        return
+    columns = [list(col) for col in zip(*rows, strict=True)]
+    select = ", ".join("unnest(?)" for _ in columns)
+    conn.execute(f"INSERT INTO {table} SELECT {select}", columns)
 
 
 def _reflection_tag_rows(rows: Sequence[tuple[Any, ...]], legacy: bool) -> list[tuple[str, str]]:

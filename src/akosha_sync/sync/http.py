@@ -39,7 +39,13 @@ import msgspec
 import structlog
 from mcp import Client, MCPError
 from mcp.client.streamable_http import streamable_http_client
-from mcp.types import CONNECTION_CLOSED, REQUEST_TIMEOUT, CallToolResult, TextContent
+from mcp.types import (
+    CONNECTION_CLOSED,
+    METHOD_NOT_FOUND,
+    REQUEST_TIMEOUT,
+    CallToolResult,
+    TextContent,
+)
 
 from akosha_sync.config import AkoshaSyncConfig
 from akosha_sync.sync import records
@@ -280,10 +286,6 @@ class _Tally:
         }
 
 
-class _Retry(Exception):
-    """A call failed in a way worth another session (5xx, lost session)."""
-
-
 class _Fatal(Exception):
     """Raised inside a session; becomes ``HTTPSyncError`` outside it."""
 
@@ -482,8 +484,9 @@ class HttpSyncMethod:
             batch: list[_Pending] | None = await feed.next()
             if batch is None:
                 return  # nothing (left) to send: no session at all
+            status = _StatusLog()
             try:
-                async with self._client() as (client, status):
+                async with self._client(status) as client:
                     while batch is not None:
                         await self._send(client, status, feed, batch, tally, progress)
                         attempt = 0
@@ -493,14 +496,9 @@ class HttpSyncMethod:
             except Exception as exc:
                 if batch is not None:
                     feed.push_front(batch)  # not answered: it goes again
-                fatal = next((e for e in _leaves(exc) if isinstance(e, _Fatal)), None)
-                if fatal is not None:
-                    raise HTTPSyncError(self._failure(str(fatal), tally), original=fatal) from exc
-                reason = _transient_reason(exc)
-                if reason is None:
-                    raise HTTPSyncError(
-                        self._failure(self._describe(exc), tally), original=exc
-                    ) from exc
+                transient, reason = _classify(exc, status.last)
+                if not transient:
+                    raise HTTPSyncError(self._failure(reason, tally), original=exc) from exc
                 if attempt >= policy.max_retries:
                     raise HTTPSyncError(
                         self._failure(
@@ -522,24 +520,18 @@ class HttpSyncMethod:
                 await anyio.sleep(delay)
 
     @asynccontextmanager
-    async def _client(self) -> AsyncIterator[tuple[Client, _StatusLog]]:
+    async def _client(self, status: _StatusLog) -> AsyncIterator[Client]:
         """One MCP session with Akosha, over our own HTTP client (headers, timeouts)."""
-        status = _StatusLog()
-        headers = {"Authorization": f"Bearer {self.config.akosha_token}"} if (
-            self.config.akosha_token
-        ) else None
         call_timeout = min(_CALL_TIMEOUT_S, float(self.config.upload_timeout_seconds))
         http = httpx2.AsyncClient(
-            headers=headers,
+            headers=self._auth_headers(),
             timeout=httpx2.Timeout(30.0, connect=_CONNECT_TIMEOUT_S, read=call_timeout),
             event_hooks={"response": [status.hook]},
         )
         async with http:
             transport = streamable_http_client(self.config.akosha_url, http_client=http)
-            async with Client(
-                transport, read_timeout_seconds=call_timeout, cache=None
-            ) as client:
-                yield client, status
+            async with Client(transport, read_timeout_seconds=call_timeout, cache=None) as client:
+                yield client
 
     async def _send(
         self,
@@ -555,8 +547,10 @@ class HttpSyncMethod:
         tally.bytes_sent += sum(item.size for item in batch)
         try:
             result = await client.call_tool(TOOL_NAME, {"memories": [i.body for i in batch]})
-        except MCPError as exc:
-            self._call_failed(exc, status.last, feed, batch, tally)
+        except MCPError:
+            if status.last != 413:
+                raise  # sorted out by _classify once the session is closed
+            self._too_large(feed, batch, tally)
             return
         answer = _answer(result)
         tally.calls += 1
@@ -565,38 +559,17 @@ class HttpSyncMethod:
         await feed.mark(kind, delivered)
         progress(f"send:{kind}", tally.sent.get(kind, 0), 0)
 
-    def _call_failed(
-        self,
-        exc: MCPError,
-        http_status: int | None,
-        feed: _Feed,
-        batch: list[_Pending],
-        tally: _Tally,
-    ) -> None:
-        """Sort a failed call: split on 413, reconnect on 5xx, give up on the rest."""
-        if http_status == 413:
-            if len(batch) > 1:
-                half = len(batch) // 2
-                log.warning("akosha refused a batch as too large; splitting", items=len(batch))
-                feed.push_front(batch[:half], batch[half:])
-                return
-            tally._add(tally.sent, batch[0].kind, 1)
-            tally.refuse(
-                batch[0],
-                f"too large for Akosha's 4 MiB request limit ({batch[0].size} bytes of JSON)",
-            )
+    def _too_large(self, feed: _Feed, batch: list[_Pending], tally: _Tally) -> None:
+        """Akosha answered 413 (our size estimate was off): split, or refuse a lone record."""
+        if len(batch) > 1:
+            half = len(batch) // 2
+            log.warning("akosha refused a batch as too large; splitting", items=len(batch))
+            feed.push_front(batch[:half], batch[half:])
             return
-        if http_status in (401, 403):
-            raise _Fatal(
-                f"Akosha refused the credentials (HTTP {http_status}); set akosha_token to a "
-                "token Akosha accepts"
-            )
-        if http_status is not None and (http_status >= 500 or http_status in (404, 408, 429)):
-            # 404 after the handshake: Akosha restarted and forgot our session.
-            raise _Retry(f"Akosha answered HTTP {http_status}") from exc
-        if exc.code in (CONNECTION_CLOSED, REQUEST_TIMEOUT):
-            raise _Retry(f"the call failed: {exc.message}") from exc
-        raise _Fatal(f"Akosha rejected {TOOL_NAME}: {exc.message} (code {exc.code})") from exc
+        tally._add(tally.sent, batch[0].kind, 1)
+        tally.refuse(
+            batch[0], f"too large for Akosha's 4 MiB request limit ({batch[0].size} bytes of JSON)"
+        )
 
     def _account(self, batch: list[_Pending], answer: dict[str, Any], tally: _Tally) -> list[str]:
         """Count one answer; the original ids Akosha now holds."""
@@ -677,16 +650,17 @@ class HttpSyncMethod:
         )
 
     # -------------------------------------------------------------- helpers
+    def _auth_headers(self) -> dict[str, str]:
+        token = self.config.akosha_token
+        return {"Authorization": f"Bearer {token}"} if token else {}
+
     def _probe_health(self) -> bool:
         if self._url_problem():
             return False
-        headers = {"Authorization": f"Bearer {self.config.akosha_token}"} if (
-            self.config.akosha_token
-        ) else {}
         try:
             response = httpx.get(
                 self.health_url,
-                headers=headers,
+                headers=self._auth_headers(),
                 timeout=_HEALTH_TIMEOUT_S,
                 follow_redirects=False,
             )
@@ -730,16 +704,6 @@ class HttpSyncMethod:
             f"({self._summary(tally)}; those stay delivered, the next sync sends only the rest.)"
         )
 
-    def _describe(self, exc: BaseException) -> str:
-        leaves = _leaves(exc)
-        if any(isinstance(e, MCPError) and e.code == -32601 for e in leaves):
-            return (
-                "no MCP endpoint answered there (404); akosha_url must be Akosha's MCP "
-                "endpoint, e.g. 'http://localhost:8682/mcp'"
-            )
-        shown = "; ".join(f"{type(e).__name__}: {e}" for e in leaves)
-        return shown[:600] or type(exc).__name__
-
 
 # ------------------------------------------------------------------ helpers
 def _leaves(exc: BaseException) -> list[BaseException]:
@@ -749,23 +713,52 @@ def _leaves(exc: BaseException) -> list[BaseException]:
     return [exc]
 
 
-def _transient_reason(exc: BaseException) -> str | None:
-    """Why another try might work, or None when it cannot."""
+def _classify(exc: BaseException, http_status: int | None) -> tuple[bool, str]:
+    """Whether another try might work, and why it failed, in words for the user.
+
+    ``http_status`` is the status of the last POST: the SDK reports every HTTP error
+    as the same JSON-RPC error, so the status is what tells 5xx from 401 from 404.
+    """
+    leaves = _leaves(exc)
+    fatal = next((e for e in leaves if isinstance(e, _Fatal)), None)
+    if fatal is not None:
+        return False, str(fatal)
     reasons: list[str] = []
-    for leaf in _leaves(exc):
-        if isinstance(leaf, _Retry):
-            reasons.append(str(leaf))
-        elif isinstance(leaf, httpx2.ConnectError | httpx2.ConnectTimeout):
+    for leaf in leaves:
+        if isinstance(leaf, httpx2.ConnectError | httpx2.ConnectTimeout):
             reasons.append(f"could not connect ({leaf or type(leaf).__name__})")
         elif isinstance(leaf, httpx2.TimeoutException | TimeoutError):
             reasons.append("Akosha did not answer in time")
         elif isinstance(leaf, httpx2.TransportError | OSError | anyio.BrokenResourceError):
             reasons.append(f"the connection broke ({type(leaf).__name__}: {leaf})")
-        elif isinstance(leaf, MCPError) and leaf.code in (CONNECTION_CLOSED, REQUEST_TIMEOUT):
-            reasons.append(f"the call failed ({leaf.message})")
+        elif isinstance(leaf, MCPError):
+            transient, reason = _classify_mcp(leaf, http_status)
+            if not transient:
+                return False, reason
+            reasons.append(reason)
         else:
-            return None
-    return "; ".join(dict.fromkeys(reasons)) or None
+            return False, f"{type(leaf).__name__}: {leaf}"[:600]
+    return True, "; ".join(dict.fromkeys(reasons)) or type(exc).__name__
+
+
+def _classify_mcp(exc: MCPError, http_status: int | None) -> tuple[bool, str]:
+    if http_status in (401, 403):
+        return False, (
+            f"Akosha refused the credentials (HTTP {http_status}); set akosha_token to a "
+            "token Akosha accepts"
+        )
+    if exc.code == METHOD_NOT_FOUND and http_status == 404:
+        return False, (
+            "no MCP endpoint answered there (HTTP 404); akosha_url must be Akosha's MCP "
+            "endpoint, e.g. 'http://localhost:8682/mcp'"
+        )
+    if http_status is not None and (http_status >= 500 or http_status in (404, 408, 429)):
+        # 404 after the handshake: Akosha restarted and no longer knows our session.
+        return True, f"Akosha answered HTTP {http_status}"
+    if exc.code in (CONNECTION_CLOSED, REQUEST_TIMEOUT):
+        return True, f"the call failed ({exc.message})"
+    shown = f" (HTTP {http_status})" if http_status else ""
+    return False, f"Akosha rejected the request: {exc.message}{shown} (JSON-RPC code {exc.code})"
 
 
 def _answer(result: CallToolResult) -> dict[str, Any]:
