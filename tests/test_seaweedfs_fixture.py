@@ -11,6 +11,7 @@ from minio import Minio
 from minio.error import S3Error
 from obstore.exceptions import AlreadyExistsError
 from obstore.store import S3Store
+
 from support.s3_fixtures import PRIVATE_BUCKET, S3Credentials
 from support.seaweedfs import SeaweedFS
 

@@ -42,6 +42,7 @@ from typing import IO, Any, Self
 
 import urllib3
 from minio import Minio
+from minio.error import S3Error
 
 __all__ = [
     "REGION",
@@ -333,8 +334,8 @@ class SeaweedFS:
             "-volume.max=1000",
             "-volume.preStopSeconds=0",  # graceful stop in ~1 s instead of ~2 s
         ]
-        if self.buckets:
-            args.append(f"-bucket={','.join(self.buckets)}")
+        # Not -bucket=: weed creates those ~0.7 s after S3 is up; _wait_ready
+        # creates missing ones through the S3 API as soon as it answers.
 
         self._log = self.log_path.open("ab")
         self._log.write(f"\n===== {time.strftime('%H:%M:%S')} {' '.join(args)}\n".encode())
@@ -516,11 +517,11 @@ class SeaweedFS:
                 http_ok = http_ok or _http_answers(self.endpoint)
                 if http_ok:
                     names = {bucket.name for bucket in probe.list_buckets()}
-                    missing = [name for name in self.buckets if name not in names]
+                    for name in self.buckets:
+                        if name not in names:
+                            _create_bucket(probe, name)
                     registered = self._registered_volumes()
-                    if missing:
-                        last_error = f"initial buckets missing: {missing}"
-                    elif registered is None or registered < volumes_on_disk:
+                    if registered is None or registered < volumes_on_disk:
                         last_error = f"master knows {registered} of {volumes_on_disk} volumes"
                     else:
                         return
@@ -571,11 +572,19 @@ class SeaweedFS:
         if self._ports is None:
             return
         for service, port in self._ports.grpc().items():
-            path = Path(f"/tmp/seaweedfs-{service}-grpc-{port}.sock")  # noqa: S108
+            path = Path(f"/tmp/seaweedfs-{service}-grpc-{port}.sock")
             with contextlib.suppress(OSError):
                 info = path.lstat()
                 if stat.S_ISSOCK(info.st_mode) and info.st_uid == os.getuid():
                     path.unlink()
+
+
+def _create_bucket(client: Minio, name: str) -> None:
+    try:
+        client.make_bucket(name)
+    except S3Error as exc:
+        if exc.code not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
+            raise
 
 
 def _http_answers(url: str) -> bool:
