@@ -976,12 +976,12 @@ def _sql_ts(ts: datetime) -> str:
 
 
 def _sql_embedding(key: str, seed: int) -> str:
-    """Normalised FLOAT[384] built from hash() of (row, dim): deterministic, thread-safe."""
-    raw = (
+    """384 floats in [-1, 1] from hash() of (row, dim): deterministic, unlike random()
+    under parallel execution. Normalised afterwards in :func:`_bulk_source`."""
+    return (
         f"list_transform(range({EMBEDDING_DIM}), lambda d: "
         f"((hash(i, d, {seed}, '{key}') % 2000001)::DOUBLE / 1000000.0 - 1.0)::FLOAT)"
     )
-    return raw
 
 
 def _sql_text(key: str, seed: int, min_words: int, spread: int) -> str:
@@ -1176,7 +1176,7 @@ def _build_grown(
     """Base sample plus bulk units, written with a single checkpoint per database.
 
     One checkpoint keeps the files free of the blocks that every extra checkpoint
-    leaves behind (rewritten indexes and metadata), so their size is predictable.
+    leaves behind (rewritten row groups and indexes), so their size is predictable.
     """
 
     def bulk(add: Callable[[duckdb.DuckDBPyConnection], None]) -> _Grow:
@@ -1185,6 +1185,9 @@ def _build_grown(
             # appends of more than a row group are written twice and the first copy
             # stays in the file as free blocks (a 280 MB database became a 510 MB file).
             conn.execute("SET enable_optimistic_write = false")
+            # ALPRD packs the FLOAT[384] column by a ratio that drifts with the row count
+            # (~86% of raw at 50k rows, ~100% at 100k), which made file size nonlinear
+            # in the rows; without it the size per row stays constant.
             conn.execute("SET disabled_compression_methods = 'alprd'")
             add(conn)
 
@@ -1209,33 +1212,60 @@ def _build_grown(
     )
 
 
-def _top_up(
+def _probe_units(missing_bytes: int, est_per_unit: float) -> int:
+    """Units for the calibration probe: about the missing size, at most 16 MiB."""
+    return max(int(min(missing_bytes, _MAX_PROBE_BYTES) / est_per_unit), 100)
+
+
+def _calibrated_build(
+    which: str,
     path: Path,
     target_bytes: int,
-    done: int,
-    per_unit: float,
-    add_units: Callable[[duckdb.DuckDBPyConnection, int, int], None],
+    scratch: Path,
+    *,
+    legacy: bool,
+    seed: int,
+    now: datetime,
 ) -> None:
-    """Append checkpointed batches until ``path`` is within 3% of ``target_bytes``."""
-    conn = _connect(path)
-    try:
-        conn.execute("SET enable_optimistic_write = false")
-        conn.execute("SET disabled_compression_methods = 'alprd'")
-        size = path.stat().st_size
-        for _ in range(6):
-            missing = target_bytes - size
-            if missing <= 0.03 * target_bytes:
-                break
-            n = max(int(missing / per_unit * 0.98), 16)
-            add_units(conn, done, n)
-            conn.execute("CHECKPOINT")
-            new_size = path.stat().st_size
-            if new_size > size:
-                per_unit = (new_size - size) / n
-            done += n
-            size = new_size
-    finally:
-        conn.close()
+    """Build one database of about ``target_bytes`` (``which``: reflection or kg).
+
+    Units are calibrated on probe files in ``scratch``; each attempt is a fresh build with
+    a single checkpoint. Appending to a finished file instead is no good: a checkpoint
+    after an append rewrites the last row group, and the old copy stays behind as free
+    blocks (a 5.8 MiB file became 10.8 MiB after adding 2% more rows).
+    """
+    est = _EST_REFLECTION_UNIT if which == "reflection" else _EST_KG_UNIT
+
+    def build(dest: Path, units: int) -> int:
+        other = scratch / "companion.duckdb"
+        for stale in (dest, _wal_path(dest), other, _wal_path(other)):
+            stale.unlink(missing_ok=True)
+        if which == "reflection":
+            _build_grown(
+                dest, other, legacy=legacy, seed=seed, now=now, reflection_units=units, kg_units=0
+            )
+        else:
+            _build_grown(
+                other, dest, legacy=legacy, seed=seed, now=now, reflection_units=0, kg_units=units
+            )
+        return dest.stat().st_size
+
+    probe = scratch / "probe.duckdb"
+    base = build(probe, 0)
+    missing = target_bytes - base
+    if missing <= 0:
+        build(path, 0)
+        return
+    units = _probe_units(missing, est)
+    grown = build(probe, units)
+    per_unit = (grown - base) / units if grown > base else est
+    units = max(int(missing / per_unit), 1)
+    for _ in range(3):
+        size = build(path, units)
+        if abs(size - target_bytes) <= 0.05 * target_bytes or size <= base:
+            break
+        per_unit = (size - base) / units
+        units = max(int(missing / per_unit), 1)
 
 
 def grow_to_size(
@@ -1254,10 +1284,10 @@ def grow_to_size(
     Sizes are MiB of the ``.duckdb`` files (the WAL comes on top). A small base sample
     (as :func:`create_sample_databases` makes) is completed with rows generated in bulk
     by SQL inside DuckDB: four conversations per reflection, three relationships per two
-    entities (70% with an embedding). The number of rows is calibrated on a throw-away
-    probe database first, so each file is written with one checkpoint and lands within a
-    few percent of its target (targets below the ~1-3 MiB base sample give the base
-    sample). Finally ``wal_conversations`` conversations are left only in the WAL.
+    entities (70% with an embedding). The number of rows is calibrated on throw-away
+    probe files (in the system temp dir), so each file is written with one checkpoint
+    and lands within ~5% of its target (targets below the ~1-3 MiB base sample give the
+    base sample). Finally ``wal_conversations`` conversations are left only in the WAL.
     """
     if reflection_mb < 0 or knowledge_graph_mb < 0:
         raise ValueError("target sizes must be >= 0")
@@ -1265,60 +1295,14 @@ def grow_to_size(
     data_dir = Path(data_dir)
     when = now or SAMPLE_EPOCH
     reflection, kg = _prepare_dir(data_dir, overwrite)
-    targets = (int(reflection_mb * _MIB), int(knowledge_graph_mb * _MIB))
-
-    # Calibrate: file sizes of the base sample alone and with a probe of bulk units.
     with tempfile.TemporaryDirectory(prefix="akosha-sample-probe-") as tmp:
-        probe = Path(tmp)
-        sizes: list[tuple[int, int]] = []
-        units = (0, 0)
-        for step in range(2):
-            r_path, k_path = probe / f"r{step}.duckdb", probe / f"k{step}.duckdb"
-            _build_grown(
-                r_path,
-                k_path,
-                legacy=legacy,
-                seed=seed,
-                now=when,
-                reflection_units=units[0],
-                kg_units=units[1],
+        for which, path, mb in (
+            ("reflection", reflection, reflection_mb),
+            ("kg", kg, knowledge_graph_mb),
+        ):
+            _calibrated_build(
+                which, path, int(mb * _MIB), Path(tmp), legacy=legacy, seed=seed, now=when
             )
-            sizes.append((r_path.stat().st_size, k_path.stat().st_size))
-            if step == 0:
-                units = (
-                    _probe_units(targets[0] - sizes[0][0], _EST_REFLECTION_UNIT),
-                    _probe_units(targets[1] - sizes[0][1], _EST_KG_UNIT),
-                )
-    per_unit = [
-        (sizes[1][k] - sizes[0][k]) / units[k] if units[k] and sizes[1][k] > sizes[0][k] else est
-        for k, est in enumerate((_EST_REFLECTION_UNIT, _EST_KG_UNIT))
-    ]
-    final = [max(int((targets[k] - sizes[0][k]) / per_unit[k]), 0) for k in range(2)]
-    _build_grown(
-        reflection,
-        kg,
-        legacy=legacy,
-        seed=seed,
-        now=when,
-        reflection_units=final[0],
-        kg_units=final[1],
-    )
-    if final[0]:
-        _top_up(
-            reflection,
-            targets[0],
-            final[0],
-            per_unit[0],
-            lambda conn, start, n: _add_reflection_units(conn, legacy, start, n, seed, when),
-        )
-    if final[1]:
-        _top_up(
-            kg,
-            targets[1],
-            final[1],
-            per_unit[1],
-            lambda conn, start, n: _add_kg_units(conn, start, n, seed, when),
-        )
 
     wal_ids: list[str] = []
     wal_counts: dict[str, int] = {}
@@ -1328,10 +1312,3 @@ def grow_to_size(
             reflection, wal_gen, wal_conversations, 1, (), checkpoint=False
         )
     return _info(data_dir, reflection, kg, wal_counts, wal_ids)
-
-
-def _probe_units(missing_bytes: int, est_per_unit: float) -> int:
-    """Units for the calibration probe: about the missing size, at most 16 MiB."""
-    if missing_bytes <= 0:
-        return 0
-    return max(int(min(missing_bytes, _MAX_PROBE_BYTES) / est_per_unit), 100)
