@@ -174,9 +174,11 @@ class AkoshaSyncConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown
 
     def secrets(self) -> list[str]:
         """Every secret value in force, for scrubbing text that leaves the process."""
+        key_id = self.resolved_access_key_id
         values = [
             # Key ids are not secret, but they identify an account; keep them out too.
-            self.resolved_access_key_id,
+            # Short ones (a MinIO user like "akosha") would blank out ordinary words.
+            key_id if len(key_id) >= 16 else "",
             self.secret_access_key,
             self.akosha_token,
             self.daemon_token,

@@ -62,7 +62,7 @@ __all__ = ["HttpSyncMethod"]
 
 log = structlog.get_logger("akosha_sync.http")
 
-TOOL_NAME = "batch_store_memories"
+_TOOL = "batch_store_memories"
 # Akosha's own per-call limit.
 _MAX_ITEMS = 1000
 # Akosha answers 413 above 4 MiB; leave room for the JSON-RPC envelope and for
@@ -72,10 +72,11 @@ _HEALTH_TIMEOUT_S = 1.0
 # is_available() is asked right before sync(): answer both from one probe.
 _HEALTH_CACHE_S = 5.0
 _CONNECT_TIMEOUT_S = 5.0
-# One batch is ~700 single-row inserts on Akosha's side; a call silent this long is dead.
+# A full batch takes Akosha ~1.5 s (one insert per memory); silent this long is dead.
 _CALL_TIMEOUT_S = 120.0
 _MAX_REPORTED_FAILURES = 50
-_DUPLICATE_MARKERS = ("duplicate key", "already exists", "duplicate")
+# Akosha 0.11: 'Constraint Error: Duplicate key "conversation_id: X" violates ...'
+_DUPLICATE_MARKERS = ("duplicate key", "already exists")
 _RELATIONS_TABLE = "kg_relationships"
 # Which kinds each database holds, in sending order.
 _REFLECTION_KINDS = ("conversation", "reflection")
@@ -251,12 +252,12 @@ class _Tally:
     errors: list[str] = field(default_factory=list)
 
     @staticmethod
-    def _add(counts: dict[str, int], kind: str, n: int) -> None:
+    def add(counts: dict[str, int], kind: str, n: int) -> None:
         if n:
             counts[kind] = counts.get(kind, 0) + n
 
     def refuse(self, item: _Pending, error: str) -> None:
-        self._add(self.failed, item.kind, 1)
+        self.add(self.failed, item.kind, 1)
         if len(self.failures) < _MAX_REPORTED_FAILURES:
             self.failures.append(
                 {"memory_id": item.memory_id, "kind": item.kind, "error": error[:500]}
@@ -374,9 +375,8 @@ class HttpSyncMethod:
         except TimeoutError as exc:
             raise HTTPSyncError(
                 f"HTTP sync to Akosha at {self._shown_url} did not finish within "
-                f"upload_timeout_seconds={self.config.upload_timeout_seconds}s "
-                f"({self._summary(tally)}; those stay delivered). Raise the timeout for a "
-                "large backlog or a slow link, then sync again.",
+                f"upload_timeout_seconds={self.config.upload_timeout_seconds}s; raise it for a "
+                f"large backlog or a slow link, then sync again. {self._summary(tally)}.",
                 original=exc,
             ) from exc
         result = self._result(upload_id, tally)
@@ -421,7 +421,7 @@ class HttpSyncMethod:
             def opened(reader: _Reader, kinds: tuple[str, ...]) -> None:
                 # Runs in the worker thread that opens the snapshot.
                 for kind in kinds:
-                    tally._add(tally.no_embedding, kind, reader.undeliverable(kind, channel))
+                    tally.add(tally.no_embedding, kind, reader.undeliverable(kind, channel))
                 if "entity" in kinds:
                     tally.relations += reader.relations()
 
@@ -502,8 +502,8 @@ class HttpSyncMethod:
                 if attempt >= policy.max_retries:
                     raise HTTPSyncError(
                         self._failure(
-                            f"{reason} (tried {attempt + 1} times); is Akosha running and is "
-                            "akosha_url right?",
+                            f"{reason} (tried {attempt + 1} times). Check that Akosha is "
+                            "running and that akosha_url points at its MCP endpoint",
                             tally,
                         ),
                         original=exc,
@@ -544,9 +544,8 @@ class HttpSyncMethod:
     ) -> None:
         """One ``batch_store_memories`` call; marks what Akosha stored or held."""
         status.last = None
-        tally.bytes_sent += sum(item.size for item in batch)
         try:
-            result = await client.call_tool(TOOL_NAME, {"memories": [i.body for i in batch]})
+            result = await client.call_tool(_TOOL, {"memories": [i.body for i in batch]})
         except MCPError:
             if status.last != 413:
                 raise  # sorted out by _classify once the session is closed
@@ -554,6 +553,7 @@ class HttpSyncMethod:
             return
         answer = _answer(result)
         tally.calls += 1
+        tally.bytes_sent += sum(item.size for item in batch)  # only calls Akosha answered
         delivered = self._account(batch, answer, tally)
         kind = batch[0].kind  # a batch holds one kind
         await feed.mark(kind, delivered)
@@ -566,7 +566,7 @@ class HttpSyncMethod:
             log.warning("akosha refused a batch as too large; splitting", items=len(batch))
             feed.push_front(batch[:half], batch[half:])
             return
-        tally._add(tally.sent, batch[0].kind, 1)
+        tally.add(tally.sent, batch[0].kind, 1)
         tally.refuse(
             batch[0], f"too large for Akosha's 4 MiB request limit ({batch[0].size} bytes of JSON)"
         )
@@ -574,7 +574,7 @@ class HttpSyncMethod:
     def _account(self, batch: list[_Pending], answer: dict[str, Any], tally: _Tally) -> list[str]:
         """Count one answer; the original ids Akosha now holds."""
         kind = batch[0].kind
-        tally._add(tally.sent, kind, len(batch))
+        tally.add(tally.sent, kind, len(batch))
         by_id = {item.memory_id: item for item in batch}
         errors = answer.get("errors")
         if not isinstance(errors, list):
@@ -612,8 +612,8 @@ class HttpSyncMethod:
             for mid in stored_ids:
                 refused[mid] = f"unconfirmed: Akosha reported stored={answer.get('stored')}"
             stored_ids = []
-        tally._add(tally.stored, kind, len(stored_ids))
-        tally._add(tally.duplicates, kind, len(held))
+        tally.add(tally.stored, kind, len(stored_ids))
+        tally.add(tally.duplicates, kind, len(held))
         for mid, text in refused.items():
             tally.refuse(by_id[mid], text)
         return [by_id[mid].original_id for mid in (*stored_ids, *held)]
@@ -696,12 +696,16 @@ class HttpSyncMethod:
 
     def _summary(self, tally: _Tally) -> str:
         delivered = sum(tally.stored.values()) + sum(tally.duplicates.values())
-        return f"{delivered} memories delivered in {tally.calls} calls before that"
+        if not delivered:
+            return "Nothing was delivered; the next sync sends it all"
+        return (
+            f"{delivered} memories were delivered in {tally.calls} calls before that; they "
+            "stay delivered and the next sync sends only the rest"
+        )
 
     def _failure(self, cause: str, tally: _Tally) -> str:
         return self._scrub(
-            f"HTTP sync to Akosha at {self._shown_url} failed: {cause}. "
-            f"({self._summary(tally)}; those stay delivered, the next sync sends only the rest.)"
+            f"HTTP sync to Akosha at {self._shown_url} failed: {cause}. {self._summary(tally)}."
         )
 
 
@@ -765,7 +769,7 @@ def _answer(result: CallToolResult) -> dict[str, Any]:
     """The tool's answer dict: ``structured_content``, else its JSON text block."""
     text = "".join(c.text for c in result.content if isinstance(c, TextContent))
     if result.is_error:
-        raise _Fatal(f"{TOOL_NAME} failed on Akosha's side: {text[:300]}")
+        raise _Fatal(f"{_TOOL} failed on Akosha's side: {text[:300]}")
     if isinstance(result.structured_content, dict):
         return result.structured_content
     try:
@@ -773,5 +777,5 @@ def _answer(result: CallToolResult) -> dict[str, Any]:
     except msgspec.DecodeError:
         parsed = None
     if not isinstance(parsed, dict):
-        raise _Fatal(f"{TOOL_NAME} answered something that is not a JSON object: {text[:200]!r}")
+        raise _Fatal(f"{_TOOL} answered something that is not a JSON object: {text[:200]!r}")
     return parsed

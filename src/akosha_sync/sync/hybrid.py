@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 from typing import Any, Literal
 
+import anyio
 import structlog
 
 from akosha_sync.config import AkoshaSyncConfig
@@ -64,7 +65,8 @@ class HybridAkoshaSync:
         for name in plan:
             method = self._get_method(name)
             assert method is not None
-            if not method.is_available():
+            # is_available may ask Akosha's /health (up to ~1 s): keep the loop free.
+            if not await anyio.to_thread.run_sync(method.is_available):
                 reason = (
                     "cloud_bucket is not configured"
                     if name == "cloud"

@@ -131,6 +131,7 @@ def _select_sql(
     meta = [
         "source: $system_id",
         f"record_type: '{kind.kind}'",
+        f"type: '{kind.kind}'",  # of all our keys, Akosha keeps source, original_id and type
         "original_id: t.id",
         f"created_at: {ts}",
         f"source_table: '{table}'",
