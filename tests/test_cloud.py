@@ -85,18 +85,30 @@ def test_round_trip_includes_wal_rows(
     manifest = json.loads(_get(minio_client, s3_bucket, result["manifest_key"]))
     assert result["manifest_key"] == f"systems/test-host/uploads/{uid}/manifest.json"
     assert akosha_manifest_problems(manifest) == []
-    assert manifest["files"] == ["knowledge_graph.duckdb", "memories.json", "reflection.duckdb"]
+    assert manifest["files"] == ["knowledge_graph.duckdb", "memories.json", "reflection.duckdb",
+                                 "reflection.duckdb.wal"]
+    assert manifest["file_details"]["reflection.duckdb"]["wal"] == "reflection.duckdb.wal"
+    assert manifest["file_details"]["knowledge_graph.duckdb"]["wal"] is None
 
-    for name in ("reflection.duckdb", "knowledge_graph.duckdb"):
-        detail = manifest["file_details"][name]
+    restored_dir = tmp_path / "restored"
+    restored_dir.mkdir()
+    for name, detail in manifest["file_details"].items():
         assert detail["key"] == f"systems/test-host/uploads/{uid}/{name}"
         stored = _get(minio_client, s3_bucket, detail["key"])
         assert hashlib.sha256(stored).hexdigest() == detail["stored_sha256"]
-        assert len(stored) == detail["stored_size"] < detail["original_size"]
-        original = zstandard.ZstdDecompressor().decompressobj().decompress(stored)
+        assert len(stored) == detail["stored_size"]
+        original = (
+            zstandard.ZstdDecompressor().decompressobj().decompress(stored)
+            if detail["compression"] == "zstd" else stored
+        )
         assert hashlib.sha256(original).hexdigest() == detail["sha256"]
-        restored = tmp_path / f"restored-{name}"
-        restored.write_bytes(original)
+        (restored_dir / name).write_bytes(original)
+    # The snapshot is the live files, byte for byte.
+    assert (restored_dir / "reflection.duckdb").read_bytes() == sample.reflection_path.read_bytes()
+    assert (restored_dir / "reflection.duckdb.wal").read_bytes() == (
+        sample.reflection_wal_path.read_bytes())
+    for name in ("reflection.duckdb", "knowledge_graph.duckdb"):
+        restored = restored_dir / name
         con = duckdb.connect(str(restored), read_only=True)
         try:
             for table, count in sample.row_counts.items():
@@ -136,9 +148,10 @@ def test_resync_sends_no_database_and_changed_one_is_sent(
 
     assert second["success"]
     assert not [k for k in second["files_uploaded"] if k.endswith(".duckdb")]
-    assert sorted(second["files_unchanged"]) == ["knowledge_graph.duckdb", "reflection.duckdb"]
+    assert sorted(second["files_unchanged"]) == ["knowledge_graph.duckdb", "reflection.duckdb",
+                                                 "reflection.duckdb.wal"]
     manifest = json.loads(_get(minio_client, s3_bucket, second["manifest_key"]))
-    for name in ("reflection.duckdb", "knowledge_graph.duckdb"):
+    for name in ("reflection.duckdb", "reflection.duckdb.wal", "knowledge_graph.duckdb"):
         detail = manifest["file_details"][name]
         assert detail["reused_from"] == first["upload_id"]
         assert first["upload_id"] in detail["key"]
@@ -150,8 +163,16 @@ def test_resync_sends_no_database_and_changed_one_is_sent(
     new_ids = add_conversations(sample.data_dir, 4, seed=99)
     third = _sync(config)
     uploaded = [k.rsplit("/", 1)[-1] for k in third["files_uploaded"]]
-    assert "reflection.duckdb" in uploaded and "knowledge_graph.duckdb" not in uploaded
-    assert third["files_unchanged"] == ["knowledge_graph.duckdb"]
+    # The new rows are in the WAL only: the WAL is sent again, the database file is not.
+    assert "reflection.duckdb.wal" in uploaded
+    assert "reflection.duckdb" not in uploaded and "knowledge_graph.duckdb" not in uploaded
+    assert sorted(third["files_unchanged"]) == ["knowledge_graph.duckdb", "reflection.duckdb"]
+
+    add_conversations(sample.data_dir, 2, seed=100, checkpoint=True)  # now the file changes
+    fourth = _sync(config)
+    uploaded = [k.rsplit("/", 1)[-1] for k in fourth["files_uploaded"]]
+    assert "reflection.duckdb" in uploaded and "reflection.duckdb.wal" not in uploaded
+    assert fourth["files_unchanged"] == ["knowledge_graph.duckdb"]
     memories = json.loads(_get(minio_client, s3_bucket, _memories_key(third["upload_id"])))
     sent = sorted(c["metadata"]["original_id"] for c in memories["conversations"])
     assert sent == sorted(new_ids)
@@ -165,7 +186,8 @@ def test_lost_local_state_uses_the_last_remote_manifest(
     shutil.rmtree(tmp_path / "state")
     second = _sync(config)
     assert second["success"]
-    assert sorted(second["files_unchanged"]) == ["knowledge_graph.duckdb", "reflection.duckdb"]
+    assert sorted(second["files_unchanged"]) == ["knowledge_graph.duckdb", "reflection.duckdb",
+                                                 "reflection.duckdb.wal"]
     assert second["upload_id"] != first["upload_id"]
 
 
@@ -179,13 +201,14 @@ def test_export_off_counts_all_conversations(
 
 
 def test_uncompressed_upload_is_the_snapshot_itself(
-    s3_config: MakeConfig, minio_client: Minio, s3_bucket: str
+    s3_config: MakeConfig, minio_client: Minio, s3_bucket: str, sample: SampleInfo
 ) -> None:
     result = _sync(s3_config(enable_compression=False))
     manifest = json.loads(_get(minio_client, s3_bucket, result["manifest_key"]))
     detail = manifest["file_details"]["reflection.duckdb"]
     stored = _get(minio_client, s3_bucket, detail["key"])
     assert detail["compression"] is None and manifest["compressed"] is False
+    assert stored == sample.reflection_path.read_bytes()
     assert hashlib.sha256(stored).hexdigest() == detail["sha256"] == detail["stored_sha256"]
     assert akosha_manifest_problems(manifest) == []
 
@@ -299,6 +322,7 @@ def test_unreadable_database_is_named_and_the_other_still_syncs(
     assert str(sample.reflection_path) in result["error"]
     manifest = json.loads(_get(minio_client, s3_bucket, result["manifest_key"]))
     assert manifest["files"] == ["knowledge_graph.duckdb", "memories.json"]
+    assert result["files_uploaded"]  # the readable one went
 
 
 def test_missing_database_is_skipped_and_named(

@@ -29,17 +29,26 @@ def test_snapshot_includes_wal_rows_and_leaves_sources_alone(
 
     assert {p: _digest(p) for p in (src, wal_path(src))} == before
     assert fingerprint(src) == fp_before
-    assert snap.had_wal and snap.fingerprint == fp_before
-    assert not wal_path(Path(snap.path)).exists()  # merged into the copy
+    assert snap.fingerprint == fp_before
+    # The copies are byte-identical to the sources, WAL kept beside the database.
+    assert snap.wal == str(wal_path(Path(snap.path)))
+    assert _digest(Path(snap.path)) == snap.sha256 == before[src]
+    assert _digest(Path(snap.wal)) == snap.wal_sha256 == before[wal_path(src)]
+    assert (snap.size, snap.wal_size) == (src.stat().st_size, wal_path(src).stat().st_size)
     expected = sample.row_counts[sample.conversations_table]
-    assert snap.conversation_count == expected
+    assert snap.conversation_count == expected  # WAL rows counted
     con = duckdb.connect(snap.path, read_only=True)
     ids = {r[0] for r in con.execute(f"SELECT id FROM {sample.conversations_table}").fetchall()}
     con.close()
     assert set(sample.wal_conversation_ids) <= ids
-    # The source digest covers the database and its WAL, not the checkpointed copy.
-    h = hashlib.sha256(src.read_bytes())
-    assert snap.source_sha256 != h.hexdigest()
+    # Verifying the copy left it as it was (read-only: the WAL was not merged).
+    assert _digest(Path(snap.path)) == snap.sha256
+
+
+def test_database_without_wal(sample: SampleInfo, tmp_path: Path) -> None:
+    snap = take_snapshot("knowledge_graph.duckdb", sample.knowledge_graph_path, tmp_path / "s")
+    assert snap.wal is None and snap.wal_sha256 is None and snap.wal_size == 0
+    assert snap.sha256 == _digest(sample.knowledge_graph_path)
 
 
 def test_missing_database_raises_file_not_found(tmp_path: Path) -> None:

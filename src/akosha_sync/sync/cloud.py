@@ -63,14 +63,28 @@ __all__ = ["CloudSyncMethod"]
 
 log = structlog.get_logger("akosha_sync.cloud")
 
-_ZSTD_LEVEL = 3
+_ZSTD_LEVEL = 1
 _READ_SIZE = 1024 * 1024
-_MAX_CONCURRENCY = 4
+_STREAM_BLOCK = 1024 * 1024
+_MAX_CONCURRENCY = 2
 _MAX_ID_ATTEMPTS = 50
 
 
 def _no_progress(phase: str, done: int, total: int) -> None:
     return None
+
+
+_WAL_SUFFIX = ".wal"
+
+
+class _Send(msgspec.Struct, frozen=True):
+    """One object to upload: its file name in the upload, the local copy, its SHA-256."""
+
+    name: str
+    path: Path
+    sha256: str
+    fingerprint: Any  # SourceFingerprint of a database; None for its WAL
+    extra: dict[str, Any]  # FileEntry fields known from the snapshot
 
 
 class _Upload:
@@ -190,8 +204,12 @@ class CloudSyncMethod:
                 )
                 if keep
             ]
+            sends: list[_Send] = []
             for name, path in wanted:
-                await self._sync_database(upload, state, name, path, snapshot_dir, progress)
+                sends += await self._sync_database(
+                    upload, state, name, path, snapshot_dir, progress
+                )
+            await self._send_all(upload, sends, progress)
             if not upload.files:
                 raise _NothingToUpload(upload)
             conversations = await self._export_memories(upload, state, tid, progress)
@@ -334,58 +352,105 @@ class CloudSyncMethod:
         path: Path,
         snapshot_dir: Path,
         progress: ProgressCallback,
-    ) -> None:
+    ) -> list[_Send]:
+        """Decide, per object (database, WAL), to reuse it or send it; returns the sends."""
         config = self.config
         fp = source_fingerprint(path)
         if fp is None:
             upload.missing.append(name)
             log.info("database missing; skipped", database=str(path))
-            return
-        previous = state.files.get(name) if (state and config.enable_deduplication) else None
-        if previous and previous.fingerprint == fp and await self._object_intact(previous.entry):
-            self._reuse(upload, name, previous.entry, fp)
-            return
+            return []
+        wal_name = name + _WAL_SUFFIX
+        previous = state.files if (state and config.enable_deduplication) else {}
+        stored_db = previous.get(name)
+        stored_wal = previous.get(wal_name) if fp.wal is not None else None
+        if (
+            stored_db is not None
+            and stored_db.fingerprint == fp
+            and (fp.wal is None or stored_wal is not None)
+            and await self._object_intact(stored_db.entry)
+            and (stored_wal is None or await self._object_intact(stored_wal.entry))
+        ):
+            # Not even re-read: size, mtime and inode of both files are unchanged.
+            self._reuse(upload, name, stored_db.entry, fp)
+            if stored_wal is not None:
+                self._reuse(upload, wal_name, stored_wal.entry, None)
+            return []
         progress(f"snapshot:{name}", 0, fp.db.size + (fp.wal.size if fp.wal else 0))
         try:
             snap = await anyio.to_thread.run_sync(take_snapshot, name, path, snapshot_dir)
         except FileNotFoundError:
             upload.missing.append(name)
-            return
+            return []
         except SnapshotError as exc:
             upload.errors.append(str(exc))
             log.error("database not readable; skipped", database=str(path), error=str(exc))
-            return
+            return []
         upload.snapshots[name] = snap
+        sends: list[_Send] = []
+        db_extra = {
+            "conversation_count": snap.conversation_count,
+            "wal": wal_name if snap.wal else None,
+        }
         if (
-            previous
-            and previous.entry.source_sha256 == snap.source_sha256
-            and await self._object_intact(previous.entry)
+            stored_db is not None
+            and stored_db.entry.sha256 == snap.sha256
+            and await self._object_intact(stored_db.entry)
         ):
-            self._reuse(upload, name, previous.entry, snap.fingerprint)
-            return
-        key = self._get_cloud_path(name, upload.upload_id)
-        entry = await self._upload_file(
-            Path(snap.path),
-            key,
-            upload,
-            compress=config.enable_compression,
-            progress=progress,
-            phase=f"upload:{name}",
-        )
-        entry = msgspec.structs.replace(
-            entry, source_sha256=snap.source_sha256, conversation_count=snap.conversation_count
-        )
-        upload.files[name] = entry
-        upload.uploaded_keys.append(key)
-        upload.new_state[name] = StoredFile(fingerprint=snap.fingerprint, entry=entry)
+            self._reuse(upload, name, stored_db.entry, snap.fingerprint, **db_extra)
+        else:
+            sends.append(_Send(name, Path(snap.path), snap.sha256, snap.fingerprint, db_extra))
+        if snap.wal and snap.wal_sha256:
+            stored_wal = previous.get(wal_name)
+            if (
+                stored_wal is not None
+                and stored_wal.entry.sha256 == snap.wal_sha256
+                and await self._object_intact(stored_wal.entry)
+            ):
+                self._reuse(upload, wal_name, stored_wal.entry, None)
+            else:
+                sends.append(_Send(wal_name, Path(snap.wal), snap.wal_sha256, None, {}))
+        return sends
 
-    def _reuse(self, upload: _Upload, name: str, entry: FileEntry, fp: Any) -> None:
+    async def _send_all(
+        self, upload: _Upload, sends: list[_Send], progress: ProgressCallback
+    ) -> None:
+        """Upload the planned objects side by side (the CPU work of one overlaps the
+        network wait of another)."""
+
+        async def send(item: _Send) -> None:
+            key = self._get_cloud_path(item.name, upload.upload_id)
+            entry = await self._upload_file(
+                item.path,
+                key,
+                upload,
+                compress=self.config.enable_compression,
+                progress=progress,
+                phase=f"upload:{item.name}",
+                known_sha256=item.sha256,
+            )
+            entry = msgspec.structs.replace(entry, **item.extra)
+            upload.files[item.name] = entry
+            upload.uploaded_keys.append(key)
+            upload.new_state[item.name] = StoredFile(fingerprint=item.fingerprint, entry=entry)
+
+        try:
+            async with anyio.create_task_group() as tg:
+                for item in sends:
+                    tg.start_soon(send, item)
+        except ExceptionGroup as group:
+            # One failed upload cancels the others; report the failure, not the group.
+            raise _first_failure(group) from None
+
+    def _reuse(
+        self, upload: _Upload, name: str, entry: FileEntry, fp: Any, **extra: Any
+    ) -> None:
         origin = entry.reused_from or entry.key.split("/")[-2]
-        reused = msgspec.structs.replace(entry, reused_from=origin)
+        reused = msgspec.structs.replace(entry, reused_from=origin, **extra)
         upload.files[name] = reused
         upload.unchanged.append(name)
         upload.new_state[name] = StoredFile(fingerprint=fp, entry=reused)
-        log.info("database unchanged; reusing stored object", database=name, key=entry.key)
+        log.info("unchanged; reusing the stored object", file=name, key=entry.key)
 
     async def _upload_file(
         self,
@@ -396,19 +461,22 @@ class CloudSyncMethod:
         compress: bool,
         progress: ProgressCallback,
         phase: str,
+        known_sha256: str | None = None,
     ) -> FileEntry:
-        """Stream one file to ``key``; hashes and sizes are taken on the way."""
+        """Stream one file to ``key``; hashes and sizes are taken on the way.
+
+        ``known_sha256`` (from the snapshot copy) spares hashing the original again.
+        """
         total = path.stat().st_size
         part = max(self.config.chunk_size_mb * 1024 * 1024, MIN_PART_SIZE)
 
         async def attempt() -> FileEntry:
-            sink = _Digests(compress)
+            sink = _Digests(compress, hash_original=known_sha256 is None)
+            upload.written.append(key)
             if total <= part:
                 data = await anyio.to_thread.run_sync(sink.whole, path)
-                upload.written.append(key)
                 await obstore.put_async(self.store, key, data, use_multipart=False)
             else:
-                upload.written.append(key)
                 await obstore.put_async(
                     self.store,
                     key,
@@ -424,12 +492,13 @@ class CloudSyncMethod:
                     f"{sink.stored_size}; the store lost data. Try again."
                 )
             progress(phase, total, total)
+            original = known_sha256 or sink.original.hexdigest()
             return FileEntry(
                 key=key,
                 original_size=sink.original_size,
                 stored_size=sink.stored_size,
-                sha256=sink.original.hexdigest(),
-                stored_sha256=sink.stored.hexdigest(),
+                sha256=original,
+                stored_sha256=sink.stored.hexdigest() if compress else original,
                 compression=COMPRESSION_FORMAT if compress else None,
             )
 
@@ -475,11 +544,8 @@ class CloudSyncMethod:
         return len(ids)
 
     def _write_memories(self, snapshot: Path, out: Path, tid: str) -> list[str]:
-        import duckdb
-
-        con = duckdb.connect(str(snapshot))  # our own copy; the live file is never opened
+        con = records.open_snapshot(snapshot, self._progress_db)
         try:
-            records.open_progress(con, self._progress_db)
             return records.write_memories_json(
                 con, out, system_id=self.config.system_id_resolved, channel=tid
             )
@@ -528,6 +594,20 @@ class CloudSyncMethod:
                     return
 
 
+def _first_failure(group: BaseExceptionGroup[Exception]) -> Exception:
+    leaves: list[Exception] = []
+
+    def walk(exc: BaseException) -> None:
+        if isinstance(exc, BaseExceptionGroup):
+            for inner in exc.exceptions:
+                walk(inner)
+        elif isinstance(exc, Exception):
+            leaves.append(exc)
+
+    walk(group)
+    return next((e for e in leaves if isinstance(e, CloudUploadError)), leaves[0])
+
+
 class _NothingToUpload(Exception):
     def __init__(self, upload: _Upload) -> None:
         self.upload = upload
@@ -536,7 +616,8 @@ class _NothingToUpload(Exception):
 class _Digests:
     """SHA-256 of original and stored bytes, and zstd in between, chunk by chunk."""
 
-    def __init__(self, compress: bool) -> None:
+    def __init__(self, compress: bool, *, hash_original: bool = True) -> None:
+        self.hash_original = hash_original
         self.original = hashlib.sha256()
         self.stored = hashlib.sha256()
         self.original_size = 0
@@ -548,15 +629,16 @@ class _Digests:
             self._compressor = zstandard.ZstdCompressor(level=_ZSTD_LEVEL).compressobj()
 
     def _feed(self, data: bytes, final: bool) -> bytes:
-        self.original.update(data)
+        if self.hash_original:
+            self.original.update(data)
         self.original_size += len(data)
         if self._compressor is not None:
             out = self._compressor.compress(data)
             if final:
                 out += self._compressor.flush()
+            self.stored.update(out)
         else:
             out = data
-        self.stored.update(out)
         self.stored_size += len(out)
         return bytes(out)
 
@@ -568,9 +650,13 @@ class _Digests:
     ) -> AsyncIterator[bytes]:
         with path.open("rb") as fh:
 
+            # Small blocks: obstore assembles parts itself, so bigger reads only add
+            # memory (one raw and one compressed block per upload in flight).
+            block = min(part, _STREAM_BLOCK)
+
             def next_block() -> tuple[bytes, bool]:
-                data = fh.read(part)
-                return self._feed(data, final=len(data) < part), len(data) < part
+                data = fh.read(block)
+                return self._feed(data, final=len(data) < block), len(data) < block
 
             while True:
                 out, final = await anyio.to_thread.run_sync(next_block)

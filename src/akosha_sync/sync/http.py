@@ -29,7 +29,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from urllib.parse import urlsplit
 
 import anyio
@@ -54,9 +54,6 @@ from akosha_sync.sync.protocol import HTTPSyncError, ProgressCallback, SnapshotE
 from akosha_sync.sync.snapshot import remove_snapshot_dir, take_snapshot
 from akosha_sync.sync.state import target_id
 from akosha_sync.sync.store import RetryPolicy
-
-if TYPE_CHECKING:
-    import duckdb
 
 __all__ = ["HttpSyncMethod"]
 
@@ -115,14 +112,7 @@ class _Reader:
     """
 
     def __init__(self, snapshot: Path, progress_db: Path) -> None:
-        import duckdb
-
-        self.con: duckdb.DuckDBPyConnection = duckdb.connect(str(snapshot))
-        try:
-            records.open_progress(self.con, progress_db)
-        except BaseException:
-            self.con.close()
-            raise
+        self.con = records.open_snapshot(snapshot, progress_db)
 
     def batches(
         self, kinds: tuple[str, ...], *, system_id: str, channel: str, max_items: int
@@ -150,7 +140,8 @@ class _Reader:
         # Relations never reach Akosha; count them so the result says so.
         found = self.con.execute(
             "SELECT count(*) FROM information_schema.tables "
-            "WHERE table_schema = 'main' AND table_name = ?",
+            "WHERE table_schema = 'main' AND table_catalog = current_database() "
+            "AND table_name = ?",
             [_RELATIONS_TABLE],
         ).fetchone()
         if not found or not found[0]:

@@ -98,11 +98,12 @@ class FileEntry(msgspec.Struct, frozen=True, kw_only=True):
     sha256: str  # of the original (uncompressed) bytes
     stored_sha256: str  # of the bytes as stored
     compression: str | None
-    # The source database + WAL digest, the basis of deduplication.
-    source_sha256: str | None = None
     # Set when this upload reuses an object stored by an earlier one.
     reused_from: str | None = None
+    # On a database: its conversations (WAL rows included) and the name of its WAL
+    # file in this upload, if it had one; restore by putting both side by side.
     conversation_count: int | None = None
+    wal: str | None = None
 
 
 class Manifest(msgspec.Struct, kw_only=True):

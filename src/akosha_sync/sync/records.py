@@ -28,6 +28,7 @@ __all__ = [
     "mark_delivered",
     "memory_id",
     "open_progress",
+    "open_snapshot",
     "write_memories_json",
 ]
 
@@ -90,6 +91,20 @@ def memory_id(system_id: str, kind: str, record_id: str) -> str:
     return f"{system_id}:{kind}:{record_id}"
 
 
+def open_snapshot(snapshot: Path, progress_db: Path) -> duckdb.DuckDBPyConnection:
+    """A connection reading ``snapshot`` (read-only: its WAL is replayed in memory and
+    the files stay byte-identical) with the delivered-ids store attached."""
+    con = duckdb.connect()
+    try:
+        con.execute(f"ATTACH '{_sql_str(str(snapshot))}' AS src (READ_ONLY)")
+        con.execute("USE src")
+        open_progress(con, progress_db)
+    except BaseException:
+        con.close()
+        raise
+    return con
+
+
 def open_progress(con: duckdb.DuckDBPyConnection, progress_db: Path) -> None:
     """Attach the delivered-ids store to a connection as ``progress``."""
     progress_db.parent.mkdir(parents=True, exist_ok=True)
@@ -112,10 +127,13 @@ def _table_columns(con: duckdb.DuckDBPyConnection, table: str) -> set[str]:
 
 
 def _find_table(con: duckdb.DuckDBPyConnection, kind: RecordKind) -> tuple[str, set[str]] | None:
+    """The first candidate table present, fully qualified (cursors do not inherit USE)."""
+    row = con.execute("SELECT current_database()").fetchone()
+    catalog = str(row[0]) if row else "memory"
     for table in kind.tables:
         columns = _table_columns(con, table)
         if columns:
-            return table, columns
+            return f'"{catalog}".main."{table}"', columns
     return None
 
 
@@ -134,7 +152,7 @@ def _select_sql(
         f"type: '{kind.kind}'",  # of all our keys, Akosha keeps source, original_id and type
         "original_id: t.id",
         f"created_at: {ts}",
-        f"source_table: '{table}'",
+        f"source_table: '{table.rsplit('.', 1)[-1].strip(chr(34))}'",
     ]
     meta += [f"{c}: t.{c}" for c in kind.columns if c in columns]
     embedding = "list_transform(t.embedding, lambda x: round(x::DOUBLE, 7))"
@@ -155,7 +173,8 @@ def _select_sql(
             " AND NOT EXISTS (SELECT 1 FROM progress.delivered d WHERE d.channel = $channel"
             f" AND d.kind = '{kind.kind}' AND d.id = t.id)"
         )
-    return f'SELECT t.id, to_json({{{body}}})::VARCHAR FROM "{table}" t WHERE {where} ORDER BY t.id'
+    # No ORDER BY: Akosha needs none, and sorting makes DuckDB hold every document.
+    return f'SELECT t.id, to_json({{{body}}})::VARCHAR FROM {table} t WHERE {where}'
 
 
 def iter_records(
@@ -199,9 +218,9 @@ def count_undeliverable(
         return 0
     table, columns = found
     if "embedding" not in columns:
-        row = con.execute(f'SELECT count(*) FROM "{table}"').fetchone()
+        row = con.execute(f'SELECT count(*) FROM {table}').fetchone()
         return int(row[0]) if row else 0
-    sql = f'SELECT count(*) FROM "{table}" t WHERE t.embedding IS NULL'
+    sql = f'SELECT count(*) FROM {table} t WHERE t.embedding IS NULL'
     params: list[str] = []
     if channel is not None:
         sql += (

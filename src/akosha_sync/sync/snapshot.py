@@ -3,12 +3,16 @@
 DuckDB keeps recent changes in ``NAME.duckdb.wal`` and a writer holds the database
 locked, so a snapshot is taken at the file level: copy the database and its WAL,
 check that neither changed while copying (else copy again), then open the *copy*
-with DuckDB, which replays the WAL, and checkpoint it into one self-contained file.
-The live files are only ever read.
+read-only: DuckDB replays the WAL in memory, which proves the pair is a readable
+database and lets us count its rows, WAL rows included. The live files are only
+ever read, and the copies keep their exact bytes.
 
-Whether a database changed is decided from the source files (their stat fingerprint,
-then the SHA-256 of database + WAL), never from the checkpointed copy: checkpointing
-the same content twice does not give the same bytes.
+The pair is shipped as it is (database + WAL, like Litestream ships a WAL) rather
+than checkpointed into one file: a checkpoint rewrites the last row group, which
+for most Session-Buddy tables is the whole table, grows the file by free blocks,
+costs a second of CPU and ~200 MB of memory for a 250 MB database, and never gives
+the same bytes twice. Restoring is putting both files side by side; DuckDB replays
+the WAL when it opens the database.
 """
 
 from __future__ import annotations
@@ -34,7 +38,6 @@ __all__ = [
 ]
 
 _COPY_BUFFER = 1024 * 1024
-_WAL_SEPARATOR = b"\x00akosha-sync:wal\x00"
 
 
 class FileStat(msgspec.Struct, frozen=True):
@@ -53,12 +56,14 @@ class SourceFingerprint(msgspec.Struct, frozen=True):
 class Snapshot(msgspec.Struct, frozen=True, kw_only=True):
     name: str
     source: str
-    path: str  # the checkpointed copy, the thing that is uploaded
-    fingerprint: SourceFingerprint
-    source_sha256: str  # of the live database bytes followed by its WAL bytes
+    path: str  # the copy of the database file
+    sha256: str  # of the database file's bytes (copy and source are identical)
     size: int
+    wal: str | None  # the copy of the WAL, if there was one
+    wal_sha256: str | None
+    wal_size: int
+    fingerprint: SourceFingerprint
     conversation_count: int
-    had_wal: bool
 
 
 def wal_path(db: Path) -> Path:
@@ -81,32 +86,33 @@ def fingerprint(db: Path) -> SourceFingerprint | None:
     return SourceFingerprint(db=main, wal=_stat(wal_path(db)))
 
 
-def _copy_hashing(src: Path, dst: Path, digest: hashlib._Hash) -> None:
+def _copy_hashing(src: Path, dst: Path) -> str:
+    digest = hashlib.sha256()
     with src.open("rb") as fin, dst.open("wb") as fout:
         while chunk := fin.read(_COPY_BUFFER):
             digest.update(chunk)
             fout.write(chunk)
+    return digest.hexdigest()
 
 
-def _copy_once(db: Path, dest: Path) -> tuple[SourceFingerprint, str] | None:
+def _copy_once(db: Path, dest: Path) -> tuple[SourceFingerprint, str, str | None] | None:
     """Copy database + WAL; None if either changed while being copied."""
     before = fingerprint(db)
     if before is None:
         raise FileNotFoundError(db)
-    digest = hashlib.sha256()
-    _copy_hashing(db, dest, digest)
+    db_sha = _copy_hashing(db, dest)
     dest_wal = wal_path(dest)
+    wal_sha: str | None = None
     if before.wal is not None:
-        digest.update(_WAL_SEPARATOR)
         try:
-            _copy_hashing(wal_path(db), dest_wal, digest)
+            wal_sha = _copy_hashing(wal_path(db), dest_wal)
         except FileNotFoundError:
             return None  # checkpointed away under us: copy again
     else:
         dest_wal.unlink(missing_ok=True)
     if fingerprint(db) != before:
         return None
-    return before, digest.hexdigest()
+    return before, db_sha, wal_sha
 
 
 def count_conversations(con: object) -> int:
@@ -127,13 +133,13 @@ def count_conversations(con: object) -> int:
     return 0
 
 
-def _checkpoint_copy(path: Path) -> int:
-    """Replay the copied WAL into the copy, check it is readable, count conversations."""
+def _verify_copy(path: Path) -> int:
+    """Open the copy read-only (the WAL is replayed in memory, files stay as they are),
+    check it is readable, and count its conversations."""
     import duckdb
 
-    con = duckdb.connect(str(path))
+    con = duckdb.connect(str(path), read_only=True)
     try:
-        con.execute("CHECKPOINT")
         return count_conversations(con)
     finally:
         con.close()
@@ -147,7 +153,7 @@ def take_snapshot(
     attempts: int = 5,
     retry_delay: float = 0.05,
 ) -> Snapshot:
-    """Copy ``source`` (and its WAL) into ``dest_dir`` consistently and checkpoint the copy.
+    """Copy ``source`` (and its WAL) into ``dest_dir`` consistently and verify the copy.
 
     Blocking; run it in a worker thread. Raises ``FileNotFoundError`` if the database
     does not exist and ``SnapshotError`` if it cannot be read or never holds still.
@@ -172,22 +178,24 @@ def take_snapshot(
         if copied is None:
             last_error = None
             continue
-        before, source_sha256 = copied
+        before, db_sha, wal_sha = copied
         try:
-            conversations = _checkpoint_copy(dest)
+            conversations = _verify_copy(dest)
         except Exception as exc:  # duckdb raises many classes; any means "not readable"
             last_error = exc
             continue
-        wal_path(dest).unlink(missing_ok=True)
+        dest_wal = wal_path(dest)
         return Snapshot(
             name=name,
             source=str(source),
             path=str(dest),
+            sha256=db_sha,
+            size=before.db.size,
+            wal=str(dest_wal) if wal_sha else None,
+            wal_sha256=wal_sha,
+            wal_size=before.wal.size if before.wal else 0,
             fingerprint=before,
-            source_sha256=source_sha256,
-            size=dest.stat().st_size,
             conversation_count=conversations,
-            had_wal=before.wal is not None,
         )
     if last_error is not None:
         raise SnapshotError(
