@@ -33,6 +33,27 @@ def sample(tmp_path: Path) -> SampleInfo:
 
 
 @pytest.fixture
+def s3_config(
+    make_config: Callable[..., AkoshaSyncConfig], seaweedfs: Any, s3_bucket: str,
+    s3_credentials: Any,
+) -> Callable[..., AkoshaSyncConfig]:
+    """``make_config`` aimed at a fresh bucket of the shared SeaweedFS."""
+
+    def make(**overrides: Any) -> AkoshaSyncConfig:
+        values = {
+            "cloud_bucket": s3_bucket,
+            "cloud_endpoint": seaweedfs.endpoint,
+            "access_key_id": s3_credentials.access_key,
+            "secret_access_key": s3_credentials.secret_key,
+            "akosha_url": "http://127.0.0.1:9/mcp",  # nothing listens: no HTTP fallback
+        }
+        values.update(overrides)
+        return make_config(**values)
+
+    return make
+
+
+@pytest.fixture
 def make_config(tmp_path: Path, sample: SampleInfo) -> Callable[..., AkoshaSyncConfig]:
     """A config pointing at the sample databases and a private state folder."""
 

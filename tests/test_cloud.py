@@ -24,6 +24,7 @@ from akosha_sync.sample import SampleInfo, add_conversations, grow_to_size
 from akosha_sync.sync.cloud import CloudSyncMethod
 from akosha_sync.sync.manifest import akosha_manifest_problems
 from akosha_sync.sync.protocol import CloudUploadError
+from support.verify import get_object, manifests
 
 MakeConfig = Callable[..., AkoshaSyncConfig]
 
@@ -33,41 +34,10 @@ def _sync(config: AkoshaSyncConfig, **kwargs: Any) -> dict[str, Any]:
     return anyio.run(method.sync)
 
 
-def _get(client: Minio, bucket: str, key: str) -> bytes:
-    response = client.get_object(bucket, key)
-    try:
-        return response.read()
-    finally:
-        response.close()
-        response.release_conn()
-
-
 def _memories_key(upload_id: str) -> str:
     return f"systems/test-host/uploads/{upload_id}/memories.json"
 
 
-def _manifests(client: Minio, bucket: str) -> list[str]:
-    return sorted(
-        o.object_name
-        for o in client.list_objects(bucket, prefix="systems/", recursive=True)
-        if o.object_name.endswith("/manifest.json")
-    )
-
-
-@pytest.fixture
-def s3_config(make_config: MakeConfig, seaweedfs: Any, s3_bucket: str, s3_credentials: Any
-              ) -> MakeConfig:
-    def make(**overrides: Any) -> AkoshaSyncConfig:
-        values = {
-            "cloud_bucket": s3_bucket,
-            "cloud_endpoint": seaweedfs.endpoint,
-            "access_key_id": s3_credentials.access_key,
-            "secret_access_key": s3_credentials.secret_key,
-        }
-        values.update(overrides)
-        return make_config(**values)
-
-    return make
 
 
 def test_round_trip_includes_wal_rows(
@@ -82,7 +52,7 @@ def test_round_trip_includes_wal_rows(
     assert result["method"] == "cloud"
     uid = result["upload_id"]
     assert uid.endswith("_test-host") and len(uid) == len("20250101_000000_test-host")
-    manifest = json.loads(_get(minio_client, s3_bucket, result["manifest_key"]))
+    manifest = json.loads(get_object(minio_client, s3_bucket, result["manifest_key"]))
     assert result["manifest_key"] == f"systems/test-host/uploads/{uid}/manifest.json"
     assert akosha_manifest_problems(manifest) == []
     assert manifest["files"] == ["knowledge_graph.duckdb", "memories.json", "reflection.duckdb",
@@ -94,7 +64,7 @@ def test_round_trip_includes_wal_rows(
     restored_dir.mkdir()
     for name, detail in manifest["file_details"].items():
         assert detail["key"] == f"systems/test-host/uploads/{uid}/{name}"
-        stored = _get(minio_client, s3_bucket, detail["key"])
+        stored = get_object(minio_client, s3_bucket, detail["key"])
         assert hashlib.sha256(stored).hexdigest() == detail["stored_sha256"]
         assert len(stored) == detail["stored_size"]
         original = (
@@ -126,7 +96,7 @@ def test_round_trip_includes_wal_rows(
         finally:
             con.close()
 
-    memories = json.loads(_get(minio_client, s3_bucket, _memories_key(uid)))
+    memories = json.loads(get_object(minio_client, s3_bucket, _memories_key(uid)))
     conversations = memories["conversations"]
     assert manifest["conversation_count"] == len(conversations) > 0
     first = conversations[0]
@@ -150,14 +120,14 @@ def test_resync_sends_no_database_and_changed_one_is_sent(
     assert not [k for k in second["files_uploaded"] if k.endswith(".duckdb")]
     assert sorted(second["files_unchanged"]) == ["knowledge_graph.duckdb", "reflection.duckdb",
                                                  "reflection.duckdb.wal"]
-    manifest = json.loads(_get(minio_client, s3_bucket, second["manifest_key"]))
+    manifest = json.loads(get_object(minio_client, s3_bucket, second["manifest_key"]))
     for name in ("reflection.duckdb", "reflection.duckdb.wal", "knowledge_graph.duckdb"):
         detail = manifest["file_details"][name]
         assert detail["reused_from"] == first["upload_id"]
         assert first["upload_id"] in detail["key"]
         minio_client.stat_object(s3_bucket, detail["key"])  # the object really is there
     assert manifest["conversation_count"] == 0
-    memories = json.loads(_get(minio_client, s3_bucket, _memories_key(second["upload_id"])))
+    memories = json.loads(get_object(minio_client, s3_bucket, _memories_key(second["upload_id"])))
     assert memories == {"conversations": []}
 
     new_ids = add_conversations(sample.data_dir, 4, seed=99)
@@ -173,7 +143,7 @@ def test_resync_sends_no_database_and_changed_one_is_sent(
     uploaded = [k.rsplit("/", 1)[-1] for k in fourth["files_uploaded"]]
     assert "reflection.duckdb" in uploaded and "reflection.duckdb.wal" not in uploaded
     assert fourth["files_unchanged"] == ["knowledge_graph.duckdb"]
-    memories = json.loads(_get(minio_client, s3_bucket, _memories_key(third["upload_id"])))
+    memories = json.loads(get_object(minio_client, s3_bucket, _memories_key(third["upload_id"])))
     sent = sorted(c["metadata"]["original_id"] for c in memories["conversations"])
     assert sent == sorted(new_ids)
 
@@ -195,7 +165,7 @@ def test_export_off_counts_all_conversations(
     s3_config: MakeConfig, minio_client: Minio, s3_bucket: str, sample: SampleInfo
 ) -> None:
     result = _sync(s3_config(export_memories=False))
-    manifest = json.loads(_get(minio_client, s3_bucket, result["manifest_key"]))
+    manifest = json.loads(get_object(minio_client, s3_bucket, result["manifest_key"]))
     assert "memories.json" not in manifest["files"]
     assert manifest["conversation_count"] == sample.row_counts[sample.conversations_table]
 
@@ -204,9 +174,9 @@ def test_uncompressed_upload_is_the_snapshot_itself(
     s3_config: MakeConfig, minio_client: Minio, s3_bucket: str, sample: SampleInfo
 ) -> None:
     result = _sync(s3_config(enable_compression=False))
-    manifest = json.loads(_get(minio_client, s3_bucket, result["manifest_key"]))
+    manifest = json.loads(get_object(minio_client, s3_bucket, result["manifest_key"]))
     detail = manifest["file_details"]["reflection.duckdb"]
-    stored = _get(minio_client, s3_bucket, detail["key"])
+    stored = get_object(minio_client, s3_bucket, detail["key"])
     assert detail["compression"] is None and manifest["compressed"] is False
     assert stored == sample.reflection_path.read_bytes()
     assert hashlib.sha256(stored).hexdigest() == detail["sha256"] == detail["stored_sha256"]
@@ -234,7 +204,7 @@ def test_two_syncs_in_the_same_second_do_not_collide(
     ids = sorted(r["upload_id"] for r in results)
     assert ids == ["20261125_120000_test-host", "20261125_120000_test-host.2"]
     assert all(r["success"] for r in results)
-    assert len(_manifests(minio_client, s3_bucket)) == 2
+    assert len(manifests(minio_client, s3_bucket)) == 2
 
 
 def test_wrong_credentials_fail_fast_and_clearly(
@@ -248,7 +218,7 @@ def test_wrong_credentials_fail_fast_and_clearly(
     message = str(info.value)
     assert "credentials" in message and s3_bucket in message and seaweedfs.endpoint in message
     assert "definitely-not-the-secret" not in message
-    assert _manifests(minio_client, s3_bucket) == []
+    assert manifests(minio_client, s3_bucket) == []
 
 
 def test_missing_bucket_fails_fast_and_clearly(s3_config: MakeConfig) -> None:
@@ -301,13 +271,13 @@ def test_server_stopped_mid_upload_leaves_no_manifest_and_next_sync_succeeds(
 
     private_seaweedfs.restart()
     client = private_seaweedfs.minio_client()
-    assert _manifests(client, "private") == []
+    assert manifests(client, "private") == []
 
     result = _sync(config)
     assert result["success"]
-    assert len(_manifests(client, "private")) == 1
-    manifest = json.loads(_get(client, "private", result["manifest_key"]))
-    stored = _get(client, "private", manifest["file_details"]["reflection.duckdb"]["key"])
+    assert len(manifests(client, "private")) == 1
+    manifest = json.loads(get_object(client, "private", result["manifest_key"]))
+    stored = get_object(client, "private", manifest["file_details"]["reflection.duckdb"]["key"])
     detail = manifest["file_details"]["reflection.duckdb"]
     assert hashlib.sha256(stored).hexdigest() == detail["sha256"]
 
@@ -320,7 +290,7 @@ def test_unreadable_database_is_named_and_the_other_still_syncs(
     result = _sync(s3_config())
     assert result["success"] is False
     assert str(sample.reflection_path) in result["error"]
-    manifest = json.loads(_get(minio_client, s3_bucket, result["manifest_key"]))
+    manifest = json.loads(get_object(minio_client, s3_bucket, result["manifest_key"]))
     assert manifest["files"] == ["knowledge_graph.duckdb", "memories.json"]
     assert result["files_uploaded"]  # the readable one went
 
@@ -342,7 +312,7 @@ def test_manifest_accepted_by_akoshas_own_schema(
     second = _sync(s3_config())
     for result in (first, second):
         path = tmp_path / "manifest.json"
-        path.write_bytes(_get(minio_client, s3_bucket, result["manifest_key"]))
+        path.write_bytes(get_object(minio_client, s3_bucket, result["manifest_key"]))
         check = (
             "import json, sys\n"
             "from akosha.models.schemas import SystemMemoryUploadManifest as M\n"

@@ -25,6 +25,7 @@ from minio import Minio
 from akosha_sync.config import AkoshaSyncConfig
 from akosha_sync.server.app import build_mcp_server
 from akosha_sync.server.daemon import SyncDaemon
+from support.verify import manifests
 
 MakeConfig = Callable[..., AkoshaSyncConfig]
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,26 +37,6 @@ def anyio_backend() -> str:
     return "asyncio"
 
 
-@pytest.fixture
-def s3_config(make_config: MakeConfig, seaweedfs: Any, s3_bucket: str, s3_credentials: Any
-              ) -> MakeConfig:
-    def make(**overrides: Any) -> AkoshaSyncConfig:
-        values = {
-            "cloud_bucket": s3_bucket,
-            "cloud_endpoint": seaweedfs.endpoint,
-            "access_key_id": s3_credentials.access_key,
-            "secret_access_key": s3_credentials.secret_key,
-            "akosha_url": "http://127.0.0.1:9/mcp",  # nothing listens: no HTTP fallback
-        }
-        values.update(overrides)
-        return make_config(**values)
-
-    return make
-
-
-def _manifests(client: Minio, bucket: str) -> list[str]:
-    return [o.object_name for o in client.list_objects(bucket, prefix="systems/", recursive=True)
-            if o.object_name.endswith("/manifest.json")]
 
 
 def _toml(config: AkoshaSyncConfig, path: Path) -> Path:
@@ -186,7 +167,7 @@ async def test_tools_in_memory(s3_config: MakeConfig, minio_client: Minio, s3_bu
         assert {"files_uploaded", "bytes_transferred", "duration_seconds", "upload_id",
                 "error"} <= set(data)
         assert progress and any(m and m.startswith("upload:") for _, _, m in progress)
-        assert len(_manifests(minio_client, s3_bucket)) == 1
+        assert len(manifests(minio_client, s3_bucket)) == 1
 
         bad = await client.call_tool("sync_to_akosha", {"method": "ftp"})
         assert bad.is_error
@@ -286,7 +267,7 @@ def test_hook_route_answers_fast_and_collapses_triggers(
     served = sum(h["requests_served"] for h in history)
     assert served == 21
     real_syncs = [h for h in history if h["upload_id"]]
-    assert 1 <= len(_manifests(minio_client, s3_bucket)) <= 2, "more than one follow-up"
+    assert 1 <= len(manifests(minio_client, s3_bucket)) <= 2, "more than one follow-up"
     assert len(history) <= 2 and real_syncs
 
 
@@ -346,9 +327,9 @@ def test_killed_after_ack_completes_after_restart(
         answer = httpx.post(f"{daemon.url}/hooks/session-end", json=_session_end(), timeout=5)
         assert answer.status_code == 202
         daemon.kill()  # acknowledged, not yet uploaded
-    assert _manifests(minio_client, s3_bucket) == []
+    assert manifests(minio_client, s3_bucket) == []
     again = daemon_factory(config)
-    _until(lambda: _manifests(minio_client, s3_bucket), what="the resumed upload")
+    _until(lambda: manifests(minio_client, s3_bucket), what="the resumed upload")
     history = _until(lambda: _status_via_mcp(again.url)["history"], what="history")
     assert "session-end" in history[0]["triggered_by"] and history[0]["success"]
 
@@ -366,9 +347,9 @@ def test_sigterm_mid_sync_keeps_the_request_for_the_next_start(
         started = time.monotonic()
         assert daemon.stop() == 0  # graceful: 1 s grace, then the sync is cancelled
         assert time.monotonic() - started < 15
-    assert _manifests(minio_client, s3_bucket) == []
+    assert manifests(minio_client, s3_bucket) == []
     again = daemon_factory(config)
-    _until(lambda: _manifests(minio_client, s3_bucket), what="the resumed upload")
+    _until(lambda: manifests(minio_client, s3_bucket), what="the resumed upload")
     assert again.stop() == 0
 
 
@@ -384,7 +365,7 @@ def test_hook_command_without_daemon_records_and_drains(
     assert done.returncode == 0, done.stderr
     assert time.monotonic() - started < 5
     # The detached drain uploads it.
-    _until(lambda: _manifests(minio_client, s3_bucket), what="the drained upload")
+    _until(lambda: manifests(minio_client, s3_bucket), what="the drained upload")
 
 
 def test_hook_command_forwards_to_a_running_daemon(
