@@ -28,26 +28,17 @@ duplicate-primary-key refusal when an id is stored again: see
 
 from __future__ import annotations
 
-import atexit
-import contextlib
-import ctypes
 import json
 import os
-import signal
-import socket
-import subprocess
-import sys
 import time
-import urllib.error
-import urllib.request
-import weakref
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from types import TracebackType
-from typing import IO, Any, Self
+from typing import Any, Self
 
 from mcp import Client
 from mcp.types import CallToolResult, TextContent
+
+from .process import HOST, ServerProcess, http_get, pick_free_port
 
 __all__ = [
     "AKOSHA_VERSION",
@@ -68,7 +59,6 @@ __all__ = [
 ]
 
 AKOSHA_VERSION = "0.11.0"
-HOST = "127.0.0.1"
 #: Akosha's hot store column is ``FLOAT[384]``; any other length is refused.
 EMBEDDING_DIM = 384
 #: ``batch_store_memories`` refuses more items than this in one call.
@@ -81,8 +71,6 @@ DUPLICATE_KEY_MARKER = "Duplicate key"
 #: ``metadata.source`` (Akosha's system id) of the memories :meth:`held_ids` stores.
 PROBE_SOURCE = "akosha-test-probe"
 
-_POLL_INTERVAL_S = 0.05
-_LOG_TAIL_LINES = 40
 # Keep held_ids() requests well under the 4 MiB body limit.
 _PROBE_BATCH_BYTES = 3 * 1024 * 1024
 _ENV_PREFIXES_TO_DROP = (
@@ -125,13 +113,6 @@ def build_script() -> Path:
     return repo_root() / "scripts" / "build-akosha-venv.sh"
 
 
-def pick_free_port(host: str = HOST) -> int:
-    """A port the kernel just handed out on ``host`` (bound to port 0, then closed)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
-
-
 def minimal_memory(
     memory_id: str,
     *,
@@ -170,34 +151,7 @@ def tool_result(result: CallToolResult) -> dict[str, Any]:
     return parsed
 
 
-def _load_pdeathsig() -> Callable[[], None] | None:
-    """A preexec_fn that makes the child get SIGTERM if the test process dies."""
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        prctl = ctypes.CDLL(None, use_errno=True).prctl
-    except (OSError, AttributeError):
-        return None
-    pr_set_pdeathsig = 1
-
-    def _preexec() -> None:
-        prctl(pr_set_pdeathsig, int(signal.SIGTERM))
-
-    return _preexec
-
-
-_PREEXEC = _load_pdeathsig()
-_LIVE: weakref.WeakSet[AkoshaServer] = weakref.WeakSet()
-
-
-@atexit.register
-def _kill_leftovers() -> None:
-    for server in list(_LIVE):
-        with contextlib.suppress(Exception):
-            server.kill()
-
-
-class AkoshaServer:
+class AkoshaServer(ServerProcess):
     """One Akosha MCP server (``python -m akosha.mcp``) on a free loopback port.
 
     >>> with AkoshaServer(tmp_path) as akosha:
@@ -205,8 +159,14 @@ class AkoshaServer:
     ...         await client.call_tool("batch_store_memories", {"memories": [...]})
 
     ``env`` adds or overrides variables of the child's environment (e.g.
-    ``{"JWT_SECRET": ...}`` to turn JWT auth on).
+    ``{"JWT_SECRET": ...}`` to turn JWT auth on). ``startup_seconds`` is how
+    long the last ``start()`` took until ``/health`` answered 200.
+
+    ``restart()`` keeps the port and workdir, but Akosha 0.11 keeps memories in
+    an in-memory DuckDB: the restarted server holds none of what was stored before.
     """
+
+    _kill_process_group = True  # nothing uvicorn forked survives a kill
 
     def __init__(
         self,
@@ -219,21 +179,17 @@ class AkoshaServer:
         mcp_timeout: float = 60.0,
     ) -> None:
         self.workdir = Path(workdir).absolute()
+        super().__init__(
+            self.workdir / "akosha.log", startup_timeout=startup_timeout, stop_timeout=stop_timeout
+        )
         self.python = Path(python) if python is not None else default_akosha_python()
         self.extra_env: dict[str, str] = dict(env or {})
-        self.startup_timeout = startup_timeout
-        self.stop_timeout = stop_timeout
         self.mcp_timeout = mcp_timeout
 
         self.data_dir = self.workdir / "data"
         self.home_dir = self.workdir / "home"
         self.tmp_dir = self.workdir / "tmp"
-        self.log_path = self.workdir / "akosha.log"
         self._port: int | None = None
-        self._proc: subprocess.Popen[bytes] | None = None
-        self._log: IO[bytes] | None = None
-        self.startup_seconds: float | None = None
-        """How long the last ``start()`` took until ``/health`` answered 200."""
 
     # ------------------------------------------------------------------ info
     @property
@@ -259,13 +215,6 @@ class AkoshaServer:
     def metrics_url(self) -> str:
         return f"{self.base_url}/metrics"
 
-    @property
-    def pid(self) -> int | None:
-        return self._proc.pid if self._proc is not None else None
-
-    def is_running(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None
-
     # ------------------------------------------------------------ lifecycle
     def start(self) -> Self:
         """Launch Akosha and block until ``GET /health`` answers 200."""
@@ -286,7 +235,15 @@ class AkoshaServer:
             if fresh_port:
                 self._port = pick_free_port()
             try:
-                self._launch()
+                began = time.monotonic()
+                self._launch(
+                    [str(self.python), "-m", "akosha.mcp"],
+                    cwd=self.workdir,  # oneiric reads ./settings/*.yaml; DuckDB spills to ./.tmp
+                    env=self._environment(),
+                    header=f"\n===== akosha start {time.strftime('%H:%M:%S')} "
+                    f"port {self.port} =====\n",
+                    began=began,
+                )
                 return self
             except _PortInUse:
                 if attempt == attempts:
@@ -296,59 +253,10 @@ class AkoshaServer:
                     ) from None
         raise AssertionError("unreachable")
 
-    def stop(self, timeout: float | None = None) -> None:
-        """SIGTERM (graceful uvicorn shutdown), wait; SIGKILL if it does not exit in time."""
-        proc = self._proc
-        if proc is not None and proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(self.stop_timeout if timeout is None else timeout)
-            except subprocess.TimeoutExpired:
-                self._sigkill(proc)
-        self._reap()
-
-    def kill(self) -> None:
-        """SIGKILL and wait: simulates a crash (no graceful shutdown)."""
-        proc = self._proc
-        if proc is not None and proc.poll() is None:
-            self._sigkill(proc)
-        self._reap()
-
-    def restart(self) -> Self:
-        """Stop if running, then start again on the same port and workdir.
-
-        Akosha 0.11 keeps memories in an in-memory DuckDB: the restarted server
-        holds none of what was stored before.
-        """
-        self.stop()
-        return self.start()
-
-    def close(self) -> None:
-        """Stop the server and release resources; safe to call more than once."""
-        self.stop()
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
-    def __del__(self) -> None:
-        # Last resort only; fixtures call close().
-        with contextlib.suppress(Exception):
-            if self.is_running():
-                self.kill()
-
     # ------------------------------------------------------------ plain HTTP
     def health(self) -> dict[str, Any]:
         """``GET /health``: ``{"status": "ok", "service": "akosha", "version": "0.9.5"}``."""
-        status, body = _http_get(self.health_url, timeout=5.0)
+        status, body = http_get(self.health_url, timeout=5.0)
         if status != 200:
             raise AkoshaError(f"/health answered {status}: {body[:200]!r}")
         parsed = json.loads(body)
@@ -358,17 +266,10 @@ class AkoshaServer:
 
     def metrics_text(self) -> str:
         """``GET /metrics`` (Prometheus text; it has no stored-memory counter)."""
-        status, body = _http_get(self.metrics_url, timeout=5.0)
+        status, body = http_get(self.metrics_url, timeout=5.0)
         if status != 200:
             raise AkoshaError(f"/metrics answered {status}")
         return body.decode("utf-8", errors="replace")
-
-    def log_tail(self, lines: int = _LOG_TAIL_LINES) -> str:
-        try:
-            text = self.log_path.read_text(errors="replace")
-        except FileNotFoundError:
-            return "(no log)"
-        return "\n".join(text.splitlines()[-lines:])
 
     # ------------------------------------------------------------------- MCP
     def client(self) -> Client:
@@ -434,31 +335,6 @@ class AkoshaServer:
         return held
 
     # ------------------------------------------------------------- internal
-    def _launch(self) -> None:
-        began = time.monotonic()
-        self._log = self.log_path.open("ab")
-        self._log.write(
-            f"\n===== akosha start {time.strftime('%H:%M:%S')} port {self.port} =====\n".encode()
-        )
-        self._log.flush()
-        self._proc = subprocess.Popen(
-            [str(self.python), "-m", "akosha.mcp"],
-            cwd=self.workdir,  # oneiric reads ./settings/*.yaml; DuckDB spills to ./.tmp
-            env=self._environment(),
-            stdin=subprocess.DEVNULL,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,  # Ctrl-C goes to pytest, which then stops us
-            preexec_fn=_PREEXEC,  # only a prctl() call
-        )
-        _LIVE.add(self)
-        try:
-            self._wait_healthy(began + self.startup_timeout)
-        except BaseException:
-            self.kill()
-            raise
-        self.startup_seconds = time.monotonic() - began
-
     def _environment(self) -> dict[str, str]:
         env = {
             key: value
@@ -487,32 +363,33 @@ class AkoshaServer:
         env.update(self.extra_env)
         return env
 
-    def _wait_healthy(self, deadline: float) -> None:
+    def _wait_ready(self, deadline: float) -> None:
+        """Return once ``GET /health`` answers 200 with Akosha's service name."""
         last: str = "no answer yet"
-        while True:
-            proc = self._proc
-            if proc is None or proc.poll() is not None:
-                code = None if proc is None else proc.returncode
-                self._reap()
-                if "address already in use" in self._current_run_log().lower():
-                    raise _PortInUse
-                raise AkoshaError(
-                    f"Akosha exited with code {code} during startup; log tail "
-                    f"({self.log_path}):\n{self.log_tail()}"
-                )
+        polls = self._polls(
+            deadline,
+            exited=self._exited_during_startup,
+            timed_out=lambda: AkoshaError(
+                f"Akosha not healthy after {self.startup_timeout:.0f}s (last: {last}); "
+                f"log tail ({self.log_path}):\n{self.log_tail()}"
+            ),
+        )
+        for _ in polls:
             try:
-                status, body = _http_get(self.health_url, timeout=1.0)
+                status, body = http_get(self.health_url, timeout=1.0)
                 if status == 200 and b'"akosha"' in body:
                     return
                 last = f"HTTP {status}: {body[:200]!r}"
             except OSError as exc:  # not listening yet
                 last = repr(exc)
-            if time.monotonic() >= deadline:
-                raise AkoshaError(
-                    f"Akosha not healthy after {self.startup_timeout:.0f}s (last: {last}); "
-                    f"log tail ({self.log_path}):\n{self.log_tail()}"
-                )
-            time.sleep(_POLL_INTERVAL_S)
+
+    def _exited_during_startup(self, code: int | None) -> Exception:
+        if "address already in use" in self._current_run_log().lower():
+            return _PortInUse()
+        return AkoshaError(
+            f"Akosha exited with code {code} during startup; log tail "
+            f"({self.log_path}):\n{self.log_tail()}"
+        )
 
     def _current_run_log(self) -> str:
         """The log written since the last start marker."""
@@ -522,34 +399,9 @@ class AkoshaServer:
             return ""
         return text.rsplit("===== akosha start", 1)[-1]
 
-    def _sigkill(self, proc: subprocess.Popen[bytes]) -> None:
-        # The child leads its own session; kill its group so nothing it forked survives.
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            with contextlib.suppress(ProcessLookupError):
-                proc.kill()
-        proc.wait()
-
-    def _reap(self) -> None:
-        if self._proc is not None and self._proc.poll() is not None:
-            self._proc = None
-            _LIVE.discard(self)
-        if self._proc is None and self._log is not None:
-            self._log.close()
-            self._log = None
-
 
 class _PortInUse(Exception):
     """uvicorn could not bind the picked port."""
-
-
-def _http_get(url: str, timeout: float) -> tuple[int, bytes]:
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as response:
-            return int(response.status), bytes(response.read())
-    except urllib.error.HTTPError as exc:
-        return int(exc.code), bytes(exc.read())
 
 
 def _probe_batches(ids: Sequence[str]) -> Iterator[list[dict[str, Any]]]:

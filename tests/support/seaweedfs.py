@@ -17,32 +17,26 @@ Data lives in ``workdir/data`` and survives a stop or a kill.
 
 from __future__ import annotations
 
-import atexit
 import contextlib
-import ctypes
 import json
 import os
 import re
 import shutil
-import signal
 import socket
 import stat
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
 import urllib.request
-import weakref
-from collections.abc import Callable
 from dataclasses import astuple, dataclass
 from pathlib import Path
-from types import TracebackType
-from typing import IO, Any, Self
+from typing import Any, Self
 
 import urllib3
 from minio import Minio
 from minio.error import S3Error
+
+from .process import HOST, ServerProcess, http_get
 
 __all__ = [
     "REGION",
@@ -54,7 +48,6 @@ __all__ = [
     "pick_free_ports",
 ]
 
-HOST = "127.0.0.1"
 #: SeaweedFS ignores the region, but SigV4 clients need one; pinning it also
 #: spares minio a GetBucketLocation round trip.
 REGION = "us-east-1"
@@ -65,8 +58,6 @@ REGION = "us-east-1"
 GRPC_PORT_OFFSET = 10000
 
 _BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
-_POLL_INTERVAL_S = 0.05
-_LOG_TAIL_LINES = 40
 # A Unix socket path must fit in sun_path (108 bytes on Linux).
 _MAX_SOCKET_PATH = 100
 _ENV_PREFIXES_TO_DROP = ("AWS_", "S3_", "WEED_")
@@ -189,40 +180,16 @@ def pick_free_ports(count: int, *, paired_offset: int | None = None) -> list[int
             sock.close()
 
 
-def _parent_death_signal() -> Callable[[], None] | None:
-    """A preexec_fn so that the child gets SIGTERM if the test process dies (Linux)."""
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        prctl = ctypes.CDLL(None, use_errno=True).prctl
-    except (OSError, AttributeError):
-        return None
-    pr_set_pdeathsig = 1
-
-    def set_pdeathsig() -> None:
-        prctl(pr_set_pdeathsig, int(signal.SIGTERM))
-
-    return set_pdeathsig
-
-
-_PREEXEC = _parent_death_signal()
-_LIVE: weakref.WeakSet[SeaweedFS] = weakref.WeakSet()
-
-
-@atexit.register
-def _kill_leftovers() -> None:
-    for server in list(_LIVE):
-        with contextlib.suppress(Exception):
-            server.kill()
-
-
-class SeaweedFS:
+class SeaweedFS(ServerProcess):
     """One ``weed mini`` process serving S3 at ``endpoint`` (127.0.0.1, free port).
 
     ``buckets`` are created at every start if missing. ``start()`` returns once
     an authenticated bucket listing succeeds, those buckets exist and the master
-    knows every volume on disk (so existing objects are readable).
+    knows every volume on disk (so existing objects are readable). ``restart()``
+    keeps the data and the ports.
     """
+
+    _no_log_text = "(no log yet)"
 
     def __init__(
         self,
@@ -240,23 +207,19 @@ class SeaweedFS:
         for name in buckets:
             check_bucket_name(name)
         self.workdir = Path(workdir).absolute()
+        super().__init__(
+            self.workdir / "weed.log", startup_timeout=startup_timeout, stop_timeout=stop_timeout
+        )
         self.access_key = access_key
         self.secret_key = secret_key
         self.buckets = list(buckets)
         self.weed = Path(weed) if weed is not None else default_weed_binary()
-        self.startup_timeout = startup_timeout
-        self.stop_timeout = stop_timeout
 
         self.data_dir = self.workdir / "data"
         self.config_path = self.workdir / "identities.json"
-        self.log_path = self.workdir / "weed.log"
-        #: Time the last successful ``start()`` took, in seconds.
-        self.startup_seconds: float | None = None
         self._run_dir: Path | None = None
         self._own_run_dir = False
         self._ports: SeaweedFSPorts | None = None
-        self._proc: subprocess.Popen[bytes] | None = None
-        self._log: IO[bytes] | None = None
 
     def __repr__(self) -> str:
         where = self.endpoint if self._ports else "no ports yet"
@@ -282,13 +245,6 @@ class SeaweedFS:
     @property
     def region(self) -> str:
         return REGION
-
-    @property
-    def pid(self) -> int | None:
-        return self._proc.pid if self._proc is not None else None
-
-    def is_running(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None
 
     # ------------------------------------------------------------- lifecycle
     def start(self) -> Self:
@@ -337,78 +293,22 @@ class SeaweedFS:
         # Not -bucket=: weed creates those ~0.7 s after S3 is up; _wait_ready
         # creates missing ones through the S3 API as soon as it answers.
 
-        self._log = self.log_path.open("ab")
-        self._log.write(f"\n===== {time.strftime('%H:%M:%S')} {' '.join(args)}\n".encode())
-        self._log.flush()
-        self._proc = subprocess.Popen(
+        self._launch(
             args,
             cwd=self.data_dir,  # weed reads security.toml & co from "." and $HOME
             env=self._environment(run_dir),
-            stdin=subprocess.DEVNULL,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,  # Ctrl-C reaches pytest, whose teardown stops us
-            preexec_fn=_PREEXEC,
+            header=f"\n===== {time.strftime('%H:%M:%S')} {' '.join(args)}\n",
+            began=began,
         )
-        _LIVE.add(self)
-        try:
-            self._wait_ready(began + self.startup_timeout)
-        except BaseException:
-            self.kill()
-            raise
-        self.startup_seconds = time.monotonic() - began
         return self
-
-    def stop(self, timeout: float | None = None) -> None:
-        """SIGTERM (graceful shutdown) and wait; SIGKILL if it takes longer than ``timeout``."""
-        proc = self._proc
-        if proc is not None and proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(self.stop_timeout if timeout is None else timeout)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        self._reap()
-
-    def kill(self) -> None:
-        """SIGKILL and wait: a crash, with no chance to flush or clean up."""
-        proc = self._proc
-        if proc is not None and proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                proc.kill()
-            proc.wait()
-        self._reap()
-
-    def restart(self) -> Self:
-        """Stop if running, then start again on the same data and the same ports."""
-        self.stop()
-        return self.start()
 
     def close(self) -> None:
         """Stop and release everything; safe to call more than once."""
-        self.stop()
+        super().close()
         if self._own_run_dir and self._run_dir is not None:
             shutil.rmtree(self._run_dir, ignore_errors=True)
             self._run_dir = None
             self._own_run_dir = False
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
-    def __del__(self) -> None:  # last resort: fixtures call close()
-        with contextlib.suppress(Exception):
-            if self.is_running():
-                self.kill()
 
     # --------------------------------------------------------------- clients
     def minio_client(
@@ -444,13 +344,6 @@ class SeaweedFS:
         check_bucket_name(name)
         self.minio_client().make_bucket(name)
         return name
-
-    def log_tail(self, lines: int = _LOG_TAIL_LINES) -> str:
-        try:
-            text = self.log_path.read_text(errors="replace")
-        except FileNotFoundError:
-            return "(no log yet)"
-        return "\n".join(text.splitlines()[-lines:])
 
     # -------------------------------------------------------------- internal
     def _pick_ports(self) -> SeaweedFSPorts:
@@ -504,15 +397,19 @@ class SeaweedFS:
         volumes_on_disk = sum(1 for _ in self.data_dir.glob("*.dat"))
         http_ok = False
         last_error: object = None
-        while True:
-            proc = self._proc
-            if proc is None or proc.poll() is not None:
-                code = None if proc is None else proc.returncode
-                self._reap()
-                raise SeaweedFSError(
-                    f"weed mini exited with code {code} while starting; "
-                    f"end of {self.log_path}:\n{self.log_tail()}"
-                )
+        polls = self._polls(
+            deadline,
+            exited=lambda code: SeaweedFSError(
+                f"weed mini exited with code {code} while starting; "
+                f"end of {self.log_path}:\n{self.log_tail()}"
+            ),
+            timed_out=lambda: SeaweedFSError(
+                f"weed mini not ready after {self.startup_timeout:g}s (S3 port answered "
+                f"HTTP: {http_ok}; last: {last_error!r}); end of {self.log_path}:\n"
+                f"{self.log_tail()}"
+            ),
+        )
+        for _ in polls:
             try:
                 http_ok = http_ok or _http_answers(self.endpoint)
                 if http_ok:
@@ -527,13 +424,6 @@ class SeaweedFS:
                         return
             except Exception as exc:  # still coming up
                 last_error = exc
-            if time.monotonic() >= deadline:
-                raise SeaweedFSError(
-                    f"weed mini not ready after {self.startup_timeout:g}s (S3 port answered "
-                    f"HTTP: {http_ok}; last: {last_error!r}); end of {self.log_path}:\n"
-                    f"{self.log_tail()}"
-                )
-            time.sleep(_POLL_INTERVAL_S)
 
     def _registered_volumes(self) -> int | None:
         """Volumes the master has heard of; None while no volume server has registered.
@@ -555,17 +445,8 @@ class SeaweedFS:
             return None
         return sum(int(node.get("Volumes", 0)) for node in nodes)
 
-    def _reap(self) -> None:
-        """Forget a process that has exited and clean what it left in /tmp."""
-        if self._proc is not None and self._proc.poll() is not None:
-            self._proc = None
-            _LIVE.discard(self)
-            self._remove_tmp_grpc_sockets()
-        if self._proc is None and self._log is not None:
-            self._log.close()
-            self._log = None
-
-    def _remove_tmp_grpc_sockets(self) -> None:
+    def _after_exit(self) -> None:
+        """Remove the gRPC sockets the exited process left in /tmp."""
         # weed 4.48 hard-codes /tmp/seaweedfs-<svc>-grpc-<port>.sock (no flag, no
         # TMPDIR) and leaves some behind even on a graceful stop. These carry our
         # own ports and our process is gone, so they are ours to remove.
@@ -590,12 +471,10 @@ def _create_bucket(client: Minio, name: str) -> None:
 def _http_answers(url: str) -> bool:
     """True once anything answers HTTP at ``url`` (an error status counts)."""
     try:
-        with urllib.request.urlopen(url, timeout=1.0):
-            return True
-    except urllib.error.HTTPError:
-        return True  # 403 AccessDenied to an anonymous request: it is up
+        http_get(url, timeout=1.0)  # 403 AccessDenied to an anonymous request: it is up
     except OSError:
         return False
+    return True
 
 
 def check_bucket_name(name: str) -> None:
