@@ -204,12 +204,18 @@ class CloudSyncMethod:
                 )
                 if keep
             ]
-            sends: list[_Send] = []
-            for name, path in wanted:
-                sends += await self._sync_database(
-                    upload, state, name, path, snapshot_dir, progress
-                )
-            await self._send_all(upload, sends, progress)
+            try:
+                # A database's uploads start as soon as its snapshot is taken, so the
+                # next snapshot's copying overlaps them.
+                async with anyio.create_task_group() as tg:
+                    for name, path in wanted:
+                        for item in await self._sync_database(
+                            upload, state, name, path, snapshot_dir, progress
+                        ):
+                            tg.start_soon(self._send, upload, item, progress)
+            except ExceptionGroup as group:
+                # One failed upload cancels the others; report the failure, not the group.
+                raise _first_failure(group) from None
             if not upload.files:
                 raise _NothingToUpload(upload)
             conversations = await self._export_memories(upload, state, tid, progress)
@@ -412,35 +418,23 @@ class CloudSyncMethod:
                 sends.append(_Send(wal_name, Path(snap.wal), snap.wal_sha256, None, {}))
         return sends
 
-    async def _send_all(
-        self, upload: _Upload, sends: list[_Send], progress: ProgressCallback
-    ) -> None:
-        """Upload the planned objects side by side (the CPU work of one overlaps the
-        network wait of another)."""
-
-        async def send(item: _Send) -> None:
-            key = self._get_cloud_path(item.name, upload.upload_id)
-            entry = await self._upload_file(
-                item.path,
-                key,
-                upload,
-                compress=self.config.enable_compression,
-                progress=progress,
-                phase=f"upload:{item.name}",
-                known_sha256=item.sha256,
-            )
-            entry = msgspec.structs.replace(entry, **item.extra)
-            upload.files[item.name] = entry
-            upload.uploaded_keys.append(key)
-            upload.new_state[item.name] = StoredFile(fingerprint=item.fingerprint, entry=entry)
-
-        try:
-            async with anyio.create_task_group() as tg:
-                for item in sends:
-                    tg.start_soon(send, item)
-        except ExceptionGroup as group:
-            # One failed upload cancels the others; report the failure, not the group.
-            raise _first_failure(group) from None
+    async def _send(self, upload: _Upload, item: _Send, progress: ProgressCallback) -> None:
+        """Upload one planned object and record it (uploads run side by side: the CPU
+        work of one overlaps the network wait of another)."""
+        key = self._get_cloud_path(item.name, upload.upload_id)
+        entry = await self._upload_file(
+            item.path,
+            key,
+            upload,
+            compress=self.config.enable_compression,
+            progress=progress,
+            phase=f"upload:{item.name}",
+            known_sha256=item.sha256,
+        )
+        entry = msgspec.structs.replace(entry, **item.extra)
+        upload.files[item.name] = entry
+        upload.uploaded_keys.append(key)
+        upload.new_state[item.name] = StoredFile(fingerprint=item.fingerprint, entry=entry)
 
     def _reuse(
         self, upload: _Upload, name: str, entry: FileEntry, fp: Any, **extra: Any
