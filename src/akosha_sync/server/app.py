@@ -41,7 +41,7 @@ def build_mcp_server(daemon: SyncDaemon) -> MCPServer:
         enable_fallback: allow falling back from cloud to HTTP (auto only).
         Waits for the sync and returns its result; a failure is success=false with an error.
         """
-        request_id = daemon.submit("manual", method=method, enable_fallback=enable_fallback)
+        request_id = await daemon.submit("manual", method=method, enable_fallback=enable_fallback)
         send, receive = anyio.create_memory_object_stream[tuple[str, int, int]](64)
 
         def on_progress(phase: str, done: int, total: int) -> None:

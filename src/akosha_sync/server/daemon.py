@@ -84,7 +84,7 @@ class SyncDaemon:
         tg.cancel_scope.cancel()
 
     # -------------------------------------------------------------- intake
-    def submit(
+    async def submit(
         self,
         trigger: str,
         *,
@@ -92,23 +92,29 @@ class SyncDaemon:
         enable_fallback: bool | None = None,
         payload: dict[str, Any] | None = None,
     ) -> int:
-        """Record a request durably and wake the worker; returns the request id."""
-        request_id = self.queue.enqueue(
-            trigger, method=method, enable_fallback=enable_fallback, payload=payload
+        """Record a request durably and wake the worker; returns the request id.
+
+        The write (an fsync) runs in a worker thread so that a busy disk during an
+        upload does not stall every other request on the event loop.
+        """
+        request_id = await anyio.to_thread.run_sync(
+            lambda: self.queue.enqueue(
+                trigger, method=method, enable_fallback=enable_fallback, payload=payload
+            )
         )
-        self._done[request_id] = anyio.Event()
+        self._done.setdefault(request_id, anyio.Event())
         self._wake.set()
         log.info("sync requested", trigger=trigger, request_id=request_id, method=method)
         return request_id
 
-    def submit_hook(self, body: Any) -> int | None:
+    async def submit_hook(self, body: Any) -> int | None:
         """Queue a session-end sync; None when upload_on_session_end is off."""
         payload = validate_hook_payload(body)
         if not self.config.upload_on_session_end:
             log.info("session end ignored: upload_on_session_end is off")
             return None
         trigger = "session-end" if payload["hook_event_name"] == "SessionEnd" else "pre-compact"
-        return self.submit(trigger, payload=payload)
+        return await self.submit(trigger, payload=payload)
 
     async def wait_for(
         self, request_id: int, progress: ProgressListener | None = None
@@ -117,10 +123,12 @@ class SyncDaemon:
         if progress is not None:
             self._listeners[request_id] = progress
         try:
-            done = self._done.get(request_id)
-            if done is not None:
-                await done.wait()
+            # The event first, then the check: a sync finishing in between still sets it.
+            done = self._done.setdefault(request_id, anyio.Event())
             result = self.queue.result_of(request_id)
+            if result is None:
+                await done.wait()
+                result = self.queue.result_of(request_id)
         finally:
             self._listeners.pop(request_id, None)
             self._done.pop(request_id, None)
@@ -132,10 +140,10 @@ class SyncDaemon:
     async def _worker(self) -> None:
         while True:
             wake = self._wake
-            if self.queue.pending_count() == 0:
+            if await anyio.to_thread.run_sync(self.queue.pending_count) == 0:
                 await wake.wait()
             self._wake = anyio.Event()
-            requests = self.queue.claim_pending()
+            requests = await anyio.to_thread.run_sync(self.queue.claim_pending)
             groups: dict[tuple[str, bool | None], list[Request]] = {}
             for request in requests:
                 groups.setdefault((request.method, request.enable_fallback), []).append(request)

@@ -55,7 +55,7 @@ def build_http_app(daemon: SyncDaemon, server: MCPServer, *, host: str) -> Starl
             return JSONResponse({"error": f"the body is not JSON: {exc}"}, status_code=400)
         received = time.time()
         try:
-            request_id = daemon.submit_hook(body)
+            request_id = await daemon.submit_hook(body)
         except HookPayloadError as exc:
             return JSONResponse({"error": str(exc)}, status_code=400)
         if request_id is None:
