@@ -271,6 +271,14 @@ def test_hook_route_answers_fast_and_collapses_triggers(
     assert len(history) <= 2 and real_syncs
 
 
+def _refused(url: str) -> bool:
+    try:
+        httpx.get(f"{url}/health", timeout=1)
+    except httpx.TransportError:
+        return True
+    return False
+
+
 def _status_via_mcp(url: str) -> dict[str, Any]:
     import anyio
 
@@ -345,7 +353,11 @@ def test_sigterm_mid_sync_keeps_the_request_for_the_next_start(
         assert answer.status_code == 202
         _until(lambda: daemon.status()["running"], what="the sync to start")
         started = time.monotonic()
-        assert daemon.stop() == 0  # graceful: 1 s grace, then the sync is cancelled
+        # As Claude Code does: SIGINT, then SIGTERM while the daemon is shutting down.
+        assert daemon.proc is not None
+        daemon.proc.send_signal(signal.SIGINT)
+        _until(lambda: _refused(daemon.url), what="the HTTP server to stop")
+        assert daemon.stop() == 0  # not killed by the second signal: 1 s grace, then exit
         assert time.monotonic() - started < 15
     assert manifests(minio_client, s3_bucket) == []
     again = daemon_factory(config)

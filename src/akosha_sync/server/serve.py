@@ -31,17 +31,21 @@ async def serve(
     daemon = SyncDaemon(config, grace_seconds=grace_seconds)
     daemon.transport = transport
     server = build_mcp_server(daemon)
-    async with daemon.running(), anyio.create_task_group() as tg:
-        stop = anyio.Event()
-        tg.start_soon(_watch_signals, stop)
-        if transport == "stdio":
-            tg.start_soon(_until, stop, tg)
-            await server.run_stdio_async()
-            log.info("stdin closed; shutting down")
-        else:
-            await _serve_http(daemon, server, host or config.daemon_host,
-                              config.daemon_port if port is None else port, stop)
-        tg.cancel_scope.cancel()
+    stop = anyio.Event()
+    # The signal watcher outlives the daemon's graceful shutdown, so a second SIGTERM
+    # (Claude Code sends SIGINT, then SIGTERM) does not kill a sync that is finishing.
+    async with anyio.create_task_group() as signals:
+        signals.start_soon(_watch_signals, stop)
+        async with daemon.running(), anyio.create_task_group() as tg:
+            if transport == "stdio":
+                tg.start_soon(_until, stop, tg)
+                await server.run_stdio_async()
+                log.info("stdin closed; shutting down")
+            else:
+                await _serve_http(daemon, server, host or config.daemon_host,
+                                  config.daemon_port if port is None else port, stop)
+            tg.cancel_scope.cancel()
+        signals.cancel_scope.cancel()
 
 
 async def _until(stop: anyio.Event, tg: anyio.abc.TaskGroup) -> None:
@@ -52,9 +56,12 @@ async def _until(stop: anyio.Event, tg: anyio.abc.TaskGroup) -> None:
 async def _watch_signals(stop: anyio.Event) -> None:
     with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async for signum in signals:
-            log.info("signal received; shutting down", signal=signal.Signals(signum).name)
-            stop.set()
-            return
+            name = signal.Signals(signum).name
+            if stop.is_set():
+                log.info("signal received; already shutting down", signal=name)
+            else:
+                log.info("signal received; shutting down", signal=name)
+                stop.set()
 
 
 async def _serve_http(
