@@ -362,3 +362,38 @@ def test_no_secret_in_any_output_or_log(
     for text in texts:
         assert secret not in text
         assert key_id not in text
+
+
+def test_state_lock_serialises_two_syncs_on_one_machine(s3_config: MakeConfig) -> None:
+    """The CLI and the daemon both go through run_sync: never two uploads at once.
+
+    Sync "b" is started from inside sync "a" (at its first upload): with the lock it
+    waits until "a" has committed, so none of its progress falls inside "a"'s.
+    """
+    from akosha_sync.sync.runner import run_sync
+
+    config = s3_config(force_method="cloud")
+    events: list[str] = []
+
+    async def both() -> list[dict[str, Any]]:
+        results: list[dict[str, Any]] = []
+        async with anyio.create_task_group() as tg:
+
+            def on_progress(tag: str, phase: str) -> None:
+                events.append(tag)
+                if tag == "a" and phase.startswith("upload:") and "started-b" not in events:
+                    events.append("started-b")
+                    tg.start_soon(one, "b")
+
+            async def one(tag: str) -> None:
+                results.append(await run_sync(
+                    config, trigger=tag, progress=lambda p, d, t: on_progress(tag, p)))
+
+            tg.start_soon(one, "a")
+        return results
+
+    results = anyio.run(both)
+    assert len(results) == 2 and all(r["success"] for r in results)
+    events.remove("started-b")
+    assert "b" in events
+    assert events[: events.index("b")] == ["a"] * events.count("a")
