@@ -34,6 +34,9 @@ __all__ = [
 
 RecordShape = Literal["ingest", "mcp"]
 
+_MEMORY_LIMIT = "128MB"
+_SLICE_ROWS = 2000
+
 
 @dataclass(frozen=True)
 class RecordKind:
@@ -94,7 +97,12 @@ def memory_id(system_id: str, kind: str, record_id: str) -> str:
 def open_snapshot(snapshot: Path, progress_db: Path) -> duckdb.DuckDBPyConnection:
     """A connection reading ``snapshot`` (read-only: its WAL is replayed in memory and
     the files stay byte-identical) with the delivered-ids store attached."""
-    con = duckdb.connect()
+    # A memory cap (spilling next to the snapshot when needed) keeps an export of any
+    # size bounded; without it DuckDB caches the whole table and every document.
+    con = duckdb.connect(config={
+        "memory_limit": _MEMORY_LIMIT,
+        "temp_directory": str(snapshot.parent / ".duckdb-tmp"),
+    })
     try:
         con.execute(f"ATTACH '{_sql_str(str(snapshot))}' AS src (READ_ONLY)")
         con.execute("USE src")
@@ -184,7 +192,7 @@ def iter_records(
     system_id: str,
     shape: RecordShape,
     channel: str | None = None,
-    batch: int = 2000,
+    batch: int = _SLICE_ROWS,
 ) -> Iterator[tuple[str, str]]:
     """Yield ``(original id, record JSON)`` for records with an embedding.
 
@@ -198,13 +206,18 @@ def iter_records(
     if "embedding" not in columns:
         return
     sql = _select_sql(spec, table, columns, shape, undelivered=channel is not None)
-    params: dict[str, str] = {"system_id": system_id}
+    # The Python API materialises a whole result: read by rowid slices instead, so
+    # only one slice of documents exists at a time.
+    sql += " AND t.rowid >= $low AND t.rowid < $high"
+    params: dict[str, object] = {"system_id": system_id}
     if channel is not None:
         params["channel"] = channel
     cursor = con.cursor()
-    cursor.execute(sql, params)
-    while rows := cursor.fetchmany(batch):
-        for record_id, doc in rows:
+    row = cursor.execute(f"SELECT max(rowid) FROM {table}").fetchone()
+    last = -1 if row is None or row[0] is None else int(row[0])
+    for low in range(0, last + 1, batch):
+        cursor.execute(sql, {**params, "low": low, "high": low + batch})
+        for record_id, doc in cursor.fetchall():
             yield str(record_id), str(doc)
 
 
