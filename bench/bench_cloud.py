@@ -182,7 +182,7 @@ def _instrument(timers: dict[str, float]) -> list[str]:
         wrapped.append(f"{getattr(owner, '__name__', owner)}.{name}")
 
     timed(snapshot_mod, "_copy_once", "snapshot_copy_sha256")
-    timed(snapshot_mod, "_checkpoint_copy", "duckdb_open_checkpoint_count")
+    timed(snapshot_mod, "_verify_copy", "duckdb_open_read_only_count")
     digests = getattr(cloud_mod, "_Digests", None)
     if digests is not None:
         timed(digests, "_feed", "upload_feed_sha256x2_zstd")
@@ -597,9 +597,9 @@ def summarize(res: DatasetResult) -> dict[str, Any]:
         "export_peak_rss_mb": max((r["peak_rss_mb"] for r in res.export), default=None),
         "baseline_rss_mb": baseline,
         "rclone_peak_rss_mb": max((r["peak_rss_mb"] for r in res.rclone), default=None),
-        "checkpointed_mb": round(original / MIB, 2),
+        "snapshot_mb": round(original / MIB, 2),
         "stored_mb": round(stored / MIB, 2),
-        "stored_vs_checkpointed": round(stored / original, 3) if original else None,
+        "stored_vs_snapshot": round(stored / original, 3) if original else None,
         "stored_vs_source": round(stored / ds.source_bytes, 3) if ds.source_bytes else None,
         "per_file": per_file,
         "cold_phases_median_s": phases,
@@ -658,8 +658,8 @@ def print_details(rows: list[dict[str, Any]]) -> None:
             f"peak RSS with export {_fmt(r['export_peak_rss_mb'], '.0f')} MB"
         )
         print(
-            f"  stored {r['stored_mb']:.1f} MB = {_fmt(r['stored_vs_checkpointed'], '.3f')} of "
-            f"the checkpointed snapshots ({r['checkpointed_mb']:.1f} MB), "
+            f"  stored {r['stored_mb']:.1f} MB = {_fmt(r['stored_vs_snapshot'], '.3f')} of "
+            f"the snapshots ({r['snapshot_mb']:.1f} MB), "
             f"{_fmt(r['stored_vs_source'], '.3f')} of the source files"
         )
         for name, f in r["per_file"].items():
