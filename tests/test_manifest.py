@@ -15,6 +15,7 @@ from akosha_sync.sync.manifest import (
     make_upload_id,
     manifest_checksum,
     object_key,
+    upload_id_order,
 )
 
 NOW = datetime(2025, 2, 8, 14, 30, 52, tzinfo=UTC)
@@ -33,6 +34,13 @@ def test_upload_id_format_and_suffix() -> None:
     # Local times are converted to UTC.
     plus2 = NOW.astimezone(__import__("datetime").timezone(timedelta(hours=2)))
     assert make_upload_id("mac", plus2) == "20250208_143052_mac"
+
+
+def test_upload_ids_sort_in_time_order() -> None:
+    ids = [make_upload_id("mac", NOW, n) for n in range(12)]
+    later = make_upload_id("mac", NOW + timedelta(seconds=1))
+    shuffled = [ids[10], later, ids[9], ids[0], ids[11], ids[1], *ids[2:9]]
+    assert sorted(shuffled, key=upload_id_order) == [*ids, later]
 
 
 def test_key_layout_matches_the_seed() -> None:

@@ -45,6 +45,7 @@ from akosha_sync.sync.manifest import (
     manifest_key,
     memories_key,
     object_key,
+    upload_id_order,
     uploads_prefix,
 )
 from akosha_sync.sync.protocol import (
@@ -318,7 +319,11 @@ class CloudSyncMethod:
             listing = await obstore.list_with_delimiter_async(
                 self.store, prefix=uploads_prefix(sid)
             )
-            prefixes = sorted(listing["common_prefixes"], reverse=True)
+            prefixes = sorted(
+                listing["common_prefixes"],
+                key=lambda prefix: upload_id_order(prefix.rstrip("/").rsplit("/", 1)[-1]),
+                reverse=True,
+            )
             for prefix in prefixes[:20]:
                 key = f"{prefix.rstrip('/')}/manifest.json"
                 try:

@@ -39,6 +39,7 @@ __all__ = [
     "memories_key",
     "object_key",
     "upload_dir",
+    "upload_id_order",
     "uploads_prefix",
 ]
 
@@ -62,6 +63,14 @@ def make_upload_id(system_id: str, now: datetime, attempt: int = 0) -> str:
     stamp = now.astimezone(UTC).strftime("%Y%m%d_%H%M%S")
     base = f"{stamp}_{system_id}"
     return base if attempt == 0 else f"{base}.{attempt + 1}"
+
+
+def upload_id_order(upload_id: str) -> tuple[str, int]:
+    """Sort key putting upload ids in time order (``..._host.10`` after ``..._host.9``)."""
+    base, dot, suffix = upload_id.rpartition(".")
+    if dot and suffix.isdigit():
+        return base, int(suffix)
+    return upload_id, 1
 
 
 def uploads_prefix(system_id: str) -> str:
