@@ -14,6 +14,8 @@ import json
 import random
 import re
 import socket
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -360,6 +362,32 @@ def test_akosha_killed_mid_sync_then_restarted(
     # before the kill did not survive its restart (nothing on our side can see that);
     # every other conversation arrived, each exactly once (no duplicates above).
     assert len(held) == len(everything) - 50
+
+
+def test_resend_after_akosha_lost_its_data(
+    private_akosha: AkoshaServer, make_config: MakeConfig, sample: SampleInfo, tmp_path: Path
+) -> None:
+    sid = _sid()
+    config = make_config(system_id=sid, akosha_url=private_akosha.url)
+    expected = _memory_ids(sid, "conversation", _source_ids(sample, "conversation"))
+    assert _sync(HttpSyncMethod(config))["success"]
+    private_akosha.restart()  # Akosha 0.11 forgets everything it held
+    quiet = _sync(HttpSyncMethod(config))
+    assert quiet["details"]["sent"] == {}  # our progress cannot know
+
+    toml = tmp_path / "resend.toml"
+    toml.write_text(
+        f'system_id = "{sid}"\nakosha_url = "{private_akosha.url}"\n'
+        f'data_dir = "{config.data_dir}"\nstate_dir = "{config.state_dir}"\n'
+        f'log_file = "{config.log_file}"\nforce_method = "http"\n'
+    )
+    exe = str(Path(sys.executable).with_name("akosha-sync"))
+    done = subprocess.run([exe, "--config", str(toml), "sync", "--resend", "--json"],
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert result["details"]["sent"]["conversation"] == len(expected)
+    assert _held(private_akosha, expected) == set(expected)
 
 
 class _Relay:

@@ -39,6 +39,9 @@ def _parser() -> argparse.ArgumentParser:
                       help="force a method (default: the configured force_method)")
     sync.add_argument("--no-fallback", action="store_true",
                       help="do not fall back from cloud to HTTP")
+    sync.add_argument("--resend", action="store_true",
+                      help="send every record to Akosha's HTTP endpoint again (after Akosha "
+                      "lost its data); records it still holds count as duplicates")
     sync.add_argument("--json", action="store_true", help="print the result as JSON")
     sync.add_argument("--quiet", "-q", action="store_true", help="no progress on stderr")
 
@@ -110,6 +113,7 @@ def _cmd_sync(args: argparse.Namespace) -> int:
             enable_fallback=False if args.no_fallback else None,
             trigger="cli",
             progress=progress,
+            resend=args.resend,
         )
     )
     if progress:

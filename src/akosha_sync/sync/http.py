@@ -337,6 +337,16 @@ class HttpSyncMethod:
         c = self.config
         return target_id("http", c.akosha_url.rstrip("/"), c.system_id_resolved)
 
+    def forget_delivered(self) -> int:
+        """Make the next sync send every record again, e.g. after Akosha lost its data
+        (0.11 keeps memories in memory only). Records it still holds come back as
+        duplicates, which count as delivered. Returns how many were forgotten."""
+        forgotten = records.forget_delivered(
+            self.config.state_path / "delivered.duckdb", self.target_id
+        )
+        log.info("delivery progress forgotten", akosha=self._shown_url, records=forgotten)
+        return forgotten
+
     async def sync(
         self,
         upload_reflections: bool = True,

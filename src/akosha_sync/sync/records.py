@@ -24,6 +24,7 @@ __all__ = [
     "RecordKind",
     "RecordShape",
     "count_undeliverable",
+    "forget_delivered",
     "iter_records",
     "mark_delivered",
     "memory_id",
@@ -255,6 +256,23 @@ def mark_delivered(
         "INSERT OR IGNORE INTO progress.delivered SELECT ?, ?, unnest(?::VARCHAR[])",
         [channel, kind, list(ids)],
     )
+
+
+def forget_delivered(progress_db: Path, channel: str) -> int:
+    """Forget what was delivered on a channel, so the next sync sends everything again
+    (for a target that lost its data); returns how many records were forgotten."""
+    if not progress_db.exists():
+        return 0
+    con = duckdb.connect()
+    try:
+        open_progress(con, progress_db)
+        row = con.execute(
+            "SELECT count(*) FROM progress.delivered WHERE channel = ?", [channel]
+        ).fetchone()
+        con.execute("DELETE FROM progress.delivered WHERE channel = ?", [channel])
+        return int(row[0]) if row else 0
+    finally:
+        con.close()
 
 
 def write_memories_json(

@@ -9,9 +9,11 @@ from __future__ import annotations
 import time
 from typing import Any
 
+import anyio
 import structlog
 
 from akosha_sync.config import AkoshaSyncConfig
+from akosha_sync.sync.http import HttpSyncMethod
 from akosha_sync.sync.hybrid import HybridAkoshaSync
 from akosha_sync.sync.protocol import HybridSyncError, ProgressCallback, SyncError
 from akosha_sync.sync.state import sync_lock
@@ -30,12 +32,19 @@ async def run_sync(
     progress: ProgressCallback | None = None,
     upload_reflections: bool = True,
     upload_knowledge_graph: bool = True,
+    resend: bool = False,
 ) -> dict[str, Any]:
-    """Sync under the state lock; never raises for a sync failure."""
+    """Sync under the state lock; never raises for a sync failure.
+
+    ``resend`` first forgets what Akosha's HTTP endpoint was sent, so everything
+    goes again (for an Akosha that lost its data).
+    """
     started = time.monotonic()
     try:
         async with sync_lock(config.state_path, timeout=config.upload_timeout_seconds):
             hybrid = HybridAkoshaSync(config)
+            if resend:
+                await anyio.to_thread.run_sync(HttpSyncMethod(config).forget_delivered)
             result = await hybrid.sync_memories(
                 force_method=method or config.force_method,  # type: ignore[arg-type]
                 upload_reflections=upload_reflections,
