@@ -425,3 +425,36 @@ def test_docker_compose_structure() -> None:
     assert "--transport" in services["akosha-sync"]["command"]
     assert "http" in services["akosha-sync"]["command"]
     assert (ROOT / "Dockerfile").exists()
+
+
+def test_hook_command_imports_nothing_heavy(tmp_path: Path) -> None:
+    """The command hook runs inside Claude Code's 1.5 s budget: no MCP SDK, DuckDB,
+    obstore or server stack may load on its path (forward, or record and drain)."""
+    toml = tmp_path / "c.toml"
+    toml.write_text(
+        f'state_dir = "{tmp_path / "state"}"\ndata_dir = "{tmp_path / "empty"}"\n'
+        f'log_file = "{tmp_path / "log"}"\ndaemon_port = 9\n'
+        'akosha_url = "http://127.0.0.1:9/mcp"\n'
+    )
+    code = (
+        "import io, json, sys\n"
+        "from akosha_sync.cli import main\n"
+        f"sys.argv = ['akosha-sync', '--config', {str(toml)!r}, 'hook', 'session-end']\n"
+        f"sys.stdin = io.StringIO({json.dumps(json.dumps(_session_end()))})\n"
+        "rc = main()\n"
+        "heavy = ('mcp', 'duckdb', 'obstore', 'uvicorn', 'starlette', 'structlog', 'anyio',"
+        " 'httpx', 'zstandard')\n"
+        "print(json.dumps({'rc': rc, 'loaded': [m for m in heavy if m in sys.modules]}))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=60, check=True)
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert report == {"rc": 0, "loaded": []}
+    # The request was recorded durably for the detached drain (whatever its state now).
+    import sqlite3
+
+    con = sqlite3.connect(tmp_path / "state" / "queue.sqlite3")
+    try:
+        assert con.execute("SELECT count(*) FROM requests").fetchone() == (1,)
+    finally:
+        con.close()
