@@ -62,7 +62,7 @@ from akosha_sync.sync.store import MIN_PART_SIZE, make_store, with_retries
 if TYPE_CHECKING:
     from obstore.store import ObjectStore
 
-__all__ = ["CloudSyncMethod"]
+__all__ = ["CloudSyncMethod", "cloud_target_id"]
 
 log = structlog.get_logger("akosha_sync.cloud")
 
@@ -109,6 +109,13 @@ class _Upload:
         self.bytes_sent = 0
 
 
+def cloud_target_id(config: AkoshaSyncConfig) -> str:
+    """The key of this target's local state: endpoint, bucket and system id."""
+    return target_id(
+        "cloud", config.cloud_endpoint, config.cloud_bucket, config.system_id_resolved
+    )
+
+
 class CloudSyncMethod:
     """Sync the Session-Buddy databases to S3/R2/MinIO/SeaweedFS or a ``file://`` folder."""
 
@@ -141,8 +148,7 @@ class CloudSyncMethod:
 
     @property
     def target_id(self) -> str:
-        c = self.config
-        return target_id("cloud", c.cloud_endpoint, c.cloud_bucket, c.system_id_resolved)
+        return cloud_target_id(self.config)
 
     def _generate_upload_id(self, attempt: int = 0) -> str:
         return make_upload_id(self.config.system_id_resolved, self._clock(), attempt)

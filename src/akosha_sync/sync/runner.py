@@ -15,7 +15,7 @@ import structlog
 from akosha_sync.config import AkoshaSyncConfig
 from akosha_sync.sync.http import HttpSyncMethod
 from akosha_sync.sync.hybrid import HybridAkoshaSync
-from akosha_sync.sync.protocol import HybridSyncError, ProgressCallback, SyncError
+from akosha_sync.sync.protocol import HybridSyncError, ProgressCallback, SyncError, SyncResult
 from akosha_sync.sync.state import sync_lock
 
 __all__ = ["run_sync"]
@@ -52,27 +52,15 @@ async def run_sync(
                 enable_fallback=enable_fallback,
                 progress=progress,
             )
-    except HybridSyncError as exc:
-        result = {
-            "method": exc.method,
-            "success": False,
-            "files_uploaded": [],
-            "bytes_transferred": 0,
-            "duration_seconds": round(time.monotonic() - started, 3),
-            "upload_id": "",
-            "error": str(exc),
-            "method_attempts": exc.errors,
-        }
     except (SyncError, ValueError) as exc:
-        result = {
-            "method": getattr(exc, "method", "") or (method or config.force_method),
-            "success": False,
-            "files_uploaded": [],
-            "bytes_transferred": 0,
-            "duration_seconds": round(time.monotonic() - started, 3),
-            "upload_id": "",
-            "error": str(exc),
-        }
+        result = SyncResult(
+            method=getattr(exc, "method", "") or (method or config.force_method),
+            success=False,
+            duration_seconds=round(time.monotonic() - started, 3),
+            error=str(exc),
+        ).to_dict()
+        if isinstance(exc, HybridSyncError):
+            result["method_attempts"] = exc.errors
     result["triggered_by"] = trigger
     log.info(
         "sync finished",

@@ -6,8 +6,9 @@ from __future__ import annotations
 from typing import Any
 
 from akosha_sync.config import AkoshaSyncConfig
+from akosha_sync.sync.cloud import cloud_target_id
 from akosha_sync.sync.snapshot import fingerprint
-from akosha_sync.sync.state import load_state, target_id
+from akosha_sync.sync.state import load_state
 from akosha_sync.sync.store import describe_target
 
 __all__ = ["local_status"]
@@ -15,14 +16,9 @@ __all__ = ["local_status"]
 
 def local_status(config: AkoshaSyncConfig) -> dict[str, Any]:
     sid = config.system_id_resolved
-    state = (
-        load_state(
-            config.state_path,
-            target_id("cloud", config.cloud_endpoint, config.cloud_bucket, sid),
-        )
-        if config.cloud_configured
-        else None
-    )
+    state = None
+    if config.cloud_configured:
+        state = load_state(config.state_path, cloud_target_id(config))
     databases: dict[str, Any] = {}
     for name, path in config.database_paths.items():
         fp = fingerprint(path)
