@@ -129,7 +129,8 @@ class SyncDaemon:
             )
         )
         self._wake.set()
-        log.info("sync requested", trigger=trigger, request_id=request_id, method=method)
+        log.info("sync requested", trigger=trigger, request_id=request_id,
+                 method=method or UNSET)
         return request_id
 
     async def submit_hook(self, body: Any) -> int | None:
