@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -181,6 +182,36 @@ def test_a_second_daemon_leaves_a_live_daemons_request_and_recovers_a_dead_ones(
     assert state.result is not None and state.result["success"]
     assert len(manifests(minio_client, s3_bucket)) == 1
     assert second.stop() == 0
+
+
+_CLAIM_AND_DIE = """
+import sqlite3, sys, time
+from akosha_sync.server.queue import JobQueue, process_owner
+queue = JobQueue(__import__("pathlib").Path(sys.argv[1]))
+con = sqlite3.connect(queue.path)
+with con:  # queued and claimed in one step: no other worker ever sees it pending
+    cur = con.execute(
+        "INSERT INTO requests (trigger, method, received_at, status, claimed_by)"
+        " VALUES ('manual', 'unset', ?, 'running', ?)", (time.time(), process_owner()))
+print(cur.lastrowid)
+"""
+
+
+@pytest.mark.anyio
+async def test_a_waiting_call_recovers_a_request_whose_owner_died(s3_config: MakeConfig) -> None:
+    """The owner died after claiming; the daemon's idle worker is woken by the waiter."""
+    config = s3_config()
+    daemon = SyncDaemon(config)
+    async with daemon.running():
+        with anyio.fail_after(20):  # the idle worker's own sweep comes only after 30 s
+            claimed = await anyio.run_process(
+                [sys.executable, "-c", _CLAIM_AND_DIE, str(config.state_path)])
+            request_id = int(claimed.stdout)
+            state = daemon.queue.state_of(request_id)
+            assert state.status == "running" and state.owner is not None
+            result = await daemon.wait_for(request_id)
+        assert result["success"], result["error"]
+        assert daemon.queue.state_of(request_id).owner != state.owner
 
 
 @pytest.mark.anyio

@@ -31,7 +31,7 @@ import structlog
 
 from akosha_sync.config import AkoshaSyncConfig
 from akosha_sync.server.payload import HookPayloadError, validate_hook_payload
-from akosha_sync.server.queue import UNSET, JobQueue, Request, owner_alive
+from akosha_sync.server.queue import UNSET, JobQueue, Request, RequestState, owner_alive
 from akosha_sync.sync.protocol import SyncResult
 from akosha_sync.sync.runner import run_sync
 from akosha_sync.sync.snapshot import SourceFingerprint, fingerprint
@@ -167,7 +167,8 @@ class SyncDaemon:
                     # between still sets it.
                     if request_id in self._results:
                         return self._results.pop(request_id)
-                    state = await anyio.to_thread.run_sync(self.queue.state_of, request_id)
+                    state, owner_gone = await anyio.to_thread.run_sync(
+                        self._look_up, request_id)
                     status = state.status
                     if state.result is not None:
                         return state.result
@@ -177,7 +178,7 @@ class SyncDaemon:
                             "longer in the queue's history (pruned); see akosha_sync_status",
                             trigger="",
                         )
-                    if status == "pending" or not owner_alive(state.owner):
+                    if status == "pending" or owner_gone:
                         self._wake.set()  # ours to run (or a dead owner's: claim recovers it)
                     with anyio.move_on_after(_POLL_SECONDS):
                         await done.wait()
@@ -197,6 +198,11 @@ class SyncDaemon:
             "request_id": request_id,
             "queued": True,
         }
+
+    def _look_up(self, request_id: int) -> tuple[RequestState, bool]:
+        """The request's state, and whether it is running under a dead owner."""
+        state = self.queue.state_of(request_id)
+        return state, state.status == "running" and not owner_alive(state.owner)
 
     # -------------------------------------------------------------- worker
     async def _worker(self) -> None:
