@@ -265,7 +265,8 @@ class _JsonFile:
         if self.text is not None:
             mode = path.stat().st_mode & 0o7777  # keep it: ~/.claude.json is often 0600
             _backup(path, self.text, backups, mode)
-        if self.text is not None and not self.data and self.changed():
+        earlier = self._earlier_text(backups)
+        if earlier is None and self.text is not None and not self.data and self.changed():
             # Everything in it was ours: install created it, so it goes (with the
             # folder it needed, e.g. a project's .claude/, if nothing else is in it).
             path.unlink()
@@ -273,7 +274,7 @@ class _JsonFile:
                 path.parent.rmdir()
             return
         path.parent.mkdir(parents=True, exist_ok=True)
-        _write_atomic(path, self._earlier_text(backups) or self._render(), mode)
+        _write_atomic(path, self._render() if earlier is None else earlier, mode)
 
     def _earlier_text(self, backups: Path) -> str | None:
         """An earlier version's exact text when it holds the same data (uninstall after
