@@ -245,6 +245,8 @@ class SyncDaemon:
     # ---------------------------------------------------- periodic (issue 10)
     #: The clock seam: seconds per configured minute (tests shorten it).
     seconds_per_minute: float = 60.0
+    #: How many periods have been checked (for status and tests).
+    periodic_checks: int = 0
 
     async def _sync_periodically(self) -> None:
         """``sync_interval_minutes``: sync on that period while the databases change.
@@ -258,6 +260,7 @@ class SyncDaemon:
         while True:
             await anyio.sleep(minutes * self.seconds_per_minute)
             current = await anyio.to_thread.run_sync(self._sources)
+            self.periodic_checks += 1
             if current == baseline:
                 continue
             try:
