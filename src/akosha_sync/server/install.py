@@ -159,13 +159,20 @@ def install_claude(
     if mode == "http":
         print("\nThe http mode needs the daemon running: akosha-sync install service, or "
               "akosha-sync serve --transport http")
+    settings = _JsonFile.load(settings_path)
+    plugins = settings.data.get("enabledPlugins")
+    if isinstance(plugins, dict) and any(
+        str(k).startswith(f"{SERVER_NAME}@") and v for k, v in plugins.items()
+    ):
+        print(f"\nNote: the {SERVER_NAME} Claude Code plugin is enabled in {settings_path}; "
+              "it already registers the server and the hooks, so this is not needed "
+              "(both would run each hook twice).")
     if not write:
         print("\nNothing was changed; run again with --write to apply.")
         return 0
     backups = config.state_path / "backups"
     mcp = _JsonFile.load(mcp_path)
     mcp.data.setdefault("mcpServers", {})[SERVER_NAME] = server
-    settings = _JsonFile.load(settings_path)
     hooks = settings.data.setdefault("hooks", {})
     for event, group in groups.items():
         hooks[event] = [*_without_ours(hooks.get(event, [])), group]
