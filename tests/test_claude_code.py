@@ -93,6 +93,8 @@ def test_plugin_installed_from_this_checkout_uploads_at_session_end(
         listed.stdout + listed.stderr
     manifest = _session_end_upload(sandbox, minio_client, s3_bucket)
     assert manifest["system_id"] == sandbox.config.system_id
+    # `install claude` on top would run every hook twice: it says so.
+    assert "plugin is enabled" in sandbox.akosha_sync("install", "claude").stdout
 
 
 def test_plugin_pre_compact_hook_syncs(
