@@ -14,9 +14,12 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from minio import Minio
+
 from akosha_sync.config import AkoshaSyncConfig
 from support.claude_code import until, write_toml
-from support.process import parent_death_preexec
+from support.process import parent_death_preexec, pick_free_port
+from support.verify import manifests
 
 MakeConfig = Callable[..., AkoshaSyncConfig]
 EXE = str(Path(sys.executable).with_name("akosha-sync"))
@@ -181,3 +184,21 @@ def test_daemon_on_ipv6_is_reachable_by_the_hook_command(
         daemon.terminate()
         daemon.wait(30)
         err.close()
+
+
+def test_hook_survives_an_unusable_daemon_file(
+    tmp_path: Path, s3_config: MakeConfig, minio_client: Minio, s3_bucket: str
+) -> None:
+    """A daemon file with a URL urllib refuses (a damaged file, held by a live pid) must
+    not cost the session end: the hook queues it and drains."""
+    config = s3_config(daemon_port=pick_free_port())
+    toml = write_toml(config, tmp_path / "c.toml")
+    config.state_path.mkdir(parents=True, exist_ok=True)
+    (config.state_path / "daemon.json").write_text(
+        json.dumps({"pid": os.getpid(), "url": "http://127.0.0.1:80x3"}))
+    payload = {"session_id": "s-stale", "hook_event_name": "SessionEnd", "reason": "other"}
+    done = subprocess.run([EXE, "--config", str(toml), "hook", "session-end"],
+                          input=json.dumps(payload), capture_output=True, text=True,
+                          timeout=30, check=False)
+    assert done.returncode == 0 and not done.stderr, done.stderr
+    until(lambda: manifests(minio_client, s3_bucket), what="the drained upload")

@@ -8,6 +8,7 @@ detached one-shot ``akosha-sync drain`` so the session end is never lost.
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import subprocess
@@ -113,8 +114,8 @@ def run_hook(config: AkoshaSyncConfig, raw: str, *, config_path: str | None = No
             return 0
         print(f"akosha-sync hook: daemon at {url} answered {status}: {text[:200]}",
               file=sys.stderr)
-    except (OSError, TimeoutError, ValueError):
-        pass  # no daemon (or an unusable URL in a stale daemon file): record it ourselves
+    except (OSError, ValueError, http.client.HTTPException):
+        pass  # no daemon, a damaged daemon file or a garbled answer: record it ourselves
     from akosha_sync.server.queue import JobQueue
 
     trigger = "session-end" if payload["hook_event_name"] == "SessionEnd" else "pre-compact"
