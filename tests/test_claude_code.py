@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 from minio import Minio
 
+from akosha_sync import __version__
 from akosha_sync.config import AkoshaSyncConfig
 from akosha_sync.server.queue import JobQueue
 from support.claude_code import ROOT, ClaudeSandbox, claude_executable, until
@@ -78,6 +79,10 @@ def test_plugin_and_marketplace_validate_strictly(claude_exe: Path, tmp_path: Pa
     assert [(s["type"], s["target"], s["args"]) for s in provides["mcpServers"]] == [
         ("stdio", "akosha-sync", ["serve", "--transport", "stdio"])]
     assert (PLUGIN / "README.md").is_file() and (PLUGIN / "LICENSE").is_file()
+    # One version everywhere: the package, the plugin and its marketplace entry.
+    plugin = json.loads((PLUGIN / ".claude-plugin" / "plugin.json").read_text())
+    market = json.loads((ROOT / ".claude-plugin" / "marketplace.json").read_text())
+    assert [p["version"] for p in market["plugins"]] == [plugin["version"]] == [__version__]
 
 
 def test_plugin_installed_from_this_checkout_uploads_at_session_end(
