@@ -202,3 +202,20 @@ def test_hook_survives_an_unusable_daemon_file(
                           timeout=30, check=False)
     assert done.returncode == 0 and not done.stderr, done.stderr
     until(lambda: manifests(minio_client, s3_bucket), what="the drained upload")
+
+
+def test_uninstall_claude_removes_the_http_mode_too(
+    tmp_path: Path, make_config: MakeConfig
+) -> None:
+    home = tmp_path / "home"
+    settings = home / ".claude" / "settings.json"
+    settings.parent.mkdir(parents=True)
+    text = '{"hooks": {"PreCompact": [{"hooks": [{"type": "command", "command": "true"}]}]}}'
+    settings.write_text(text)
+    toml = str(write_toml(make_config(daemon_token="t0ken-for-the-daemon"), tmp_path / "c.toml"))
+    _run(home, "--config", toml, "install", "claude", "--mode", "http", "--write")
+    written = settings.read_text()
+    assert "/hooks/session-end" in written and "t0ken-for-the-daemon" not in written
+    _run(home, "--config", toml, "uninstall", "claude", "--write")
+    assert settings.read_text() == text
+    assert not (home / ".claude.json").exists()
