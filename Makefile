@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 AKOSHA_VENV ?= .venv-akosha
 
-.PHONY: demo test lint check bench akosha-venv dev-up dev-down clean
+.PHONY: demo test lint check bench akosha-venv claude-code dev-up dev-down clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,7 +18,7 @@ demo: $(STAMP)
 	$(BIN)/akosha-sync demo
 
 ## test: lint, type-check, then the tests against real SeaweedFS and a real Akosha
-test: $(STAMP) akosha-venv lint
+test: $(STAMP) akosha-venv claude-code lint
 	$(BIN)/python -m pytest
 
 lint: $(STAMP)
@@ -28,6 +28,10 @@ lint: $(STAMP)
 ## akosha-venv: Akosha 0.11 in its own Python 3.13 venv (cached)
 akosha-venv:
 	AKOSHA_VENV=$(AKOSHA_VENV) scripts/build-akosha-venv.sh
+
+## claude-code: the real Claude Code CLI (npm) the plugin tests drive (cached in .cache/)
+claude-code:
+	scripts/build-claude-code.sh
 
 ## bench: cold sync / re-sync / rclone on ~50 MB and ~250 MB databases
 bench: $(STAMP)
@@ -40,4 +44,4 @@ dev-down:
 	docker compose down
 
 clean:
-	rm -rf $(VENV) $(AKOSHA_VENV) .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(AKOSHA_VENV) .cache .mypy_cache .ruff_cache

@@ -399,13 +399,13 @@ def test_install_claude_prints_and_writes(tmp_path: Path, make_config: MakeConfi
     config = make_config()
     toml = _toml(config, tmp_path / "c.toml")
     env = {**os.environ, "HOME": str(tmp_path / "home")}
-    shown = subprocess.run([EXE, "--config", str(toml), "install", "claude"], env=env,
-                           capture_output=True, text=True, check=True)
+    shown = subprocess.run([EXE, "--config", str(toml), "install", "claude", "--mode", "http"],
+                           env=env, capture_output=True, text=True, check=True)
     assert '"type": "http"' in shown.stdout and "/hooks/session-end" in shown.stdout
     assert not (tmp_path / "home" / ".claude.json").exists()
     for _ in range(2):  # idempotent
-        subprocess.run([EXE, "--config", str(toml), "install", "claude", "--write"], env=env,
-                       capture_output=True, text=True, check=True)
+        subprocess.run([EXE, "--config", str(toml), "install", "claude", "--mode", "http",
+                        "--write"], env=env, capture_output=True, text=True, check=True)
     servers = json.loads((tmp_path / "home" / ".claude.json").read_text())["mcpServers"]
     assert servers["akosha-sync"]["url"].endswith("/mcp")
     settings = json.loads((tmp_path / "home" / ".claude" / "settings.json").read_text())

@@ -109,6 +109,10 @@ class AkoshaSyncConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown
     # When set, POST /hooks/session-end requires ``Authorization: Bearer <token>``.
     daemon_token: str = ""
 
+    # Long sessions (issue 10): the daemon also syncs every this many minutes while the
+    # databases change; 0 turns it off (session ends and compactions still sync).
+    sync_interval_minutes: int = 0
+
     # ----------------------------------------------------------------- derived
     @property
     def is_local_target(self) -> bool:
@@ -245,6 +249,8 @@ class AkoshaSyncConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown
             value = getattr(self, name)
             if not value or "/" in value or value in (".", ".."):
                 problems.append(f"{name} {value!r} must be a bare file name inside data_dir.")
+        # Long sessions (issue 10).
+        _check_range(problems, "sync_interval_minutes", self.sync_interval_minutes, 0, 1440)
         return problems
 
     def _endpoint_problems(self) -> list[str]:

@@ -30,14 +30,29 @@ def add_commands(sub: Any) -> None:
 
     sub.add_parser("drain", help="run the queued sync requests once, then exit")
 
-    install = sub.add_parser("install", help="register akosha-sync with an MCP client")
-    install.add_argument("client", choices=["claude"])
-    install.add_argument("--mode", choices=["http", "stdio"], default="http",
-                         help="http: the daemon + an http SessionEnd hook (recommended); "
-                         "stdio: a client-launched server + a command hook")
-    install.add_argument("--scope", choices=["user", "project"], default="user")
-    install.add_argument("--write", action="store_true",
-                         help="apply the changes to Claude Code's files (default: print them)")
+    install = sub.add_parser(
+        "install", help="register with Claude Code, or run the daemon as a service")
+    install.add_argument("target", choices=["claude", "service"])
+    install.add_argument("--mode", choices=["stdio", "http"], default="stdio",
+                         help="claude: stdio (default) registers a client-launched server and "
+                         "command hooks that never lose a session end; http registers the "
+                         "daemon's URL and http hooks (run the daemon as a service)")
+    _target_options(install)
+
+    uninstall = sub.add_parser("uninstall", help="remove exactly what install added")
+    uninstall.add_argument("target", choices=["claude", "service"])
+    _target_options(uninstall)
+
+
+def _target_options(parser: Any) -> None:
+    parser.add_argument("--scope", choices=["user", "project"], default="user",
+                        help="claude: ~/.claude.json + ~/.claude/settings.json (user) or "
+                        ".mcp.json + .claude/settings.json (project)")
+    parser.add_argument("--platform", choices=["linux", "macos"], default=None,
+                        help="service: systemd (linux) or launchd (macos); default: this "
+                        "machine's")
+    parser.add_argument("--write", action="store_true",
+                        help="apply the changes (default: print them)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -52,12 +67,27 @@ def run(args: argparse.Namespace) -> int:
         return _serve(config, args)
     if args.command == "drain":
         return _drain(config)
-    if args.command == "install":
-        from akosha_sync.server.install import install_claude
-
-        return install_claude(config, mode=args.mode, scope=args.scope, write=args.write,
-                              config_path=args.config)
+    if args.command in ("install", "uninstall"):
+        return _install(config, args)
     raise SystemExit(f"unknown command {args.command!r}")
+
+
+def _install(config: Any, args: argparse.Namespace) -> int:
+    from akosha_sync.server import install
+
+    try:
+        if args.command == "install" and args.target == "claude":
+            return install.install_claude(config, mode=args.mode, scope=args.scope,
+                                          write=args.write, config_path=args.config)
+        if args.command == "install":
+            return install.install_service(config, platform=args.platform, write=args.write,
+                                           config_path=args.config)
+        if args.target == "claude":
+            return install.uninstall_claude(config, scope=args.scope, write=args.write)
+        return install.uninstall_service(platform=args.platform, write=args.write)
+    except (install.InstallError, OSError) as exc:
+        print(f"akosha-sync {args.command}: {exc}", file=sys.stderr)
+        return 2
 
 
 def _serve(config: Any, args: argparse.Namespace) -> int:

@@ -91,6 +91,7 @@ class SyncDaemon:
         async with anyio.create_task_group() as tg:
             self._task_group = tg
             tg.start_soon(self._worker)
+            tg.start_soon(self._sync_periodically)
             try:
                 yield self
             finally:
@@ -379,3 +380,32 @@ class SyncDaemon:
             },
         )
         return status
+
+    # ---------------------------------------------------- periodic (issue 10)
+    #: The clock seam: seconds per configured minute (tests shorten it).
+    seconds_per_minute: float = 60.0
+    #: How many periods have been checked (for status and tests).
+    periodic_checks: int = 0
+
+    async def _sync_periodically(self) -> None:
+        """``sync_interval_minutes``: sync on that period while the databases change.
+
+        A failed sync leaves the baseline as it was, so the next period tries again.
+        """
+        minutes = self.config.sync_interval_minutes
+        if minutes <= 0:
+            return
+        baseline = await anyio.to_thread.run_sync(self._sources)
+        while True:
+            await anyio.sleep(minutes * self.seconds_per_minute)
+            current = await anyio.to_thread.run_sync(self._sources)
+            self.periodic_checks += 1
+            if current == baseline:
+                continue
+            try:
+                result = await self.wait_for(await self.submit("interval"))
+            except Exception as exc:  # never let the timer end the daemon
+                log.warning("periodic sync failed", error=str(exc))
+                continue
+            if result.get("success"):
+                baseline = current

@@ -8,6 +8,7 @@ detached one-shot ``akosha-sync drain`` so the session end is never lost.
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import subprocess
@@ -19,10 +20,23 @@ from typing import Any
 
 from akosha_sync.config import AkoshaSyncConfig
 
-__all__ = ["DAEMON_FILE", "read_daemon_url", "remove_daemon_file", "run_hook", "write_daemon_file"]
+__all__ = [
+    "DAEMON_FILE",
+    "daemon_http_url",
+    "read_daemon_url",
+    "remove_daemon_file",
+    "run_hook",
+    "write_daemon_file",
+]
 
 DAEMON_FILE = "daemon.json"
 _FORWARD_TIMEOUT = 0.5
+
+
+def daemon_http_url(host: str, port: int) -> str:
+    """The daemon's base URL; an IPv6 address goes in brackets (``http://[::1]:8683``)."""
+    host = host.strip("[]")
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
 def write_daemon_file(config: AkoshaSyncConfig, url: str) -> None:
@@ -100,8 +114,8 @@ def run_hook(config: AkoshaSyncConfig, raw: str, *, config_path: str | None = No
             return 0
         print(f"akosha-sync hook: daemon at {url} answered {status}: {text[:200]}",
               file=sys.stderr)
-    except (OSError, TimeoutError):
-        pass  # no daemon: record it ourselves
+    except (OSError, ValueError, http.client.HTTPException):
+        pass  # no daemon, a damaged daemon file or a garbled answer: record it ourselves
     from akosha_sync.server.queue import JobQueue
 
     trigger = "session-end" if payload["hook_event_name"] == "SessionEnd" else "pre-compact"

@@ -11,7 +11,7 @@ import structlog
 from akosha_sync.config import AkoshaSyncConfig
 from akosha_sync.server.app import build_mcp_server
 from akosha_sync.server.daemon import SyncDaemon
-from akosha_sync.server.hook import remove_daemon_file, write_daemon_file
+from akosha_sync.server.hook import daemon_http_url, remove_daemon_file, write_daemon_file
 
 __all__ = ["Transport", "serve"]
 
@@ -94,7 +94,7 @@ async def _serve_http(
         while not uv.started:  # noqa: ASYNC110 - uvicorn offers a flag, not an event
             await anyio.sleep(0.01)
         bound = uv.servers[0].sockets[0].getsockname()
-        url = f"http://{host}:{bound[1]}"
+        url = daemon_http_url(host, bound[1])
         write_daemon_file(daemon.config, url)
         log.info("daemon listening", url=url, mcp=f"{url}/mcp", sse=f"{url}/sse")
 
