@@ -11,7 +11,9 @@ One sync, in order:
    Uploads start as soon as their snapshot is taken and run side by side;
 3. write ``memories.json`` (conversations new since the last upload) for Akosha;
 4. write ``manifest.json`` with a conditional create. Until then the upload is
-   invisible to Akosha; on failure the objects written so far are removed.
+   invisible to Akosha; on failure before it the objects written so far are removed.
+   Once its PUT was tried nothing is removed: a lost answer is resolved by reading
+   the manifest back (`store.commit_manifest`).
 """
 
 from __future__ import annotations
@@ -57,7 +59,7 @@ from akosha_sync.sync.protocol import (
 from akosha_sync.sync.snapshot import Snapshot, remove_snapshot_dir, take_snapshot
 from akosha_sync.sync.snapshot import fingerprint as source_fingerprint
 from akosha_sync.sync.state import StoredFile, TargetState, load_state, save_state, target_id
-from akosha_sync.sync.store import MIN_PART_SIZE, make_store, with_retries
+from akosha_sync.sync.store import MIN_PART_SIZE, commit_manifest, make_store, with_retries
 
 if TYPE_CHECKING:
     from obstore.store import ObjectStore
@@ -107,6 +109,9 @@ class _Upload:
         self.new_state: dict[str, StoredFile] = {}
         self.exported_ids: list[str] = []  # marked delivered once the manifest is written
         self.bytes_sent = 0
+        # Set before the manifest PUT: from then on the upload may be committed, so
+        # nothing of it may be deleted (an answer can be lost after the store wrote it).
+        self.commit_attempted = False
 
 
 def cloud_target_id(config: AkoshaSyncConfig) -> str:
@@ -131,6 +136,7 @@ class CloudSyncMethod:
         self.config = config
         self._clock = clock or (lambda: datetime.now(UTC))
         self._store: ObjectStore | None = None
+        self._upload: _Upload | None = None  # the sync in progress, for its error message
 
     # ------------------------------------------------------------- protocol
     def is_available(self) -> bool:
@@ -181,13 +187,19 @@ class CloudSyncMethod:
         """
         progress: ProgressCallback = kwargs.get("progress") or _no_progress
         started = time.monotonic()
+        self._upload = None
         try:
             with anyio.fail_after(self.config.upload_timeout_seconds):
                 result = await self._sync(upload_reflections, upload_knowledge_graph, progress)
         except TimeoutError as exc:
+            outcome = (
+                "the manifest may have been written, so nothing of the upload was deleted"
+                if self._upload is not None and self._upload.commit_attempted
+                else "nothing was committed"
+            )
             raise CloudUploadError(
                 f"cloud sync did not finish within upload_timeout_seconds="
-                f"{self.config.upload_timeout_seconds}s; nothing was committed. Raise the "
+                f"{self.config.upload_timeout_seconds}s; {outcome}. Raise the "
                 "timeout for large databases or slow links.",
                 original=exc,
             ) from exc
@@ -202,7 +214,7 @@ class CloudSyncMethod:
         sid = config.system_id_resolved
         tid = self.target_id
         state = load_state(config.state_path, tid)
-        upload = await self._claim_upload_id()
+        upload = self._upload = await self._claim_upload_id()
         log.info("sync started", method="cloud", upload_id=upload.upload_id)
         snapshot_dir = config.state_path / "snapshots" / upload.upload_id
         try:
@@ -246,7 +258,10 @@ class CloudSyncMethod:
             )
             key = manifest_key(sid, upload.upload_id)
             progress("manifest", 0, 0)
-            await self._put_small(key, encode_manifest(manifest), upload, create=True)
+            body = encode_manifest(manifest)
+            upload.commit_attempted = True
+            await commit_manifest(self.store, key, body, config=config)
+            upload.bytes_sent += len(body)
         except _NothingToUpload:
             await self._discard(upload)
             return SyncResult(
@@ -515,14 +530,6 @@ class CloudSyncMethod:
         upload.bytes_sent += entry.stored_size
         return entry
 
-    async def _put_small(self, key: str, body: bytes, upload: _Upload, *, create: bool) -> None:
-        async def put() -> None:
-            await obstore.put_async(self.store, key, body, mode="create" if create else None)
-
-        await with_retries(put, config=self.config, what=f"writing {key}")
-        upload.written.append(key)
-        upload.bytes_sent += len(body)
-
     async def _export_memories(
         self, upload: _Upload, state: TargetState | None, tid: str, progress: ProgressCallback
     ) -> int:
@@ -593,7 +600,13 @@ class CloudSyncMethod:
                 con.close()
 
     async def _discard(self, upload: _Upload) -> None:
-        """Best effort: remove what a failed sync wrote (never a committed manifest)."""
+        """Best effort: remove what a failed sync wrote, unless it may be committed."""
+        if upload.commit_attempted:
+            log.warning(
+                "the manifest may have been written; nothing of the upload is deleted",
+                upload_id=upload.upload_id,
+            )
+            return
         with anyio.CancelScope(shield=True), anyio.move_on_after(10):
             for key in reversed(upload.written):
                 try:

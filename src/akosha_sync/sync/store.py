@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, TypeVar
 from urllib.parse import urlsplit
 
 import anyio
+import obstore
 import structlog
 from obstore.exceptions import (
     AlreadyExistsError,
@@ -34,7 +35,16 @@ from akosha_sync.sync.protocol import CloudUploadError
 if TYPE_CHECKING:
     from obstore.store import ObjectStore
 
-__all__ = ["Failure", "RetryPolicy", "classify", "describe_target", "make_store", "with_retries"]
+__all__ = [
+    "Failure",
+    "ManifestConflictError",
+    "RetryPolicy",
+    "classify",
+    "commit_manifest",
+    "describe_target",
+    "make_store",
+    "with_retries",
+]
 
 T = TypeVar("T")
 log = structlog.get_logger("akosha_sync.store")
@@ -233,3 +243,57 @@ async def with_retries(
             )
             attempt += 1
             await anyio.sleep(delay)
+
+
+class ManifestConflictError(CloudUploadError):
+    """Another writer's manifest is at the key: a real conflict, not our lost answer."""
+
+
+async def _read_back(store: ObjectStore, key: str) -> bytes | None:
+    try:
+        return bytes(await (await obstore.get_async(store, key)).bytes_async())
+    except FileNotFoundError:
+        return None
+
+
+async def commit_manifest(
+    store: ObjectStore, key: str, body: bytes, *, config: AkoshaSyncConfig
+) -> None:
+    """Write a manifest (the commit of an upload) with a conditional create, safely retried.
+
+    When a PUT reached the store but its answer was lost, the retry finds the key
+    taken: the manifest is read back, and our exact bytes mean the first PUT
+    committed (success). Other bytes are another writer's manifest:
+    ``ManifestConflictError``. Any other failure raises ``CloudUploadError``: the
+    manifest may then exist or not, so the caller must delete nothing of the upload.
+    """
+
+    async def attempt() -> None:
+        try:
+            await obstore.put_async(store, key, body, mode="create")
+            return
+        except (AlreadyExistsError, PreconditionError):
+            stored = await _read_back(store, key)
+        if stored == body:
+            log.info("manifest was already committed by an earlier attempt", key=key)
+            return
+        if stored is None:
+            # Reported taken yet not readable: ask again (counts as a retry).
+            raise TimeoutError(f"{key} was reported as existing but could not be read")
+        raise ManifestConflictError(
+            f"another manifest already exists at {key} (not the one this sync wrote); "
+            "another machine may use the same system_id. Nothing of that upload was "
+            f"deleted. Target: {describe_target(config)}."
+        )
+
+    try:
+        await with_retries(attempt, config=config, what=f"writing the manifest {key}")
+    except ManifestConflictError:
+        raise
+    except CloudUploadError as exc:
+        raise CloudUploadError(
+            f"{exc}. The manifest may or may not have been written, so nothing of this "
+            "upload was deleted; the next sync makes a new, complete upload.",
+            original=exc.original,
+            connect_failed=exc.connect_failed,
+        ) from exc

@@ -1,0 +1,126 @@
+"""Correctness fixes of issue 9, each against real SeaweedFS / real Akosha.
+
+Faults are injected only at a seam (one obstore call, one copy write); everything
+else runs for real, and what landed in the bucket is read back with the minio client.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+from collections.abc import Callable
+from typing import Any
+
+import anyio
+import obstore
+import pytest
+import zstandard
+from minio import Minio
+
+from akosha_sync.config import AkoshaSyncConfig
+from akosha_sync.sync.cloud import CloudSyncMethod
+from akosha_sync.sync.manifest import akosha_manifest_problems
+from akosha_sync.sync.protocol import CloudUploadError
+from support.verify import get_object, manifests
+
+MakeConfig = Callable[..., AkoshaSyncConfig]
+
+_real_put = obstore.put_async
+
+
+def _keys(client: Minio, bucket: str) -> set[str]:
+    return {
+        str(o.object_name)
+        for o in client.list_objects(bucket, prefix="systems/", recursive=True)
+    }
+
+
+def _assert_upload_complete(client: Minio, bucket: str, manifest_key: str) -> dict[str, Any]:
+    """The manifest is valid for Akosha and every file it names is there, intact."""
+    manifest: dict[str, Any] = json.loads(get_object(client, bucket, manifest_key))
+    assert akosha_manifest_problems(manifest) == []
+    for detail in manifest["file_details"].values():
+        stored = get_object(client, bucket, detail["key"])
+        assert hashlib.sha256(stored).hexdigest() == detail["stored_sha256"]
+        original = (
+            zstandard.ZstdDecompressor().decompressobj().decompress(stored)
+            if detail["compression"] == "zstd" else stored
+        )
+        assert hashlib.sha256(original).hexdigest() == detail["sha256"]
+    return manifest
+
+
+# ------------------------------------------------------------- A. ambiguous commit
+def test_lost_manifest_answer_is_resolved_by_reading_back(
+    s3_config: MakeConfig, minio_client: Minio, s3_bucket: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The first manifest PUT commits on the real store but its answer is lost."""
+    lost: list[str] = []
+
+    async def put_then_lose_answer(store: Any, key: str, body: Any, **kw: Any) -> Any:
+        result = await _real_put(store, key, body, **kw)
+        if key.endswith("/manifest.json") and not lost:
+            lost.append(key)
+            raise ConnectionResetError("connection reset by peer (answer lost)")
+        return result
+
+    monkeypatch.setattr(obstore, "put_async", put_then_lose_answer)
+    result = anyio.run(CloudSyncMethod(s3_config()).sync)
+
+    assert lost, "the fault was not injected"
+    assert result["success"] is True, result["error"]
+    assert manifests(minio_client, s3_bucket) == [result["manifest_key"]]
+    _assert_upload_complete(minio_client, s3_bucket, result["manifest_key"])
+
+
+def test_foreign_manifest_is_a_conflict_and_nothing_is_deleted(
+    s3_config: MakeConfig, minio_client: Minio, s3_bucket: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Another writer commits at our key just before us: a conflict, not a success,
+    and nothing under that upload (theirs or ours) is removed."""
+    foreign = b'{"conversation_count": 7, "uploaded_at": "someone else"}\n'
+    seen: dict[str, str] = {}
+
+    async def foreign_commits_first(store: Any, key: str, body: Any, **kw: Any) -> Any:
+        if key.endswith("/manifest.json") and "key" not in seen:
+            seen["key"] = key
+            folder = key.rsplit("/", 1)[0]
+            minio_client.put_object(s3_bucket, key, io.BytesIO(foreign), len(foreign))
+            minio_client.put_object(
+                s3_bucket, f"{folder}/their-data.bin", io.BytesIO(b"theirs"), 6
+            )
+        return await _real_put(store, key, body, **kw)
+
+    monkeypatch.setattr(obstore, "put_async", foreign_commits_first)
+    with pytest.raises(CloudUploadError, match="another manifest already exists"):
+        anyio.run(CloudSyncMethod(s3_config()).sync)
+
+    key = seen["key"]
+    folder = key.rsplit("/", 1)[0]
+    assert get_object(minio_client, s3_bucket, key) == foreign
+    left = _keys(minio_client, s3_bucket)
+    assert f"{folder}/their-data.bin" in left
+    # Our objects under that folder may be the other writer's too: none was deleted.
+    assert {f"{folder}/reflection.duckdb", f"{folder}/knowledge_graph.duckdb"} <= left
+
+
+def test_commit_manifest_is_idempotent_for_the_same_bytes(
+    s3_config: MakeConfig, minio_client: Minio, s3_bucket: str,
+) -> None:
+    from akosha_sync.sync.store import ManifestConflictError, commit_manifest, make_store
+
+    config = s3_config()
+    store = make_store(config)
+    key = "systems/test-host/uploads/x/manifest.json"
+
+    async def main() -> None:
+        await commit_manifest(store, key, b"ours", config=config)
+        await commit_manifest(store, key, b"ours", config=config)  # a retry: success
+        with pytest.raises(ManifestConflictError):
+            await commit_manifest(store, key, b"other", config=config)
+
+    anyio.run(main)
+    assert get_object(minio_client, s3_bucket, key) == b"ours"
