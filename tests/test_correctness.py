@@ -10,6 +10,7 @@ import hashlib
 import io
 import json
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -124,3 +125,82 @@ def test_commit_manifest_is_idempotent_for_the_same_bytes(
 
     anyio.run(main)
     assert get_object(minio_client, s3_bucket, key) == b"ours"
+
+
+# ------------------------------------------------------ B. snapshot folders, disk full
+def _snapshot_dirs(config: AkoshaSyncConfig) -> list[str]:
+    root = config.state_path / "snapshots"
+    return sorted(p.name for p in root.iterdir()) if root.exists() else []
+
+
+def test_cancelled_sync_removes_its_snapshot_folder(
+    s3_config: MakeConfig, minio_client: Minio, s3_bucket: str,
+) -> None:
+    config = s3_config()
+    method = CloudSyncMethod(config)
+    phases: list[str] = []
+
+    async def main() -> None:
+        with anyio.CancelScope() as scope:
+
+            def progress(phase: str, done: int, total: int) -> None:
+                phases.append(phase)
+                if phase.startswith("upload:"):  # one object is up, the others are not
+                    scope.cancel()
+
+            await method.sync(progress=progress)
+        assert scope.cancelled_caught
+
+    anyio.run(main)
+    assert any(p.startswith("upload:") for p in phases)
+    assert "manifest" not in phases
+    assert _snapshot_dirs(config) == []
+    assert manifests(minio_client, s3_bucket) == []
+
+
+def test_leftover_snapshot_folders_are_swept_under_the_lock(s3_config: MakeConfig) -> None:
+    from akosha_sync.sync.runner import run_sync
+
+    config = s3_config()
+    leftover = config.state_path / "snapshots" / "20250101_000000_test-host"
+    leftover.mkdir(parents=True)
+    (leftover / "reflection.duckdb").write_bytes(b"x" * 1024)
+
+    result = anyio.run(run_sync, config)
+
+    assert result["success"] is True, result["error"]
+    assert _snapshot_dirs(config) == []
+
+
+def test_full_disk_while_copying_a_snapshot_is_reported_as_such(
+    s3_config: MakeConfig, minio_client: Minio, s3_bucket: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import errno
+    import os
+
+    from akosha_sync.sync import snapshot
+
+    real_copy = snapshot._copy_hashing
+
+    def disk_fills_up(src: Path, dst: Path) -> str:
+        if dst.name != "reflection.duckdb":
+            return real_copy(src, dst)
+        with dst.open("wb") as fh:
+            fh.write(src.read_bytes()[:4096])
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(dst))
+
+    monkeypatch.setattr(snapshot, "_copy_hashing", disk_fills_up)
+    config = s3_config()
+    result = anyio.run(CloudSyncMethod(config).sync)
+
+    error = result["error"] or ""
+    assert result["success"] is False
+    assert "no space left on device while copying" in error
+    assert "free space or move state_dir" in error
+    assert "permissions" not in error
+    # The other database still synced; nothing of the failed copy is left behind.
+    manifest = json.loads(get_object(minio_client, s3_bucket, result["manifest_key"]))
+    assert "knowledge_graph.duckdb" in manifest["files"]
+    assert "reflection.duckdb" not in manifest["files"]
+    assert _snapshot_dirs(config) == []

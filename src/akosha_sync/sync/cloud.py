@@ -278,7 +278,9 @@ class CloudSyncMethod:
             await self._discard(upload)
             raise
         finally:
-            await anyio.to_thread.run_sync(remove_snapshot_dir, snapshot_dir)
+            # Shielded: a cancelled sync must not leave full copies of the databases.
+            with anyio.CancelScope(shield=True):
+                await anyio.to_thread.run_sync(remove_snapshot_dir, snapshot_dir)
 
         self._commit_state(state, tid, sid, upload, key)
         upload.uploaded_keys.append(key)

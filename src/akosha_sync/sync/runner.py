@@ -16,6 +16,7 @@ from akosha_sync.config import AkoshaSyncConfig
 from akosha_sync.sync.http import HttpSyncMethod
 from akosha_sync.sync.hybrid import HybridAkoshaSync
 from akosha_sync.sync.protocol import HybridSyncError, ProgressCallback, SyncError, SyncResult
+from akosha_sync.sync.snapshot import sweep_snapshot_dirs
 from akosha_sync.sync.state import sync_lock
 
 __all__ = ["run_sync"]
@@ -42,6 +43,12 @@ async def run_sync(
     started = time.monotonic()
     try:
         async with sync_lock(config.state_path, timeout=config.upload_timeout_seconds):
+            # Under the lock no live sync owns a snapshot folder: any there is a leftover.
+            swept = await anyio.to_thread.run_sync(
+                sweep_snapshot_dirs, config.state_path / "snapshots"
+            )
+            if swept:
+                log.warning("removed leftover snapshot folders", folders=swept)
             hybrid = HybridAkoshaSync(config)
             if resend:
                 await anyio.to_thread.run_sync(HttpSyncMethod(config).forget_delivered)
