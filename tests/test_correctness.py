@@ -204,3 +204,125 @@ def test_full_disk_while_copying_a_snapshot_is_reported_as_such(
     assert "knowledge_graph.duckdb" in manifest["files"]
     assert "reflection.duckdb" not in manifest["files"]
     assert _snapshot_dirs(config) == []
+
+
+# ------------------------------------------------------------ C. one deadline per sync
+class _Stall:
+    """A loopback TCP server that accepts connections and never answers."""
+
+    def __init__(self) -> None:
+        import socket
+        import threading
+
+        self._sock = socket.create_server(("127.0.0.1", 0))
+        self._held: list[socket.socket] = []
+        self._stop = threading.Event()
+        self.port = int(self._sock.getsockname()[1])
+        self._sock.settimeout(0.1)
+        self._thread = threading.Thread(target=self._accept, daemon=True)
+        self._thread.start()
+
+    def _accept(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self._sock.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            self._held.append(conn)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        for conn in self._held:
+            conn.close()
+        self._sock.close()
+
+
+@pytest.fixture
+def stall() -> Any:
+    server = _Stall()
+    yield server
+    server.close()
+
+
+def _timed_run_sync(config: AkoshaSyncConfig, **kwargs: Any) -> tuple[dict[str, Any], float]:
+    import time
+
+    from akosha_sync.sync.runner import run_sync
+
+    async def main() -> dict[str, Any]:
+        return await run_sync(config, **kwargs)
+
+    started = time.monotonic()
+    result = anyio.run(main)
+    return result, time.monotonic() - started
+
+
+def test_a_stalled_store_fails_within_the_sync_budget(s3_config: MakeConfig, stall: Any) -> None:
+    from akosha_sync.sync.deadline import Deadline
+
+    config = s3_config(cloud_endpoint=stall.url, upload_timeout_seconds=30)
+    result, took = _timed_run_sync(config, method="cloud", deadline=Deadline(2.0))
+
+    assert result["success"] is False
+    assert "share of the sync's budget" in result["error"], result["error"]
+    assert took < 6.0, f"a 2 s budget took {took:.1f} s"
+
+
+def test_the_lock_wait_counts_against_the_budget(s3_config: MakeConfig) -> None:
+    import fcntl
+    import os
+
+    from akosha_sync.sync.deadline import Deadline
+
+    config = s3_config(upload_timeout_seconds=30)
+    config.state_path.mkdir(parents=True, exist_ok=True)
+    fd = os.open(config.state_path / "sync.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # another process is syncing
+        result, took = _timed_run_sync(config, deadline=Deadline(1.0))
+    finally:
+        os.close(fd)
+    assert result["success"] is False
+    assert "another akosha-sync process is uploading" in result["error"]
+    assert took < 4.0, f"a 1 s budget took {took:.1f} s"
+
+
+def test_fallback_gets_what_the_cloud_leaves_of_one_budget(
+    s3_config: MakeConfig, stall: Any, akosha: Any,
+) -> None:
+    import uuid
+
+    from akosha_sync.sync.deadline import Deadline, fallback_reserve
+
+    config = s3_config(
+        cloud_endpoint=stall.url, akosha_url=akosha.url, upload_timeout_seconds=30,
+        system_id=f"deadline-{uuid.uuid4().hex[:8]}",
+    )
+    budget = 12.0
+    result, took = _timed_run_sync(config, deadline=Deadline(budget))
+
+    assert result["success"] is True, result
+    assert result["method"] == "http" and result["fallback_from"] == ["cloud"]
+    cloud = result["method_attempts"][0]
+    share = budget - fallback_reserve(budget)
+    assert f"{share:.0f}s share" in cloud["error"]
+    assert cloud["duration_seconds"] < share + 1.0
+    assert took < budget + 2.0, f"a {budget:g} s budget took {took:.1f} s"
+
+
+def test_request_timeout_scales_with_the_part_size(make_config: MakeConfig) -> None:
+    from akosha_sync.sync.store import make_store, request_timeout_seconds
+
+    small = make_config(cloud_bucket="b", cloud_endpoint="http://127.0.0.1:9", chunk_size_mb=5)
+    large = make_config(cloud_bucket="b", cloud_endpoint="http://127.0.0.1:9", chunk_size_mb=100)
+    assert request_timeout_seconds(small) == 70
+    assert request_timeout_seconds(large) == 260
+    store: Any = make_store(large)
+    assert store.client_options["timeout"] == "260s"

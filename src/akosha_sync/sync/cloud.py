@@ -35,6 +35,7 @@ from obstore.exceptions import AlreadyExistsError
 from akosha_sync import __version__
 from akosha_sync.config import AkoshaSyncConfig
 from akosha_sync.sync import records
+from akosha_sync.sync.deadline import Deadline
 from akosha_sync.sync.manifest import (
     COMPRESSION_FORMAT,
     MEMORIES_NAME,
@@ -59,7 +60,7 @@ from akosha_sync.sync.protocol import (
 from akosha_sync.sync.snapshot import Snapshot, remove_snapshot_dir, take_snapshot
 from akosha_sync.sync.snapshot import fingerprint as source_fingerprint
 from akosha_sync.sync.state import StoredFile, TargetState, load_state, save_state, target_id
-from akosha_sync.sync.store import MIN_PART_SIZE, commit_manifest, make_store, with_retries
+from akosha_sync.sync.store import commit_manifest, make_store, part_size, with_retries
 
 if TYPE_CHECKING:
     from obstore.store import ObjectStore
@@ -183,13 +184,15 @@ class CloudSyncMethod:
         Raises ``CloudUploadError`` when the store cannot be used (unreachable, bad
         credentials, missing bucket, timeout). A database that cannot be read is
         reported in the result (``success`` False) while the other one still syncs.
-        Keyword ``progress``: a ``(phase, done, total)`` callback.
+        Keywords: ``progress``, a ``(phase, done, total)`` callback; ``deadline``, this
+        attempt's share of the sync's budget (default: ``upload_timeout_seconds``).
         """
         progress: ProgressCallback = kwargs.get("progress") or _no_progress
+        deadline: Deadline = kwargs.get("deadline") or Deadline.for_config(self.config)
         started = time.monotonic()
         self._upload = None
         try:
-            with anyio.fail_after(self.config.upload_timeout_seconds):
+            with anyio.fail_after(deadline.remaining()):
                 result = await self._sync(upload_reflections, upload_knowledge_graph, progress)
         except TimeoutError as exc:
             outcome = (
@@ -198,9 +201,9 @@ class CloudSyncMethod:
                 else "nothing was committed"
             )
             raise CloudUploadError(
-                f"cloud sync did not finish within upload_timeout_seconds="
-                f"{self.config.upload_timeout_seconds}s; {outcome}. Raise the "
-                "timeout for large databases or slow links.",
+                f"cloud sync did not finish within its {deadline.seconds:.0f}s share of the "
+                f"sync's budget (upload_timeout_seconds={self.config.upload_timeout_seconds}"
+                f"s); {outcome}. Raise the timeout for large databases or slow links.",
                 original=exc,
             ) from exc
         result.duration_seconds = round(time.monotonic() - started, 3)
@@ -494,7 +497,7 @@ class CloudSyncMethod:
         ``known_sha256`` (from the snapshot copy) spares hashing the original again.
         """
         total = path.stat().st_size
-        part = max(self.config.chunk_size_mb * 1024 * 1024, MIN_PART_SIZE)
+        part = part_size(self.config)
 
         async def attempt() -> FileEntry:
             sink = _Digests(compress, hash_original=known_sha256 is None)

@@ -49,6 +49,7 @@ from mcp.types import (
 
 from akosha_sync.config import AkoshaSyncConfig
 from akosha_sync.sync import records
+from akosha_sync.sync.deadline import Deadline
 from akosha_sync.sync.manifest import make_upload_id
 from akosha_sync.sync.protocol import HTTPSyncError, ProgressCallback, SnapshotError, SyncResult
 from akosha_sync.sync.snapshot import remove_snapshot_dir, take_snapshot
@@ -304,6 +305,7 @@ class HttpSyncMethod:
         self.config = config
         self._clock = clock or (lambda: datetime.now(UTC))
         self._health: tuple[float, bool] | None = None
+        self._deadline = Deadline.for_config(config)  # replaced by each sync's share
 
     # ------------------------------------------------------------- protocol
     def get_method_name(self) -> str:
@@ -363,20 +365,23 @@ class HttpSyncMethod:
         numbers are records (total 0: not known in advance).
         """
         progress: ProgressCallback = kwargs.get("progress") or _no_progress
+        deadline: Deadline = kwargs.get("deadline") or Deadline.for_config(self.config)
+        self._deadline = deadline
         started = time.monotonic()
         if self._url_problem():
             raise HTTPSyncError(self._url_problem())
         upload_id = make_upload_id(self.config.system_id_resolved, self._clock())
         tally = _Tally()
         try:
-            with anyio.fail_after(self.config.upload_timeout_seconds):
+            with anyio.fail_after(deadline.remaining()):
                 await self._sync(
                     upload_id, tally, upload_reflections, upload_knowledge_graph, progress
                 )
         except TimeoutError as exc:
             raise HTTPSyncError(
-                f"HTTP sync to Akosha at {self._shown_url} did not finish within "
-                f"upload_timeout_seconds={self.config.upload_timeout_seconds}s; raise it for a "
+                f"HTTP sync to Akosha at {self._shown_url} did not finish within its "
+                f"{deadline.seconds:.0f}s share of the sync's budget (upload_timeout_seconds="
+                f"{self.config.upload_timeout_seconds}s); raise it for a "
                 f"large backlog or a slow link, then sync again. {self._summary(tally)}.",
                 original=exc,
             ) from exc
@@ -523,7 +528,7 @@ class HttpSyncMethod:
     @asynccontextmanager
     async def _client(self, status: _StatusLog) -> AsyncIterator[Client]:
         """One MCP session with Akosha, over our own HTTP client (headers, timeouts)."""
-        call_timeout = min(_CALL_TIMEOUT_S, float(self.config.upload_timeout_seconds))
+        call_timeout = max(1.0, min(_CALL_TIMEOUT_S, self._deadline.remaining()))
         http = httpx2.AsyncClient(
             headers=self._auth_headers(),
             timeout=httpx2.Timeout(30.0, connect=_CONNECT_TIMEOUT_S, read=call_timeout),

@@ -43,6 +43,8 @@ __all__ = [
     "commit_manifest",
     "describe_target",
     "make_store",
+    "part_size",
+    "request_timeout_seconds",
     "with_retries",
 ]
 
@@ -51,6 +53,10 @@ log = structlog.get_logger("akosha_sync.store")
 
 # An S3 multipart upload allows at most 10,000 parts of at least 5 MiB (but the last).
 MIN_PART_SIZE = 5 * 1024 * 1024
+# One request may take this long plus its part at the slowest link we still serve:
+# 5 MiB parts get 70 s, 100 MiB parts 260 s. The sync's deadline bounds the whole.
+_REQUEST_BASE_S = 60.0
+_SLOWEST_LINK_BYTES_S = 512 * 1024
 
 
 class Failure(Enum):
@@ -145,6 +151,16 @@ def explain(exc: BaseException, config: AkoshaSyncConfig, what: str) -> str:
     return message
 
 
+def part_size(config: AkoshaSyncConfig) -> int:
+    """Bytes of one multipart part (``chunk_size_mb``, at least S3's minimum)."""
+    return max(config.chunk_size_mb * 1024 * 1024, MIN_PART_SIZE)
+
+
+def request_timeout_seconds(config: AkoshaSyncConfig) -> int:
+    """The per-request timeout, scaled with the part size a request carries."""
+    return int(_REQUEST_BASE_S + part_size(config) / _SLOWEST_LINK_BYTES_S)
+
+
 def make_store(config: AkoshaSyncConfig) -> ObjectStore:
     """An obstore store for the configured target (S3-compatible or a local folder)."""
     if config.is_local_target:
@@ -168,7 +184,7 @@ def make_store(config: AkoshaSyncConfig) -> ObjectStore:
         client_options={
             "allow_http": allow_http,
             "connect_timeout": "5s",
-            "timeout": "120s",
+            "timeout": f"{request_timeout_seconds(config)}s",
         },
         retry_config={"max_retries": 0, "retry_timeout": timedelta(seconds=1)},
         **kwargs,  # type: ignore[arg-type]
