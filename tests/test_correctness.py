@@ -108,6 +108,36 @@ def test_foreign_manifest_is_a_conflict_and_nothing_is_deleted(
     assert {f"{folder}/reflection.duckdb", f"{folder}/knowledge_graph.duckdb"} <= left
 
 
+def test_timeout_just_after_the_manifest_committed_deletes_nothing(
+    s3_config: MakeConfig, minio_client: Minio, s3_bucket: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The store commits the manifest, then the answer never comes: the sync's
+    deadline ends it, and the upload stays complete."""
+    from akosha_sync.sync.deadline import Deadline
+
+    committed: list[str] = []
+
+    async def commit_then_hang(store: Any, key: str, body: Any, **kw: Any) -> Any:
+        result = await _real_put(store, key, body, **kw)
+        if key.endswith("/manifest.json"):
+            committed.append(key)
+            await anyio.sleep_forever()
+        return result
+
+    monkeypatch.setattr(obstore, "put_async", commit_then_hang)
+    method = CloudSyncMethod(s3_config())
+
+    async def main() -> None:
+        await method.sync(deadline=Deadline(8.0))
+
+    with pytest.raises(CloudUploadError, match="may have been written"):
+        anyio.run(main)
+    assert committed
+    assert manifests(minio_client, s3_bucket) == committed
+    _assert_upload_complete(minio_client, s3_bucket, committed[0])
+
+
 def test_commit_manifest_is_idempotent_for_the_same_bytes(
     s3_config: MakeConfig, minio_client: Minio, s3_bucket: str,
 ) -> None:
