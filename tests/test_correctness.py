@@ -20,6 +20,7 @@ import zstandard
 from minio import Minio
 
 from akosha_sync.config import AkoshaSyncConfig
+from akosha_sync.sample import SampleInfo
 from akosha_sync.sync.cloud import CloudSyncMethod
 from akosha_sync.sync.manifest import akosha_manifest_problems
 from akosha_sync.sync.protocol import CloudUploadError
@@ -356,3 +357,96 @@ def test_request_timeout_scales_with_the_part_size(make_config: MakeConfig) -> N
     assert request_timeout_seconds(large) == 260
     store: Any = make_store(large)
     assert store.client_options["timeout"] == "260s"
+
+
+# ---------------------------------------------------- D. conversation_count, E. records
+_KIND_TABLES = {
+    "conversation": ("reflection_path", "conversations_v2"),
+    "reflection": ("reflection_path", "reflections_v2"),
+    "entity": ("knowledge_graph_path", "kg_entities"),
+}
+
+
+def _source_ids(sample: SampleInfo, kind: str, *, embedded: bool) -> set[str]:
+    import duckdb
+
+    attr, table = _KIND_TABLES[kind]
+    condition = "IS NOT NULL" if embedded else "IS NULL"
+    con = duckdb.connect(str(getattr(sample, attr)), read_only=True)
+    try:
+        rows = con.execute(f"SELECT id FROM {table} WHERE embedding {condition}").fetchall()
+    finally:
+        con.close()
+    return {str(r[0]) for r in rows}
+
+
+def test_conversation_count_is_the_snapshot_total_and_new_ones_are_separate(
+    s3_config: MakeConfig, minio_client: Minio, s3_bucket: str, sample: SampleInfo,
+) -> None:
+    from akosha_sync.sample import add_conversations
+
+    config = s3_config()
+    total = sample.row_counts[sample.conversations_table]
+    first = anyio.run(CloudSyncMethod(config).sync)
+    again = anyio.run(CloudSyncMethod(config).sync)  # nothing changed
+    add_conversations(sample.data_dir, 3, seed=7)
+    third = anyio.run(CloudSyncMethod(config).sync)
+
+    for result, expected_total, new in ((first, total, total), (again, total, 0),
+                                        (third, total + 3, 3)):
+        manifest = json.loads(get_object(minio_client, s3_bucket, result["manifest_key"]))
+        assert manifest["conversation_count"] == expected_total == result["conversation_count"]
+        assert result["new_conversation_count"] == new
+        assert manifest["metadata"]["new_conversation_count"] == new
+        assert manifest["file_details"]["memories.json"]["conversation_count"] == new
+
+    off = anyio.run(CloudSyncMethod(s3_config(export_memories=False)).sync)
+    assert off["conversation_count"] == total + 3 and off["new_conversation_count"] is None
+
+
+def test_memories_json_carries_every_kind_like_the_http_path(
+    s3_config: MakeConfig, minio_client: Minio, s3_bucket: str, sample: SampleInfo,
+    akosha: Any,
+) -> None:
+    import uuid
+
+    from akosha_sync.sync.http import HttpSyncMethod
+    from akosha_sync.sync.records import memory_id
+    from akosha_sync.sync.status import local_status
+
+    sid = f"e-{uuid.uuid4().hex[:8]}"
+    config = s3_config(system_id=sid, akosha_url=akosha.url)
+    result = anyio.run(CloudSyncMethod(config).sync)
+    uid = result["upload_id"]
+    memories = json.loads(get_object(
+        minio_client, s3_bucket, f"systems/{sid}/uploads/{uid}/memories.json"))
+
+    got: dict[str, set[str]] = {}
+    for entry in memories["conversations"]:
+        assert set(entry) == {"id", "content", "embedding", "timestamp", "metadata"}
+        kind = entry["metadata"]["record_type"]
+        assert entry["metadata"]["type"] == kind and entry["id"].startswith(f"{sid}:{kind}:")
+        got.setdefault(kind, set()).add(entry["metadata"]["original_id"])
+    expected = {kind: _source_ids(sample, kind, embedded=True) for kind in _KIND_TABLES}
+    assert got == expected
+
+    no_embedding = {kind: len(_source_ids(sample, kind, embedded=False)) for kind in _KIND_TABLES}
+    no_embedding = {k: n for k, n in no_embedding.items() if n}
+    assert no_embedding, "the sample has records Akosha cannot take"
+    skipped = result["details"]["skipped"]["no_embedding"]
+    assert skipped["by_kind"] == no_embedding and skipped["count"] == sum(no_embedding.values())
+    manifest = json.loads(get_object(minio_client, s3_bucket, result["manifest_key"]))
+    assert manifest["metadata"]["undeliverable"] == no_embedding
+    assert manifest["metadata"]["memories"] == {k: len(v) for k, v in expected.items()}
+
+    # The HTTP path delivers exactly these records to the real Akosha.
+    http = anyio.run(HttpSyncMethod(config).sync)
+    assert http["success"], http["error"]
+    assert http["details"]["skipped"]["no_embedding"]["by_kind"] == no_embedding
+    ids = [memory_id(sid, kind, i) for kind, found in got.items() for i in found]
+    assert anyio.run(akosha.held_ids, ids) == set(ids)
+
+    status = local_status(config)["undeliverable"]
+    for method in ("cloud", "http"):
+        assert status[method]["by_kind"] == no_embedding
+        assert status[method]["count"] == sum(no_embedding.values())

@@ -9,7 +9,9 @@ One sync, in order:
    (database, WAL) reuse the stored object if its SHA-256 is unchanged, else stream
    it (zstd, SHA-256 of the stored bytes, multipart) and check the stored size.
    Uploads start as soon as their snapshot is taken and run side by side;
-3. write ``memories.json`` (conversations new since the last upload) for Akosha;
+3. write ``memories.json`` for Akosha: every record not yet delivered on this target
+   (conversations, reflections, entities, like the HTTP method), all in its
+   ``conversations`` list, each marked by its kind in ``metadata.record_type``;
 4. write ``manifest.json`` with a conditional create. Until then the upload is
    invisible to Akosha; on failure before it the objects written so far are removed.
    Once its PUT was tried nothing is removed: a lost answer is resolved by reading
@@ -108,7 +110,8 @@ class _Upload:
         self.errors: list[str] = []
         self.snapshots: dict[str, Snapshot] = {}
         self.new_state: dict[str, StoredFile] = {}
-        self.exported_ids: list[str] = []  # marked delivered once the manifest is written
+        self.exported: dict[str, list[str]] = {}  # per kind; delivered once committed
+        self.undeliverable: dict[str, int] = {}  # per kind: records with no embedding
         self.bytes_sent = 0
         # Set before the manifest PUT: from then on the upload may be committed, so
         # nothing of it may be deleted (an answer can be lost after the store wrote it).
@@ -244,7 +247,9 @@ class CloudSyncMethod:
                 raise _first_failure(group) from None
             if not upload.files:
                 raise _NothingToUpload(upload)
-            conversations = await self._export_memories(upload, state, tid, progress)
+            conversations, new_conversations = await self._export_memories(
+                upload, tid, progress
+            )
             manifest = build_manifest(
                 system_id=sid,
                 upload_id=upload.upload_id,
@@ -257,6 +262,9 @@ class CloudSyncMethod:
                     "hostname": socket.gethostname(),
                     "missing_databases": upload.missing,
                     "failed_databases": upload.errors,
+                    "new_conversation_count": new_conversations,
+                    "memories": {k: len(v) for k, v in upload.exported.items()},
+                    "undeliverable": dict(upload.undeliverable),
                 },
             )
             key = manifest_key(sid, upload.upload_id)
@@ -306,6 +314,8 @@ class CloudSyncMethod:
             bytes_stored=manifest.total_size_bytes,
             manifest_key=key,
             conversation_count=manifest.conversation_count,
+            new_conversation_count=new_conversations,
+            details=self._details(upload),
         )
 
     async def _claim_upload_id(self) -> _Upload:
@@ -536,42 +546,70 @@ class CloudSyncMethod:
         return entry
 
     async def _export_memories(
-        self, upload: _Upload, state: TargetState | None, tid: str, progress: ProgressCallback
-    ) -> int:
-        """Write memories.json (new conversations); returns the manifest's count."""
+        self, upload: _Upload, tid: str, progress: ProgressCallback
+    ) -> tuple[int, int | None]:
+        """Write memories.json; return the snapshot's conversations and the new ones.
+
+        The count is the reflection database's total (WAL rows included), also when
+        it was unchanged and reused; new ones are those written to memories.json.
+        """
         config = self.config
         name = config.reflection_db
         snap = upload.snapshots.get(name)
+        entry = upload.files.get(name)
+        total = snap.conversation_count if snap else (entry.conversation_count or 0) if entry else 0
         if not config.export_memories:
-            if snap is not None:
-                return snap.conversation_count
-            entry = upload.files.get(name)
-            return (entry.conversation_count or 0) if entry else 0
+            return total, None
         out = config.state_path / "snapshots" / upload.upload_id / MEMORIES_NAME
         progress("export:memories", 0, 0)
-        ids: list[str] = []
-        if snap is not None:
-            ids = await anyio.to_thread.run_sync(self._write_memories, Path(snap.path), out, tid)
-        else:
-            out.parent.mkdir(parents=True, exist_ok=True)
-            out.write_text('{"conversations": []}\n', encoding="utf-8")
+        plan = [
+            (Path(s.path), kinds)
+            for db, kinds in (
+                (name, records.REFLECTION_KINDS),
+                (config.knowledge_graph_db, records.GRAPH_KINDS),
+            )
+            if (s := upload.snapshots.get(db)) is not None
+        ]
+        upload.exported, upload.undeliverable = await anyio.to_thread.run_sync(
+            self._write_memories, plan, out, tid
+        )
         key = memories_key(config.system_id_resolved, upload.upload_id)
-        entry = await self._upload_file(
+        stored = await self._upload_file(
             out, key, upload, compress=False, progress=progress, phase="upload:memories"
         )
-        upload.files[MEMORIES_NAME] = msgspec.structs.replace(entry, conversation_count=len(ids))
+        new = len(upload.exported.get("conversation", []))
+        upload.files[MEMORIES_NAME] = msgspec.structs.replace(stored, conversation_count=new)
         upload.uploaded_keys.append(key)
-        upload.exported_ids = ids
-        return len(ids)
+        return total, new
 
-    def _write_memories(self, snapshot: Path, out: Path, tid: str) -> list[str]:
-        con = records.open_snapshot(snapshot, self._progress_db)
-        try:
-            return records.write_memories_json(
-                con, out, system_id=self.config.system_id_resolved, channel=tid
-            )
-        finally:
-            con.close()
+    def _write_memories(
+        self, plan: list[tuple[Path, tuple[str, ...]]], out: Path, tid: str
+    ) -> tuple[dict[str, list[str]], dict[str, int]]:
+        """Blocking: every undelivered record of the snapshots, and per kind the
+        records that cannot be delivered (no embedding)."""
+        out.parent.mkdir(parents=True, exist_ok=True)
+        export = records.write_memories_json(
+            out,
+            plan,
+            progress_db=self._progress_db,
+            system_id=self.config.system_id_resolved,
+            channel=tid,
+        )
+        return export.written, export.undeliverable
+
+    @staticmethod
+    def _details(upload: _Upload) -> dict[str, Any]:
+        """Per kind: records written to memories.json and those skipped (no embedding)."""
+        return {
+            "memories": {kind: len(ids) for kind, ids in upload.exported.items()},
+            "skipped": {
+                "no_embedding": {
+                    "count": sum(upload.undeliverable.values()),
+                    "by_kind": dict(upload.undeliverable),
+                    "reason": records.NO_EMBEDDING_REASON,
+                }
+            },
+        }
 
     @property
     def _progress_db(self) -> Path:
@@ -594,15 +632,19 @@ class CloudSyncMethod:
                 files=files,
             ),
         )
-        if upload.exported_ids:
+        if upload.snapshots and self.config.export_memories:
+            records.save_undeliverable(self.config.state_path, "cloud", upload.undeliverable)
+        if any(upload.exported.values()):
             import duckdb
 
-            con = duckdb.connect()
-            try:
-                records.open_progress(con, self._progress_db)
-                records.mark_delivered(con, tid, "conversation", upload.exported_ids)
-            finally:
-                con.close()
+            with records.PROGRESS_LOCK:
+                con = duckdb.connect()
+                try:
+                    records.open_progress(con, self._progress_db)
+                    for kind, ids in upload.exported.items():
+                        records.mark_delivered(con, tid, kind, ids)
+                finally:
+                    con.close()
 
     async def _discard(self, upload: _Upload) -> None:
         """Best effort: remove what a failed sync wrote, unless it may be committed."""

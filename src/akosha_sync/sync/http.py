@@ -240,6 +240,8 @@ class _Tally:
     bytes_sent: int = 0
     calls: int = 0
     wanted: int = 0  # databases asked for
+    read: int = 0  # databases snapshotted and read
+    conversations_total: int = 0  # in the reflection snapshot, delivered or not
     missing: list[str] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
 
@@ -386,6 +388,8 @@ class HttpSyncMethod:
                 original=exc,
             ) from exc
         result = self._result(upload_id, tally)
+        if tally.read:
+            records.save_undeliverable(self.config.state_path, "http", tally.no_embedding)
         result.duration_seconds = round(time.monotonic() - started, 3)
         log.info(
             "sync finished",
@@ -480,6 +484,9 @@ class HttpSyncMethod:
                 log.error("database not readable; skipped", database=str(source), error=str(exc))
                 continue
             plan.append((Path(snap.path), kinds))
+            tally.read += 1
+            if name == config.reflection_db:
+                tally.conversations_total += snap.conversation_count
         return plan
 
     async def _deliver(self, feed: _Feed, tally: _Tally, progress: ProgressCallback) -> None:
@@ -650,8 +657,8 @@ class HttpSyncMethod:
             upload_id=upload_id,
             error=self._scrub("; ".join(problems)) or None,
             files_missing=tally.missing,
-            conversation_count=tally.stored.get("conversation", 0)
-            + tally.duplicates.get("conversation", 0),
+            conversation_count=tally.conversations_total,
+            new_conversation_count=tally.stored.get("conversation", 0),
             details=details,
         )
 
