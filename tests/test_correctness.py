@@ -450,3 +450,24 @@ def test_memories_json_carries_every_kind_like_the_http_path(
     for method in ("cloud", "http"):
         assert status[method]["by_kind"] == no_embedding
         assert status[method]["count"] == sum(no_embedding.values())
+
+
+# ------------------------------------------------- F. Session-Buddy 0.32 cloud_sync names
+def test_session_buddy_cloud_sync_names_are_read_with_a_clear_precedence() -> None:
+    from akosha_sync.config import load_config
+
+    env = {
+        "SESSION_BUDDY_CLOUD_SYNC__CLOUD_BUCKET": "nested-bucket",
+        "SESSION_BUDDY_CLOUD_SYNC__CLOUD_REGION": "eu-nested",
+        "SESSION_BUDDY_CLOUD_SYNC__MAX_RETRIES": "7",
+        "SESSION_BUDDY_CLOUD_SYNC__ENABLE_FALLBACK": "false",
+        "SESSION_BUDDY_AKOSHA_CLOUD_REGION": "eu-flat",  # flat beats nested
+        "SESSION_BUDDY_AKOSHA_MAX_RETRIES": "5",
+        "AKOSHA_SYNC_MAX_RETRIES": "2",  # ours beats both
+    }
+    config = load_config(environ=env)
+    assert config.cloud_bucket == "nested-bucket"
+    assert config.cloud_region == "eu-flat"
+    assert config.max_retries == 2
+    assert config.enable_fallback is False
+    assert load_config(environ=env, overrides={"max_retries": 1}).max_retries == 1
