@@ -485,3 +485,37 @@ def test_session_buddy_cloud_sync_names_are_read_with_a_clear_precedence() -> No
     assert config.max_retries == 2
     assert config.enable_fallback is False
     assert load_config(environ=env, overrides={"max_retries": 1}).max_retries == 1
+
+
+def test_an_upgrade_exports_the_kinds_an_older_version_never_sent(
+    s3_config: MakeConfig, minio_client: Minio, s3_bucket: str, sample: SampleInfo,
+) -> None:
+    """State written before memories.json carried reflections and entities: the
+    unchanged databases are read again (their objects still reused) so those
+    records reach Akosha instead of waiting for the next change."""
+    import duckdb
+    import msgspec
+
+    from akosha_sync.sync.cloud import cloud_target_id
+    from akosha_sync.sync.state import load_state, save_state
+
+    config = s3_config()
+    first = anyio.run(CloudSyncMethod(config).sync)
+    assert first["success"], first["error"]
+    # Make it look like the older version's state: conversations only.
+    tid = cloud_target_id(config)
+    state = load_state(config.state_path, tid)
+    assert state is not None and state.exported_kinds
+    save_state(config.state_path, tid, msgspec.structs.replace(state, exported_kinds=[]))
+    con = duckdb.connect(str(config.state_path / "delivered.duckdb"))
+    con.execute("DELETE FROM delivered WHERE kind <> 'conversation'")
+    con.close()
+
+    second = anyio.run(CloudSyncMethod(config).sync)
+    assert second["success"], second["error"]
+    assert not [k for k in second["files_uploaded"] if k.endswith((".duckdb", ".wal"))]
+    memories = json.loads(get_object(
+        minio_client, s3_bucket, f"systems/test-host/uploads/{second['upload_id']}/memories.json"))
+    kinds = {e["metadata"]["record_type"] for e in memories["conversations"]}
+    assert kinds == {"reflection", "entity"}
+    assert second["new_conversation_count"] == 0
