@@ -25,6 +25,8 @@ from urllib.parse import urlsplit, urlunsplit
 
 import msgspec
 
+from akosha_sync.redact import REDACTED
+
 __all__ = [
     "DEFAULT_CONFIG_PATH",
     "ENV_PREFIXES",
@@ -38,8 +40,7 @@ __all__ = [
 
 ForceMethod = Literal["auto", "cloud", "http"]
 
-REDACTED = "***redacted***"
-SECRET_FIELDS = frozenset({"secret_access_key", "akosha_token", "daemon_token"})
+SECRET_FIELDS = frozenset({"secret_access_key", "akosha_token", "daemon_token", "session_token"})
 # Our own names win over Session-Buddy's when both are set.
 ENV_PREFIXES = ("AKOSHA_SYNC_", "SESSION_BUDDY_AKOSHA_")
 DEFAULT_CONFIG_PATH = Path("~/.config/akosha-sync/config.toml")
@@ -109,6 +110,10 @@ class AkoshaSyncConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown
     # When set, POST /hooks/session-end requires ``Authorization: Bearer <token>``.
     daemon_token: str = ""
 
+    # Security (issue 9): temporary credentials (STS) for the object store; empty falls
+    # back to AWS_SESSION_TOKEN when the keys come from the environment too.
+    session_token: str = ""
+
     # ----------------------------------------------------------------- derived
     @property
     def is_local_target(self) -> bool:
@@ -148,6 +153,13 @@ class AkoshaSyncConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown
         return self.secret_access_key or os.environ.get("AWS_SECRET_ACCESS_KEY", "")
 
     @property
+    def resolved_session_token(self) -> str:
+        # An environment token belongs to the environment's keys, never to keys set here.
+        if self.session_token or self.access_key_id:
+            return self.session_token
+        return os.environ.get("AWS_SESSION_TOKEN", "")
+
+    @property
     def data_path(self) -> Path:
         return Path(self.data_dir).expanduser()
 
@@ -183,6 +195,8 @@ class AkoshaSyncConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown
             self.akosha_token,
             self.daemon_token,
             self.resolved_secret_access_key,
+            self.session_token,
+            os.environ.get("AWS_SESSION_TOKEN", ""),
             _url_password(self.cloud_endpoint),
             _url_password(self.akosha_url),
         ]
@@ -245,7 +259,25 @@ class AkoshaSyncConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown
             value = getattr(self, name)
             if not value or "/" in value or value in (".", ".."):
                 problems.append(f"{name} {value!r} must be a bare file name inside data_dir.")
+        # Security (issue 9): the token would travel in clear text.
+        if insecure := self.akosha_url_insecure():
+            problems.append(insecure)
         return problems
+
+    def akosha_url_insecure(self) -> str:
+        """Why ``akosha_url`` may not be used (plain http to a remote host), or ''."""
+        url = urlsplit(self.akosha_url)
+        if (
+            url.scheme != "http" or not url.hostname or _is_loopback(url.hostname)
+            or self.allow_plain_http
+        ):
+            return ""
+        return (
+            f"akosha_url {_redact_url(self.akosha_url)!r} uses plain http to a non-local "
+            "host, which would send akosha_token and your memories unencrypted; use "
+            "https:// (plain http is accepted only for localhost, or with "
+            "allow_plain_http = true on a private network)."
+        )
 
     def _endpoint_problems(self) -> list[str]:
         endpoint = self.cloud_endpoint

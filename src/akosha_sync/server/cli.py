@@ -73,8 +73,14 @@ def _serve(config: Any, args: argparse.Namespace) -> int:
     for problem in problems:
         # Serve anyway: akosha_sync_status shows the problems to the user's assistant.
         print(f"akosha-sync: configuration problem: {problem}", file=sys.stderr)
-    anyio.run(lambda: serve(config, transport=args.transport, host=args.host, port=args.port,
-                            grace_seconds=args.grace))
+    from akosha_sync.server.serve import ServeRefused
+
+    try:
+        anyio.run(lambda: serve(config, transport=args.transport, host=args.host,
+                                port=args.port, grace_seconds=args.grace))
+    except ServeRefused as exc:
+        print(f"akosha-sync serve: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 

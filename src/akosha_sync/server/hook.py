@@ -17,6 +17,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from akosha_sync._fs import atomic_write, private_dir
 from akosha_sync.config import AkoshaSyncConfig
 
 __all__ = ["DAEMON_FILE", "read_daemon_url", "remove_daemon_file", "run_hook", "write_daemon_file"]
@@ -27,11 +28,8 @@ _FORWARD_TIMEOUT = 0.5
 
 def write_daemon_file(config: AkoshaSyncConfig, url: str) -> None:
     """Tell hook commands where the running daemon listens."""
-    path = config.state_path / DAEMON_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"pid": os.getpid(), "url": url}), encoding="utf-8")
-    os.replace(tmp, path)
+    private_dir(config.state_path)
+    atomic_write(config.state_path / DAEMON_FILE, json.dumps({"pid": os.getpid(), "url": url}))
 
 
 def remove_daemon_file(config: AkoshaSyncConfig) -> None:

@@ -31,6 +31,7 @@ import structlog
 from obstore.exceptions import AlreadyExistsError
 
 from akosha_sync import __version__
+from akosha_sync._fs import atomic_write
 from akosha_sync.config import AkoshaSyncConfig
 from akosha_sync.sync import records
 from akosha_sync.sync.manifest import (
@@ -541,8 +542,7 @@ class CloudSyncMethod:
         if snap is not None:
             ids = await anyio.to_thread.run_sync(self._write_memories, Path(snap.path), out, tid)
         else:
-            out.parent.mkdir(parents=True, exist_ok=True)
-            out.write_text('{"conversations": []}\n', encoding="utf-8")
+            atomic_write(out, '{"conversations": []}\n')
         key = memories_key(config.system_id_resolved, upload.upload_id)
         entry = await self._upload_file(
             out, key, upload, compress=False, progress=progress, phase="upload:memories"

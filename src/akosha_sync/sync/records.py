@@ -19,6 +19,8 @@ from typing import Literal
 
 import duckdb
 
+from akosha_sync._fs import private_dir, private_file, private_open
+
 __all__ = [
     "KINDS",
     "RecordKind",
@@ -116,8 +118,9 @@ def open_snapshot(snapshot: Path, progress_db: Path) -> duckdb.DuckDBPyConnectio
 
 def open_progress(con: duckdb.DuckDBPyConnection, progress_db: Path) -> None:
     """Attach the delivered-ids store to a connection as ``progress``."""
-    progress_db.parent.mkdir(parents=True, exist_ok=True)
+    private_dir(progress_db.parent)
     con.execute(f"ATTACH '{_sql_str(str(progress_db))}' AS progress")
+    private_file(progress_db)  # DuckDB creates it with the umask's mode
     con.execute(_PROGRESS_SCHEMA)
 
 
@@ -287,7 +290,7 @@ def write_memories_json(
     Streams to ``out`` (memory stays bounded) and returns the original ids written.
     """
     ids: list[str] = []
-    with out.open("w", encoding="utf-8") as fh:
+    with private_open(out, "w", encoding="utf-8") as fh:
         fh.write('{"conversations": [')
         first = True
         for record_id, doc in iter_records(
