@@ -39,6 +39,11 @@ def add_commands(sub: Any) -> None:
     install.add_argument("--write", action="store_true",
                          help="apply the changes to Claude Code's files (default: print them)")
 
+    # doctor (issue 7)
+    doctor = sub.add_parser("doctor", help="check the configuration, the bucket, Akosha, "
+                            "the daemon and Claude Code's set-up; exit 1 if any check fails")
+    doctor.add_argument("--json", action="store_true", help="print the checks as JSON")
+
 
 def run(args: argparse.Namespace) -> int:
     from akosha_sync.config import load_config
@@ -52,6 +57,10 @@ def run(args: argparse.Namespace) -> int:
         return _serve(config, args)
     if args.command == "drain":
         return _drain(config)
+    if args.command == "doctor":  # issue 7
+        from akosha_sync.server.doctor import run_doctor
+
+        return run_doctor(config, as_json=args.json)
     if args.command == "install":
         from akosha_sync.server.install import install_claude
 
