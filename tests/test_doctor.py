@@ -162,3 +162,11 @@ def test_stdio_setup_or_the_plugin_need_no_daemon(
     assert "plugin" in checks["claude code registration"].detail
     assert "plugin" in checks["sessionend hook"].detail
 
+
+
+def test_registration_pointing_elsewhere(s3_config: MakeConfig, tmp_path: Path) -> None:
+    _install_claude(s3_config(daemon_port=pick_free_port()), tmp_path)
+    config = s3_config(daemon_port=pick_free_port())  # the daemon moved since install
+    registration = _failed(_checks(config, tmp_path))["claude code registration"]
+    assert config.daemon_url in registration.detail
+    assert "install claude --write" in registration.fix

@@ -50,6 +50,13 @@ AUTH = {"Authorization": f"Bearer {TOKEN}"}
 JSON = {"Content-Type": "application/json"}
 
 
+def _drop_our_log_handlers() -> None:
+    root = logging.getLogger()
+    for handler in [h for h in root.handlers if getattr(h, "_akosha_sync", False)]:
+        root.removeHandler(handler)
+        handler.close()
+
+
 # ------------------------------------------------------------ every route
 def test_token_guards_every_route_but_health(
     s3_config: MakeConfig, daemon_factory: Callable[[AkoshaSyncConfig], Daemon]
@@ -271,7 +278,7 @@ def test_everything_we_create_is_private(
         assert any(n == expected for n in names), (expected, sorted(names))
     assert any(p.endswith(".json") and "/targets/" in p for p in seen)
     assert _wrong_modes(seen) == {}
-    logging.getLogger().handlers.clear()
+    _drop_our_log_handlers()
 
 
 # ------------------------------------------------------------ plain http, session token
@@ -359,7 +366,7 @@ def test_session_token_is_sent_and_never_shown(
     assert session not in json.dumps(result)
     assert session not in config.log_path.read_text()
     assert session not in repr(config)
-    logging.getLogger().handlers.clear()
+    _drop_our_log_handlers()
 
 
 # ------------------------------------------------------------ one scrubber
@@ -420,7 +427,7 @@ def test_one_scrubber_keeps_every_secret_out_of_errors_results_and_logs(
     for where, text in outputs.items():
         for name, value in secrets.items():
             assert value not in text, f"{name} leaked into the {where}"
-    logging.getLogger().handlers.clear()
+    _drop_our_log_handlers()
 
 
 def test_scrubber_cleans_nested_values_and_secret_keys() -> None:

@@ -288,6 +288,10 @@ def _check_claude(config: AkoshaSyncConfig, setup: _ClaudeSetup) -> list[Check]:
         if kind == "http" and config.daemon_token and "headers" not in entry:
             checks.append(_fail("claude code registration", f"{where}: no Authorization "
                                 "header, but daemon_token is set", _INSTALL_FIX))
+        elif kind == "http" and not url.startswith(f"{config.daemon_url}/"):
+            checks.append(_fail("claude code registration", f"{where}: points at {url}, "
+                                f"but the daemon is configured at {config.daemon_url}",
+                                _INSTALL_FIX))
         else:
             checks.append(_ok("claude code registration",
                               f"{where}: {kind}{' ' + url if url else ''}"))
