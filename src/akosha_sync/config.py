@@ -107,11 +107,11 @@ class AkoshaSyncConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown
     # The local daemon (``akosha-sync serve --transport http``) and its hook route.
     daemon_host: str = "127.0.0.1"
     daemon_port: int = 8683
-    # When set, POST /hooks/session-end requires ``Authorization: Bearer <token>``.
+    # When set, every route but /health requires ``Authorization: Bearer <token>``.
     daemon_token: str = ""
 
     # Security (issue 9): temporary credentials (STS) for the object store; empty falls
-    # back to AWS_SESSION_TOKEN when the keys come from the environment too.
+    # back to AWS_SESSION_TOKEN.
     session_token: str = ""
 
     # ----------------------------------------------------------------- derived
@@ -154,10 +154,8 @@ class AkoshaSyncConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown
 
     @property
     def resolved_session_token(self) -> str:
-        # An environment token belongs to the environment's keys, never to keys set here.
-        if self.session_token or self.access_key_id:
-            return self.session_token
-        return os.environ.get("AWS_SESSION_TOKEN", "")
+        # obstore reads AWS_SESSION_TOKEN itself whatever the keys; say what it will send.
+        return self.session_token or os.environ.get("AWS_SESSION_TOKEN", "")
 
     @property
     def data_path(self) -> Path:
