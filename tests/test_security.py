@@ -102,6 +102,33 @@ def test_token_guards_every_route_but_health(
     assert TOKEN not in daemon.config.log_path.read_text()
 
 
+def test_hook_command_forwards_with_the_token(
+    s3_config: MakeConfig, daemon_factory: Callable[[AkoshaSyncConfig], Daemon]
+) -> None:
+    """`akosha-sync hook session-end` reaches a token-guarded daemon (it does not fall
+    back to its own queue and drain)."""
+    daemon = daemon_factory(s3_config(daemon_token=TOKEN))
+    done = subprocess.run([EXE, "--config", str(daemon.toml), "hook", "session-end"],
+                          input=json.dumps(_session_end("forwarded")), text=True,
+                          capture_output=True, timeout=30, check=False)
+    assert done.returncode == 0 and "answered" not in done.stderr, done.stderr
+    history = _until(lambda: _status_via_mcp_with_token(daemon.url)["history"],
+                     what="the forwarded request's sync")
+    assert "session-end" in history[0]["triggered_by"]
+
+
+def _status_via_mcp_with_token(url: str) -> dict[str, Any]:
+    async def ask() -> dict[str, Any]:
+        async with Client(streamable_http_client(
+            f"{url}/mcp", http_client=create_mcp_http_client(headers=AUTH)
+        )) as client:
+            data = (await client.call_tool("akosha_sync_status", {})).structured_content
+            assert data is not None
+            return data
+
+    return anyio.run(ask)
+
+
 # ------------------------------------------------------------ the hook route
 def test_hook_route_refuses_browsers_and_rebinding(
     s3_config: MakeConfig, daemon_factory: Callable[[AkoshaSyncConfig], Daemon]

@@ -28,7 +28,12 @@ def check_bind(config: AkoshaSyncConfig, host: str) -> None:
     call the tools and trigger uploads."""
     from akosha_sync.server.http import is_loopback_host
 
-    if config.daemon_token or is_loopback_host(host):
+    if is_loopback_host(host):
+        return
+    if config.daemon_token:
+        log.warning("listening beyond loopback over plain http: the token and the data "
+                    "travel unencrypted; keep it on a private network or behind TLS",
+                    host=host)
         return
     raise ServeRefused(
         f"refusing to listen on {host!r} without a daemon_token: other machines could "
