@@ -170,3 +170,9 @@ def test_registration_pointing_elsewhere(s3_config: MakeConfig, tmp_path: Path) 
     registration = _failed(_checks(config, tmp_path))["claude code registration"]
     assert config.daemon_url in registration.detail
     assert "install claude --write" in registration.fix
+
+
+def test_a_bucket_not_in_use_is_skipped(s3_config: MakeConfig, tmp_path: Path) -> None:
+    checks = _checks(s3_config(force_method="http", secret_access_key="wrong-0123456789"),
+                     tmp_path)
+    assert checks["bucket"].status == "skip" and checks["credentials"].status == "skip"

@@ -65,10 +65,16 @@ def _check_config(config: AkoshaSyncConfig) -> Check:
     return _ok("configuration", "valid")
 
 
+def _cloud_unused(config: AkoshaSyncConfig) -> str:
+    if not config.cloud_configured:
+        return "no cloud_bucket configured"
+    return "" if config.should_use_cloud else "force_method is http"
+
+
 def _check_credentials(config: AkoshaSyncConfig) -> Check:
     name = "credentials"
-    if not config.cloud_configured:
-        return _skip(name, "no cloud_bucket configured")
+    if unused := _cloud_unused(config):
+        return _skip(name, unused)
     if config.is_local_target:
         return _ok(name, "none needed for a file:// folder")
     if config.resolved_access_key_id and config.resolved_secret_access_key:
@@ -83,8 +89,8 @@ def _check_credentials(config: AkoshaSyncConfig) -> Check:
 
 async def _check_bucket(config: AkoshaSyncConfig) -> Check:
     name = "bucket"
-    if not config.cloud_configured:
-        return _skip(name, "no cloud_bucket configured")
+    if unused := _cloud_unused(config):
+        return _skip(name, unused)
     if config.validate():
         return _fail(name, "not tried: the configuration is invalid",
                      "fix the configuration first")
@@ -183,8 +189,12 @@ async def _mcp_handshake(config: AkoshaSyncConfig, headers: dict[str, str], fix:
                                   cache=None) as client:
                     tools = {t.name for t in (await client.list_tools()).tools}
     except Exception as exc:  # the SDK raises many kinds (and groups of them)
+        leaf: BaseException = exc
+        while isinstance(leaf, BaseExceptionGroup) and leaf.exceptions:
+            leaf = leaf.exceptions[0]  # the cause, not the task group around it
+        cause = (str(leaf).strip().splitlines() or [""])[0][:300]
         return _fail(name, f"no MCP session with {config.redacted()['akosha_url']}: "
-                     f"{type(exc).__name__}: {exc}",
+                     f"{type(leaf).__name__}: {cause}",
                      "check that akosha_url ends in Akosha's MCP path (/mcp) and, if Akosha "
                      f"requires one, akosha_token. {fix}")
     if _TOOL not in tools:
