@@ -40,8 +40,8 @@ bench: $(STAMP)
 ## dev-up / dev-down: MinIO + the daemon in docker compose (needs a Docker engine)
 dev-up:
 	docker compose up -d --build
-dev-down:
-	docker compose down
+dev-down:  # down needs no token, but compose reads the whole file
+	AKOSHA_SYNC_DAEMON_TOKEN=$${AKOSHA_SYNC_DAEMON_TOKEN:-unused} docker compose down
 
 clean:
 	rm -rf $(VENV) $(AKOSHA_VENV) .cache .mypy_cache .ruff_cache

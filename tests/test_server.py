@@ -302,7 +302,8 @@ def test_bad_hook_bodies_and_token(
         wrong = http.post("/hooks/session-end", json=_session_end(),
                           headers={"Authorization": "Bearer nope"})
         assert wrong.status_code == 401
-        not_json = http.post("/hooks/session-end", content=b"{oops", headers=auth)
+        not_json = http.post("/hooks/session-end", content=b"{oops",
+                             headers={**auth, "Content-Type": "application/json"})
         assert not_json.status_code == 400 and "not JSON" in not_json.json()["error"]
         stop = http.post("/hooks/session-end", headers=auth,
                          json={**_session_end(), "hook_event_name": "Stop"})

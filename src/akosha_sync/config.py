@@ -26,6 +26,8 @@ from urllib.parse import urlsplit, urlunsplit
 
 import msgspec
 
+from akosha_sync.redact import REDACTED
+
 __all__ = [
     "DEFAULT_CONFIG_PATH",
     "ENV_PREFIXES",
@@ -39,8 +41,7 @@ __all__ = [
 
 ForceMethod = Literal["auto", "cloud", "http"]
 
-REDACTED = "***redacted***"
-SECRET_FIELDS = frozenset({"secret_access_key", "akosha_token", "daemon_token"})
+SECRET_FIELDS = frozenset({"secret_access_key", "akosha_token", "daemon_token", "session_token"})
 # Earlier prefixes win: our own names, then Session-Buddy's flat names, then the
 # nested ``cloud_sync`` settings of Session-Buddy 0.32+ (``..._CLOUD_SYNC__CLOUD_BUCKET``):
 # the more specific a name is to akosha-sync, the more deliberately it was set.
@@ -109,12 +110,16 @@ class AkoshaSyncConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown
     # The local daemon (``akosha-sync serve --transport http``) and its hook route.
     daemon_host: str = "127.0.0.1"
     daemon_port: int = 8683
-    # When set, POST /hooks/session-end requires ``Authorization: Bearer <token>``.
+    # When set, every route but /health requires ``Authorization: Bearer <token>``.
     daemon_token: str = ""
 
     # Long sessions (issue 10): the daemon also syncs every this many minutes while the
     # databases change; 0 turns it off (session ends and compactions still sync).
     sync_interval_minutes: int = 0
+
+    # Security (issue 9): temporary credentials (STS) for the object store; empty falls
+    # back to AWS_SESSION_TOKEN.
+    session_token: str = ""
 
     # ----------------------------------------------------------------- derived
     @property
@@ -155,6 +160,11 @@ class AkoshaSyncConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown
         return self.secret_access_key or os.environ.get("AWS_SECRET_ACCESS_KEY", "")
 
     @property
+    def resolved_session_token(self) -> str:
+        # obstore reads AWS_SESSION_TOKEN itself whatever the keys; say what it will send.
+        return self.session_token or os.environ.get("AWS_SESSION_TOKEN", "")
+
+    @property
     def data_path(self) -> Path:
         return Path(self.data_dir).expanduser()
 
@@ -190,6 +200,8 @@ class AkoshaSyncConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown
             self.akosha_token,
             self.daemon_token,
             self.resolved_secret_access_key,
+            self.session_token,
+            os.environ.get("AWS_SESSION_TOKEN", ""),
             _url_password(self.cloud_endpoint),
             _url_password(self.akosha_url),
         ]
@@ -254,7 +266,25 @@ class AkoshaSyncConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown
                 problems.append(f"{name} {value!r} must be a bare file name inside data_dir.")
         # Long sessions (issue 10).
         _check_range(problems, "sync_interval_minutes", self.sync_interval_minutes, 0, 1440)
+        # Security (issue 9): the token would travel in clear text.
+        if insecure := self.akosha_url_insecure():
+            problems.append(insecure)
         return problems
+
+    def akosha_url_insecure(self) -> str:
+        """Why ``akosha_url`` may not be used (plain http to a remote host), or ''."""
+        url = urlsplit(self.akosha_url)
+        if (
+            url.scheme != "http" or not url.hostname or _is_loopback(url.hostname)
+            or self.allow_plain_http
+        ):
+            return ""
+        return (
+            f"akosha_url {_redact_url(self.akosha_url)!r} uses plain http to a non-local "
+            "host, which would send akosha_token and your memories unencrypted; use "
+            "https:// (plain http is accepted only for localhost, or with "
+            "allow_plain_http = true on a private network)."
+        )
 
     def _endpoint_problems(self) -> list[str]:
         endpoint = self.cloud_endpoint

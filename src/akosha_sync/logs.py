@@ -8,53 +8,24 @@ from __future__ import annotations
 import logging
 import logging.handlers
 import sys
-from collections.abc import Iterable, MutableMapping
 from pathlib import Path
 from typing import Any
 
 import structlog
 
-from akosha_sync.config import REDACTED, SECRET_FIELDS, AkoshaSyncConfig
+from akosha_sync._fs import private_dir, private_file
+from akosha_sync.config import AkoshaSyncConfig
+from akosha_sync.redact import scrub, scrubber_for
 
 __all__ = ["configure_logging", "scrub"]
 
-_SECRET_KEYS = SECRET_FIELDS | {"password", "token", "authorization", "secret"}
 
+class _PrivateRotatingFileHandler(logging.handlers.RotatingFileHandler):
+    """A rotating log whose every file (the new one after a rollover too) is 0600."""
 
-class _Scrubber:
-    """A structlog processor that removes every known secret from an event."""
-
-    def __init__(self, secrets: Iterable[str]) -> None:
-        self.secrets = sorted({s for s in secrets if s}, key=len, reverse=True)
-
-    def clean(self, value: Any) -> Any:
-        if isinstance(value, str):
-            for secret in self.secrets:
-                value = value.replace(secret, REDACTED)
-            return value
-        if isinstance(value, dict):
-            return {k: REDACTED if str(k).lower() in _SECRET_KEYS and v else self.clean(v)
-                    for k, v in value.items()}
-        if isinstance(value, list | tuple):
-            return [self.clean(v) for v in value]
-        return value
-
-    def __call__(
-        self, logger: Any, name: str, event: MutableMapping[str, Any]
-    ) -> MutableMapping[str, Any]:
-        for key, value in list(event.items()):
-            if key.lower() in _SECRET_KEYS and value:
-                event[key] = REDACTED
-            else:
-                event[key] = self.clean(value)
-        return event
-
-
-def scrub(text: str, config: AkoshaSyncConfig) -> str:
-    """Remove the configuration's secrets from a text meant for output."""
-    for secret in config.secrets():
-        text = text.replace(secret, REDACTED)
-    return text
+    def _open(self):  # type: ignore[no-untyped-def]
+        private_file(Path(self.baseFilename))
+        return super()._open()
 
 
 def configure_logging(
@@ -68,7 +39,7 @@ def configure_logging(
     ``stderr_level=None`` keeps stderr quiet (for commands that print their own output).
     """
     path = log_file or config.log_path
-    scrubber = _Scrubber(config.secrets())
+    scrubber = scrubber_for(config)
     shared: list[Any] = [
         structlog.contextvars.merge_contextvars,
         structlog.stdlib.add_log_level,
@@ -86,8 +57,8 @@ def configure_logging(
 
     file_in_use: Path | None = path
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        file_handler: logging.Handler = logging.handlers.RotatingFileHandler(
+        private_dir(path.parent, tighten=False)  # ~/.claude/logs is not ours alone
+        file_handler: logging.Handler = _PrivateRotatingFileHandler(
             path, maxBytes=5 * 1024 * 1024, backupCount=3, encoding="utf-8"
         )
         file_handler.setFormatter(

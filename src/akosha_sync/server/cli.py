@@ -43,6 +43,11 @@ def add_commands(sub: Any) -> None:
     uninstall.add_argument("target", choices=["claude", "service"])
     _target_options(uninstall)
 
+    # doctor (issue 7)
+    doctor = sub.add_parser("doctor", help="check the configuration, the bucket, Akosha, "
+                            "the daemon and Claude Code's set-up; exit 1 if any check fails")
+    doctor.add_argument("--json", action="store_true", help="print the checks as JSON")
+
 
 def _target_options(parser: Any) -> None:
     parser.add_argument("--scope", choices=["user", "project"], default="user",
@@ -69,6 +74,10 @@ def run(args: argparse.Namespace) -> int:
         return _drain(config)
     if args.command in ("install", "uninstall"):
         return _install(config, args)
+    if args.command == "doctor":  # issue 7
+        from akosha_sync.server.doctor import run_doctor
+
+        return run_doctor(config, as_json=args.json)
     raise SystemExit(f"unknown command {args.command!r}")
 
 
@@ -103,8 +112,14 @@ def _serve(config: Any, args: argparse.Namespace) -> int:
     for problem in problems:
         # Serve anyway: akosha_sync_status shows the problems to the user's assistant.
         print(f"akosha-sync: configuration problem: {problem}", file=sys.stderr)
-    anyio.run(lambda: serve(config, transport=args.transport, host=args.host, port=args.port,
-                            grace_seconds=args.grace))
+    from akosha_sync.server.serve import ServeRefused
+
+    try:
+        anyio.run(lambda: serve(config, transport=args.transport, host=args.host,
+                                port=args.port, grace_seconds=args.grace))
+    except ServeRefused as exc:
+        print(f"akosha-sync serve: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -18,6 +18,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from akosha_sync._fs import atomic_write, private_dir
 from akosha_sync.config import AkoshaSyncConfig
 
 __all__ = [
@@ -41,11 +42,8 @@ def daemon_http_url(host: str, port: int) -> str:
 
 def write_daemon_file(config: AkoshaSyncConfig, url: str) -> None:
     """Tell hook commands where the running daemon listens."""
-    path = config.state_path / DAEMON_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"pid": os.getpid(), "url": url}), encoding="utf-8")
-    os.replace(tmp, path)
+    private_dir(config.state_path)
+    atomic_write(config.state_path / DAEMON_FILE, json.dumps({"pid": os.getpid(), "url": url}))
 
 
 def remove_daemon_file(config: AkoshaSyncConfig) -> None:

@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 from typing import Any, Literal
 
+from akosha_sync._fs import private_dir
 from akosha_sync.config import ENV_PREFIXES, AkoshaSyncConfig
 
 __all__ = [
@@ -321,7 +322,7 @@ def _backup_name(path: Path) -> str:
 
 
 def _backup(path: Path, text: str, backups: Path, mode: int) -> None:
-    backups.mkdir(parents=True, exist_ok=True, mode=0o700)
+    private_dir(backups)
     name = _backup_name(path)
     now = time.time_ns()
     stamp = f"{time.strftime('%Y%m%d-%H%M%S', time.gmtime(now // 10**9))}-{now % 10**9:09d}"

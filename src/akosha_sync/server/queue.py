@@ -28,6 +28,8 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
+from akosha_sync._fs import private_dir, private_file
+
 __all__ = [
     "KEEP_DONE_REQUESTS",
     "KEEP_HISTORY",
@@ -155,8 +157,8 @@ class JobQueue:
     """SQLite-backed queue; every method is a short transaction, safe across processes."""
 
     def __init__(self, state_dir: Path) -> None:
-        state_dir.mkdir(parents=True, exist_ok=True)
-        self.path = state_dir / QUEUE_FILE
+        private_dir(state_dir)
+        self.path = private_file(state_dir / QUEUE_FILE)  # its -wal/-shm inherit 0600
         with self._connect() as con:
             con.executescript(_SCHEMA)
 

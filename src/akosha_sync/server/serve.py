@@ -13,10 +13,34 @@ from akosha_sync.server.app import build_mcp_server
 from akosha_sync.server.daemon import SyncDaemon
 from akosha_sync.server.hook import daemon_http_url, remove_daemon_file, write_daemon_file
 
-__all__ = ["Transport", "serve"]
+__all__ = ["ServeRefused", "Transport", "check_bind", "serve"]
 
 Transport = Literal["stdio", "http", "sse"]
 log = structlog.get_logger("akosha_sync.serve")
+
+
+class ServeRefused(Exception):
+    """The daemon will not start as configured; the message says what to change."""
+
+
+def check_bind(config: AkoshaSyncConfig, host: str) -> None:
+    """Refuse a non-loopback address without a token: anyone who can reach it could
+    call the tools and trigger uploads."""
+    from akosha_sync.server.http import is_loopback_host
+
+    if is_loopback_host(host):
+        return
+    if config.daemon_token:
+        log.warning("listening beyond loopback over plain http: the token and the data "
+                    "travel unencrypted; keep it on a private network or behind TLS",
+                    host=host)
+        return
+    raise ServeRefused(
+        f"refusing to listen on {host!r} without a daemon_token: other machines could "
+        "reach the daemon. Set one (e.g. export AKOSHA_SYNC_DAEMON_TOKEN=$(openssl rand "
+        "-hex 32), or daemon_token in the config file) and send it as "
+        "'Authorization: Bearer <token>', or bind to 127.0.0.1."
+    )
 
 
 async def serve(
@@ -27,7 +51,12 @@ async def serve(
     port: int | None = None,
     grace_seconds: float = 10.0,
 ) -> None:
-    """Serve until stdin closes (stdio) or SIGINT/SIGTERM arrives."""
+    """Serve until stdin closes (stdio) or SIGINT/SIGTERM arrives.
+
+    Raises ``ServeRefused`` before anything starts for an unsafe HTTP bind.
+    """
+    if transport != "stdio":
+        check_bind(config, host or config.daemon_host)
     daemon = SyncDaemon(config, grace_seconds=grace_seconds)
     daemon.transport = transport
     server = build_mcp_server(daemon)

@@ -35,6 +35,7 @@ import structlog
 from obstore.exceptions import AlreadyExistsError
 
 from akosha_sync import __version__
+from akosha_sync._fs import private_dir
 from akosha_sync.config import AkoshaSyncConfig
 from akosha_sync.sync import records
 from akosha_sync.sync.deadline import Deadline
@@ -602,7 +603,7 @@ class CloudSyncMethod:
     ) -> tuple[dict[str, list[str]], dict[str, int]]:
         """Blocking: every undelivered record of the snapshots, and per kind the
         records that cannot be delivered (no embedding)."""
-        out.parent.mkdir(parents=True, exist_ok=True)
+        private_dir(out.parent)
         export = records.write_memories_json(
             out,
             plan,

@@ -47,7 +47,9 @@ from mcp.types import (
     TextContent,
 )
 
+from akosha_sync._fs import private_dir
 from akosha_sync.config import AkoshaSyncConfig
+from akosha_sync.redact import scrub
 from akosha_sync.sync import records
 from akosha_sync.sync.deadline import Deadline
 from akosha_sync.sync.manifest import make_upload_id
@@ -417,7 +419,7 @@ class HttpSyncMethod:
         config = self.config
         log.info("sync started", method="http", upload_id=upload_id, akosha=self._shown_url)
         root = config.state_path / "snapshots"
-        root.mkdir(parents=True, exist_ok=True)
+        private_dir(root)
         # Two syncs in one second share an upload id, never a folder.
         snapshot_dir = Path(tempfile.mkdtemp(prefix=f"http-{upload_id}-", dir=root))
         try:
@@ -692,7 +694,7 @@ class HttpSyncMethod:
     def _url_problem(self) -> str:
         parts = urlsplit(self.config.akosha_url)
         if parts.scheme in ("http", "https") and parts.hostname:
-            return ""
+            return self.config.akosha_url_insecure()
         return (
             f"akosha_url {self._shown_url!r} is not an http(s) URL; "
             "use e.g. 'http://localhost:8682/mcp'."
@@ -703,9 +705,7 @@ class HttpSyncMethod:
         return str(self.config.redacted()["akosha_url"])
 
     def _scrub(self, text: str) -> str:
-        for secret in self.config.secrets():
-            text = text.replace(secret, "***redacted***")
-        return text
+        return scrub(text, self.config)
 
     def _summary(self, tally: _Tally) -> str:
         delivered = sum(tally.stored.values()) + sum(tally.duplicates.values())

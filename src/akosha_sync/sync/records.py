@@ -17,10 +17,12 @@ import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, TextIO
+from typing import IO, Literal
 
 import duckdb
 import msgspec
+
+from akosha_sync._fs import atomic_write, private_dir, private_file, private_open
 
 __all__ = [
     "GRAPH_KINDS",
@@ -136,8 +138,9 @@ def open_snapshot(snapshot: Path, progress_db: Path) -> duckdb.DuckDBPyConnectio
 
 def open_progress(con: duckdb.DuckDBPyConnection, progress_db: Path) -> None:
     """Attach the delivered-ids store to a connection as ``progress``."""
-    progress_db.parent.mkdir(parents=True, exist_ok=True)
+    private_dir(progress_db.parent)
     con.execute(f"ATTACH '{_sql_str(str(progress_db))}' AS progress")
+    private_file(progress_db)  # DuckDB creates it with the umask's mode
     con.execute(_PROGRESS_SCHEMA)
 
 
@@ -321,7 +324,7 @@ def write_memories_json(
     """
     written: dict[str, list[str]] = {}
     skipped: dict[str, int] = {}
-    with out.open("w", encoding="utf-8") as fh:
+    with private_open(out, "w", encoding="utf-8") as fh:
         fh.write('{"conversations": [')
         first = True
         for path, kinds in snapshots:
@@ -334,7 +337,7 @@ def write_memories_json(
 
 
 def _export_one(
-    fh: TextIO,
+    fh: IO[str],
     path: Path,
     kinds: Sequence[str],
     progress_db: Path,
@@ -366,7 +369,6 @@ def save_undeliverable(state_dir: Path, method: str, by_kind: dict[str, int]) ->
     """Remember, per method, the records the last sync could not deliver (no embedding),
     so ``status`` can show them without opening the live databases."""
     import json
-    import os
     from datetime import UTC, datetime
 
     path = state_dir / _UNDELIVERABLE_FILE
@@ -377,10 +379,8 @@ def save_undeliverable(state_dir: Path, method: str, by_kind: dict[str, int]) ->
         "reason": NO_EMBEDDING_REASON,
         "at": datetime.now(UTC).isoformat().replace("+00:00", "Z"),
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(known, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    private_dir(path.parent)
+    atomic_write(path, json.dumps(known, indent=2, sort_keys=True) + "\n")
 
 
 def load_undeliverable(state_dir: Path) -> dict[str, dict[str, object]]:

@@ -13,6 +13,7 @@ import anyio
 import structlog
 
 from akosha_sync.config import AkoshaSyncConfig
+from akosha_sync.redact import scrubber_for
 from akosha_sync.sync.deadline import Deadline
 from akosha_sync.sync.http import HttpSyncMethod
 from akosha_sync.sync.hybrid import HybridAkoshaSync
@@ -74,6 +75,7 @@ async def run_sync(
         if isinstance(exc, HybridSyncError):
             result["method_attempts"] = exc.errors
     result["triggered_by"] = trigger
+    result = dict(scrubber_for(config).clean(result))  # the one exit: no secret in a result
     log.info(
         "sync finished",
         trigger=trigger,

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import msgspec
 
+from akosha_sync._fs import private_dir, private_open
 from akosha_sync.sync.protocol import SnapshotError
 
 __all__ = [
@@ -90,7 +91,7 @@ def fingerprint(db: Path) -> SourceFingerprint | None:
 
 def _copy_hashing(src: Path, dst: Path) -> str:
     digest = hashlib.sha256()
-    with src.open("rb") as fin, dst.open("wb") as fout:
+    with src.open("rb") as fin, private_open(dst, "wb") as fout:
         while chunk := fin.read(_COPY_BUFFER):
             digest.update(chunk)
             fout.write(chunk)
@@ -160,7 +161,7 @@ def take_snapshot(
     Blocking; run it in a worker thread. Raises ``FileNotFoundError`` if the database
     does not exist and ``SnapshotError`` if it cannot be read or never holds still.
     """
-    dest_dir.mkdir(parents=True, exist_ok=True)
+    private_dir(dest_dir)
     dest = dest_dir / name
     last_error: Exception | None = None
     for attempt in range(attempts):

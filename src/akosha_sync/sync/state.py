@@ -19,6 +19,7 @@ from pathlib import Path
 import anyio
 import msgspec
 
+from akosha_sync._fs import atomic_write, private_dir
 from akosha_sync.sync.manifest import FileEntry
 from akosha_sync.sync.protocol import SyncError
 from akosha_sync.sync.snapshot import SourceFingerprint
@@ -63,17 +64,13 @@ def load_state(state_dir: Path, tid: str) -> TargetState | None:
 
 def save_state(state_dir: Path, tid: str, state: TargetState) -> None:
     """Write atomically: a crash leaves the old state or the new one, never half."""
-    path = _state_file(state_dir, tid)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_bytes(msgspec.json.encode(state))
-    os.replace(tmp, path)
+    atomic_write(_state_file(state_dir, tid), msgspec.json.encode(state))
 
 
 @contextlib.asynccontextmanager
 async def sync_lock(state_dir: Path, *, timeout: float) -> AsyncIterator[None]:
     """Hold the machine-wide upload lock, waiting up to ``timeout`` seconds for it."""
-    state_dir.mkdir(parents=True, exist_ok=True)
+    private_dir(state_dir)
     path = state_dir / "sync.lock"
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
     try:

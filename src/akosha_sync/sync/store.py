@@ -30,6 +30,7 @@ from obstore.exceptions import (
 from obstore.store import LocalStore, S3Store
 
 from akosha_sync.config import AkoshaSyncConfig
+from akosha_sync.redact import scrub
 from akosha_sync.sync.protocol import CloudUploadError
 
 if TYPE_CHECKING:
@@ -146,9 +147,7 @@ def explain(exc: BaseException, config: AkoshaSyncConfig, what: str) -> str:
     else:
         advice = "the store rejected the request"
     message = f"cloud upload failed while {what}: {advice}. Target: {target}. Cause: {cause}"
-    for secret in config.secrets():
-        message = message.replace(secret, "***redacted***")
-    return message
+    return scrub(message, config)
 
 
 def part_size(config: AkoshaSyncConfig) -> int:
@@ -174,6 +173,8 @@ def make_store(config: AkoshaSyncConfig) -> ObjectStore:
     if config.access_key_id:
         kwargs["access_key_id"] = config.access_key_id
         kwargs["secret_access_key"] = config.secret_access_key
+    if config.resolved_session_token:  # temporary (STS) credentials
+        kwargs["session_token"] = config.resolved_session_token
     region = config.cloud_region
     if region == "auto" and endpoint is None:
         region = "us-east-1"  # 'auto' is R2's; plain AWS needs a real region to sign with
