@@ -160,9 +160,14 @@ def _parse_head(head: bytes) -> tuple[str, dict[str, str]]:
 
 
 def _reset(sock: socket.socket) -> None:
-    """Close with an RST, as a crashed peer's kernel would answer."""
+    """Close with an RST, as a crashed peer's kernel would answer.
+
+    ``shutdown`` first: a plain close does not wake a thread blocked in ``recv``.
+    """
     with contextlib.suppress(OSError):
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    with contextlib.suppress(OSError):
+        sock.shutdown(socket.SHUT_RDWR)
     with contextlib.suppress(OSError):
         sock.close()
 
