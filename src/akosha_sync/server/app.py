@@ -7,15 +7,24 @@ daemon's task group, so it outlives the call (and the connection) that asked for
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import anyio
 from mcp.server.mcpserver import Context, MCPServer
+from pydantic import WithJsonSchema
 
 from akosha_sync import __version__
 from akosha_sync.server.daemon import SyncDaemon
 
 __all__ = ["build_mcp_server"]
+
+# Omitted means "as configured" (force_method, enable_fallback). The schema shows the
+# plain type: clients need not know about null, and sending none is the default.
+_Method = Annotated[
+    Literal["auto", "cloud", "http"] | None,
+    WithJsonSchema({"type": "string", "enum": ["auto", "cloud", "http"]}),
+]
+_Fallback = Annotated[bool | None, WithJsonSchema({"type": "boolean"})]
 
 _INSTRUCTIONS = (
     "akosha-sync ships this machine's Session-Buddy memories (reflection and knowledge-graph "
@@ -32,13 +41,15 @@ def build_mcp_server(daemon: SyncDaemon) -> MCPServer:
     @server.tool()
     async def sync_to_akosha(
         ctx: Context,
-        method: Literal["auto", "cloud", "http"] = "auto",
-        enable_fallback: bool = True,
+        method: _Method = None,
+        enable_fallback: _Fallback = None,
     ) -> dict[str, Any]:
         """Sync memories to Akosha now: cloud first, falling back to Akosha's HTTP endpoint.
 
-        method: "auto" (cloud, then HTTP if enabled), "cloud" (cloud only) or "http".
-        enable_fallback: allow falling back from cloud to HTTP (auto only).
+        method: "auto" (cloud, then HTTP if enabled), "cloud" (cloud only) or "http";
+        omit it for the configured force_method.
+        enable_fallback: allow falling back from cloud to HTTP (auto only); omit it for
+        the configured enable_fallback.
         Waits for the sync and returns its result; a failure is success=false with an error.
         """
         request_id = await daemon.submit("manual", method=method, enable_fallback=enable_fallback)

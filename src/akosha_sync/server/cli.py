@@ -79,30 +79,12 @@ def _serve(config: Any, args: argparse.Namespace) -> int:
 
 
 def _drain(config: Any) -> int:
-    import time
-
     import anyio
 
     from akosha_sync.logs import configure_logging
-    from akosha_sync.server.queue import JobQueue
-    from akosha_sync.sync.runner import run_sync
+    from akosha_sync.server.daemon import SyncDaemon
 
     configure_logging(config, stderr_level=None)
-    queue = JobQueue(config.state_path)
-
-    async def drain() -> int:
-        failures = 0
-        while requests := queue.claim_pending():
-            started = time.time()
-            triggers = [r.trigger for r in requests]
-            try:
-                result = await run_sync(config, trigger=",".join(sorted(set(triggers))))
-            except BaseException:
-                queue.release([r.id for r in requests])
-                raise
-            queue.finish([r.id for r in requests], result, triggers=triggers,
-                          started_at=started, finished_at=time.time())
-            failures += not result.get("success")
-        return failures
-
-    return 1 if anyio.run(drain) else 0
+    # The daemon's own worker: each request runs with its method and fallback, a
+    # request another live process runs is left to it, and a dead one's is recovered.
+    return 1 if anyio.run(SyncDaemon(config).drain) else 0

@@ -9,6 +9,12 @@ not change since the sync it waited for started. Only one upload runs at a time
 On shutdown a running sync gets ``grace_seconds`` to finish; otherwise it is
 cancelled, nothing is committed (the manifest is written last) and its requests
 return to pending for the next start.
+
+Other processes share the queue (a stdio server per Claude Code session, ``drain``
+beside ``serve``): any of them may run a request, so a waiter polls the queue as
+well as its in-process event, and every wait is bounded. An unexpected error in a
+sync (the state folder, a DuckDB or SQLite error) is that sync's failed result,
+never the end of the daemon.
 """
 
 from __future__ import annotations
@@ -25,7 +31,8 @@ import structlog
 
 from akosha_sync.config import AkoshaSyncConfig
 from akosha_sync.server.payload import HookPayloadError, validate_hook_payload
-from akosha_sync.server.queue import JobQueue, Request
+from akosha_sync.server.queue import UNSET, JobQueue, Request, RequestState, owner_alive
+from akosha_sync.sync.protocol import SyncResult
 from akosha_sync.sync.runner import run_sync
 from akosha_sync.sync.snapshot import SourceFingerprint, fingerprint
 from akosha_sync.sync.status import local_status
@@ -36,13 +43,28 @@ log = structlog.get_logger("akosha_sync.daemon")
 
 ProgressListener = Callable[[str, int, int], None]
 
+_POLL_SECONDS = 0.5  # a waiter looks at the queue this often (another process may serve it)
+_SWEEP_SECONDS = 30.0  # an idle worker looks for dead owners' and other processes' requests
+_ERROR_BACKOFF_SECONDS = 5.0  # the worker's pause after the queue itself failed
+_KEEP_RESULTS = 256  # in-memory results kept for waiters when the history write failed
+
 
 class SyncDaemon:
     """Owns the task group; everything long-running happens inside it."""
 
-    def __init__(self, config: AkoshaSyncConfig, *, grace_seconds: float = 10.0) -> None:
+    def __init__(
+        self,
+        config: AkoshaSyncConfig,
+        *,
+        grace_seconds: float = 10.0,
+        wait_seconds: float | None = None,
+    ) -> None:
         self.config = config
         self.grace_seconds = grace_seconds
+        # A waiter may sit behind one running sync and then its own.
+        self.wait_seconds = (
+            2 * config.upload_timeout_seconds + 60 if wait_seconds is None else wait_seconds
+        )
         self.queue = JobQueue(config.state_path)
         self.started_at = time.time()
         self.transport = ""
@@ -51,6 +73,7 @@ class SyncDaemon:
         self._idle = anyio.Event()
         self._idle.set()
         self._done: dict[int, anyio.Event] = {}
+        self._results: dict[int, dict[str, Any]] = {}
         self._listeners: dict[int, ProgressListener] = {}
         self._task_group: anyio.abc.TaskGroup | None = None
         self._loop_thread = threading.get_ident()
@@ -88,23 +111,26 @@ class SyncDaemon:
         self,
         trigger: str,
         *,
-        method: str = "auto",
+        method: str | None = None,
         enable_fallback: bool | None = None,
         payload: dict[str, Any] | None = None,
     ) -> int:
         """Record a request durably and wake the worker; returns the request id.
+
+        ``method`` None and ``enable_fallback`` None: as configured when it runs.
 
         The write (an fsync) runs in a worker thread so that a busy disk during an
         upload does not stall every other request on the event loop.
         """
         request_id = await anyio.to_thread.run_sync(
             lambda: self.queue.enqueue(
-                trigger, method=method, enable_fallback=enable_fallback, payload=payload
+                trigger, method=method or UNSET, enable_fallback=enable_fallback,
+                payload=payload,
             )
         )
-        self._done.setdefault(request_id, anyio.Event())
         self._wake.set()
-        log.info("sync requested", trigger=trigger, request_id=request_id, method=method)
+        log.info("sync requested", trigger=trigger, request_id=request_id,
+                 method=method or UNSET)
         return request_id
 
     async def submit_hook(self, body: Any) -> int | None:
@@ -117,45 +143,165 @@ class SyncDaemon:
         return await self.submit(trigger, payload=payload)
 
     async def wait_for(
-        self, request_id: int, progress: ProgressListener | None = None
+        self,
+        request_id: int,
+        progress: ProgressListener | None = None,
+        *,
+        timeout: float | None = None,
     ) -> dict[str, Any]:
-        """Wait until the sync serving ``request_id`` is done and return its result."""
+        """Wait until the sync serving ``request_id`` is done and return its result.
+
+        Whichever process runs it: the in-process event wakes at once, the queue is
+        polled for a sync another process ran. After ``timeout`` (default
+        ``wait_seconds``) the answer is a failure saying the request is still queued.
+        """
         if progress is not None:
             self._listeners[request_id] = progress
+        done = self._done.setdefault(request_id, anyio.Event())
+        status = "pending"
+        budget = self.wait_seconds if timeout is None else timeout
         try:
-            # The event first, then the check: a sync finishing in between still sets it.
-            done = self._done.setdefault(request_id, anyio.Event())
-            result = self.queue.result_of(request_id)
-            if result is None:
-                await done.wait()
-                result = self.queue.result_of(request_id)
+            with anyio.move_on_after(budget):
+                while True:
+                    # The event is registered before the check: a sync finishing in
+                    # between still sets it.
+                    if request_id in self._results:
+                        return self._results.pop(request_id)
+                    state, owner_gone = await anyio.to_thread.run_sync(
+                        self._look_up, request_id)
+                    status = state.status
+                    if state.result is not None:
+                        return state.result
+                    if status in ("done", "missing"):
+                        return self._failure(
+                            UNSET, f"request {request_id} is {status} but its result is no "
+                            "longer in the queue's history (pruned); see akosha_sync_status",
+                            trigger="",
+                        )
+                    if status == "pending" or owner_gone:
+                        self._wake.set()  # ours to run (or a dead owner's: claim recovers it)
+                    with anyio.move_on_after(_POLL_SECONDS):
+                        await done.wait()
         finally:
             self._listeners.pop(request_id, None)
             self._done.pop(request_id, None)
-        if result is None:  # pragma: no cover - only if the queue file was removed
-            raise RuntimeError(f"request {request_id} finished without a recorded result")
-        return result
+            self._results.pop(request_id, None)
+        log.warning("gave up waiting for a request", request_id=request_id, status=status)
+        return {
+            **self._failure(
+                UNSET,
+                f"request {request_id} is still {status} after {budget:.0f} s "
+                "(a sync ahead of it is taking long); it stays queued and runs, and "
+                "akosha_sync_status shows its result",
+                trigger="",
+            ),
+            "request_id": request_id,
+            "queued": True,
+        }
+
+    def _look_up(self, request_id: int) -> tuple[RequestState, bool]:
+        """The request's state, and whether it is running under a dead owner."""
+        state = self.queue.state_of(request_id)
+        return state, state.status == "running" and not owner_alive(state.owner)
 
     # -------------------------------------------------------------- worker
     async def _worker(self) -> None:
         while True:
-            wake = self._wake
-            if await anyio.to_thread.run_sync(self.queue.pending_count) == 0:
+            try:
+                await self._work_once()
+            except Exception:
+                # The queue itself failed (disk, SQLite): keep serving, try again soon.
+                log.exception("queue worker error; retrying",
+                              retry_in_seconds=_ERROR_BACKOFF_SECONDS)
+                await anyio.sleep(_ERROR_BACKOFF_SECONDS)
+
+    async def _work_once(self) -> int:
+        """Claim what is pending and serve it; returns how many syncs failed."""
+        wake = self._wake
+        if await anyio.to_thread.run_sync(self.queue.pending_count) == 0:
+            # Bounded: requests another process queued or left behind are found too.
+            with anyio.move_on_after(_SWEEP_SECONDS):
                 await wake.wait()
-            self._wake = anyio.Event()
-            requests = await anyio.to_thread.run_sync(self.queue.claim_pending)
-            groups: dict[tuple[str, bool | None], list[Request]] = {}
-            for request in requests:
-                groups.setdefault((request.method, request.enable_fallback), []).append(request)
-            for key, group in groups.items():
-                await self._serve(key, group)
+        self._wake = anyio.Event()
+        return (await self._serve_claimed())[1]
+
+    async def _serve_claimed(self) -> tuple[int, int]:
+        """Claim everything pending, one sync per (method, fallback): (requests, failures)."""
+        requests = await anyio.to_thread.run_sync(self.queue.claim_pending)
+        groups: dict[tuple[str, bool | None], list[Request]] = {}
+        for request in requests:
+            groups.setdefault((request.method, request.enable_fallback), []).append(request)
+        failures = 0
+        for key, group in groups.items():
+            failures += not (await self._serve(key, group)).get("success")
+        return len(requests), failures
+
+    async def drain(self) -> int:
+        """Serve every pending request once, then return (``akosha-sync drain``).
+
+        Returns the number of failed syncs.
+        """
+        self._loop_thread = threading.get_ident()
+        failures = 0
+        while True:
+            served, failed = await self._serve_claimed()
+            if not served:
+                return failures
+            failures += failed
 
     def _sources(self) -> tuple[SourceFingerprint | None, ...]:
         return tuple(fingerprint(p) for p in self.config.database_paths.values())
 
-    async def _serve(self, key: tuple[str, bool | None], requests: list[Request]) -> None:
+    def _method(self, method: str) -> str:
+        return self.config.force_method if method == UNSET else method
+
+    def _failure(self, method: str, error: str, *, trigger: str) -> dict[str, Any]:
+        result = SyncResult(method=self._method(method), success=False, error=error).to_dict()
+        result["triggered_by"] = trigger
+        return result
+
+    async def _serve(
+        self, key: tuple[str, bool | None], requests: list[Request]
+    ) -> dict[str, Any]:
+        """Run one sync for ``requests`` (or skip it), record it and answer the waiters."""
         ids = [r.id for r in requests]
         triggers = [r.trigger for r in requests]
+        trigger = triggers[0] if len(set(triggers)) == 1 else ",".join(sorted(set(triggers)))
+        started = time.time()
+        recorded = False
+        try:
+            try:
+                result, started = await self._sync(key, requests, trigger)
+            except Exception as exc:
+                # Not a sync failure run_sync knows (the state folder, DuckDB, SQLite,
+                # a bug): this sync's failed result, not the end of the daemon.
+                log.exception("sync failed with an unexpected error", trigger=trigger)
+                result = self._failure(
+                    key[0], f"unexpected error: {type(exc).__name__}: {exc}; "
+                    f"see the log at {self.config.log_path}", trigger=trigger)
+            try:
+                # Shielded: a finished upload is recorded even when shutdown cancels us.
+                with anyio.CancelScope(shield=True):
+                    await anyio.to_thread.run_sync(lambda: self.queue.finish(
+                        ids, result, triggers=triggers, started_at=started,
+                        finished_at=time.time(),
+                    ))
+                recorded = True
+            except Exception:
+                log.exception("could not record the sync in the queue; its requests stay "
+                              "queued", trigger=trigger)
+        finally:
+            if not recorded:
+                with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
+                    await anyio.to_thread.run_sync(self.queue.release, ids)
+            self._idle.set()
+        self._notify(ids, result)
+        return result
+
+    async def _sync(
+        self, key: tuple[str, bool | None], requests: list[Request], trigger: str
+    ) -> tuple[dict[str, Any], float]:
+        """The sync's result and when it started (or the skip of an unneeded one)."""
         previous = self._last_sync.get(key)
         sources = self._sources()
         if (
@@ -166,12 +312,8 @@ class SyncDaemon:
             and last.get("success")
         ):
             # They waited for a sync that already covered the current data.
-            result = {**last, "skipped": "databases unchanged since the sync it waited for",
-                      "triggered_by": triggers[0]}
-            now = time.time()
-            self.queue.finish(ids, result, triggers=triggers, started_at=now, finished_at=now)
-            self._notify(ids)
-            return
+            return {**last, "skipped": "databases unchanged since the sync it waited for",
+                    "triggered_by": requests[0].trigger}, time.time()
         started = time.time()
         self._last_sync.pop(key, None)
         self._idle = anyio.Event()
@@ -180,36 +322,33 @@ class SyncDaemon:
             "bytes_done": 0,
             "bytes_total": 0,
             "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
-            "triggers": sorted(set(triggers)),
-            "method": key[0],
-            "requests": len(ids),
+            "triggers": sorted({r.trigger for r in requests}),
+            "method": self._method(key[0]),
+            "requests": len(requests),
         }
-        finished = False
+        ids = [r.id for r in requests]
         try:
             result = await run_sync(
                 self.config,
-                method=key[0],
+                method=None if key[0] == UNSET else key[0],
                 enable_fallback=key[1],
-                trigger=triggers[0] if len(set(triggers)) == 1 else ",".join(sorted(set(triggers))),
+                trigger=trigger,
                 progress=lambda phase, done, total: self._progress(ids, phase, done, total),
             )
-            self.queue.finish(
-                ids, result, triggers=triggers, started_at=started, finished_at=time.time()
-            )
-            finished = True
-            if result.get("success"):
-                self._last_sync[key] = (started, sources)
         finally:
-            if not finished:
-                self.queue.release(ids)
-            self.current = None
-            self._idle.set()
-        self._notify(ids)
+            self.current = None  # _serve sets _idle once the sync is recorded
+        if result.get("success"):
+            self._last_sync[key] = (started, sources)
+        return result, started
 
-    def _notify(self, ids: list[int]) -> None:
+    def _notify(self, ids: list[int], result: dict[str, Any]) -> None:
         for request_id in ids:
             event = self._done.get(request_id)
             if event is not None:
+                # Kept for the waiter even when the history write failed.
+                self._results[request_id] = result
+                while len(self._results) > _KEEP_RESULTS:
+                    self._results.pop(next(iter(self._results)))
                 event.set()
 
     def _progress(self, ids: list[int], phase: str, done: int, total: int) -> None:

@@ -1,9 +1,14 @@
 """The durable job queue and sync history: one small SQLite file in ``state_dir``.
 
 A request (hook, tool, CLI) is committed here *before* it is acknowledged, so a
-crash after the acknowledgement cannot lose it. The daemon claims every pending
-request at once (they collapse into one sync), and a request claimed by a process
-that died goes back to pending at the next start.
+crash after the acknowledgement cannot lose it. A worker claims every pending
+request at once (they collapse into one sync). Several processes share the file
+(a daemon per Claude Code session, ``drain`` beside ``serve``), so a claim is owned:
+the owner is the claiming process's pid plus its start time (and the boot id), so
+a pid reused by another process is not mistaken for the owner. A live owner's
+requests are never taken; a dead owner's go back to pending whenever anyone claims.
+The ``requests`` and ``history`` tables keep the newest ``KEEP_DONE_REQUESTS`` and
+``KEEP_HISTORY`` rows.
 
 Only the standard library is imported: the session-end hook command uses this
 module directly when the daemon is not running, and must start fast.
@@ -14,27 +19,42 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
+import subprocess
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 from typing import Any
 
-__all__ = ["QUEUE_FILE", "JobQueue", "Request"]
+__all__ = [
+    "KEEP_DONE_REQUESTS",
+    "KEEP_HISTORY",
+    "QUEUE_FILE",
+    "UNSET",
+    "JobQueue",
+    "Request",
+    "RequestState",
+    "owner_alive",
+    "process_owner",
+]
 
 QUEUE_FILE = "queue.sqlite3"
+UNSET = "unset"  # a request without an explicit method: the configured force_method runs
+KEEP_HISTORY = 1000  # newest sync records kept
+KEEP_DONE_REQUESTS = 1000  # newest finished requests kept (pending/running are never pruned)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS requests (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     trigger TEXT NOT NULL,
-    method TEXT NOT NULL DEFAULT 'auto',
+    method TEXT NOT NULL DEFAULT 'unset',
     enable_fallback INTEGER,
     payload TEXT NOT NULL DEFAULT '{}',
     received_at REAL NOT NULL,
     status TEXT NOT NULL DEFAULT 'pending',   -- pending | running | done
-    claimed_by INTEGER,
+    claimed_by TEXT,                          -- owner: see process_owner()
     history_id INTEGER
 );
 CREATE INDEX IF NOT EXISTS requests_status ON requests(status);
@@ -64,6 +84,73 @@ class Request:
     received_at: float
 
 
+@dataclass(frozen=True)
+class RequestState:
+    """Where a request stands: pending | running | done | missing (pruned or never)."""
+
+    status: str
+    owner: str | None = None
+    result: dict[str, Any] | None = None
+
+
+_HAVE_PROC = Path("/proc/self/stat").exists()
+
+
+def _boot_id() -> str:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return ""
+
+
+def _start_time(pid: int) -> str | None:
+    """When ``pid`` started (an opaque token), or None if no such process runs."""
+    if _HAVE_PROC:
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            return None
+        # comm (field 2) may hold spaces: fields 3.. follow its closing parenthesis.
+        fields = stat[stat.rindex(")") + 2:].split()
+        if fields[0] in ("Z", "X"):  # exited, not yet reaped: not an owner any more
+            return None
+        return f"{_boot_id()}/{fields[19]}"  # field 22: start, in ticks since boot
+    try:  # no /proc (macOS, BSD): ps prints the absolute start time
+        out = subprocess.run(
+            ["ps", "-o", "lstart=", "-p", str(pid)],
+            capture_output=True, text=True, timeout=5, check=False,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out or None
+
+
+@cache
+def _own_owner(pid: int) -> str:
+    return f"{pid}:{_start_time(pid) or ''}"
+
+
+def process_owner() -> str:
+    """This process as a queue owner: ``pid:start``, unique over pid reuse and reboots."""
+    return _own_owner(os.getpid())
+
+
+def owner_alive(owner: str | None) -> bool:
+    """Whether the process that claimed a request still runs.
+
+    An owner without a start time (a queue written by an older version, which stored
+    only the pid) cannot be told from a reused pid and counts as dead.
+    """
+    if not owner:
+        return False
+    if owner == process_owner():
+        return True
+    pid, sep, start = str(owner).partition(":")
+    if not sep or not start or not pid.isdigit():
+        return False
+    return _start_time(int(pid)) == start
+
+
 class JobQueue:
     """SQLite-backed queue; every method is a short transaction, safe across processes."""
 
@@ -87,11 +174,12 @@ class JobQueue:
         self,
         trigger: str,
         *,
-        method: str = "auto",
+        method: str = UNSET,
         enable_fallback: bool | None = None,
         payload: dict[str, Any] | None = None,
     ) -> int:
-        """Record a request durably; returns its id."""
+        """Record a request durably; returns its id. ``method`` UNSET and
+        ``enable_fallback`` None mean "as configured" when the request runs."""
         with self._connect() as con:
             cur = con.execute(
                 "INSERT INTO requests (trigger, method, enable_fallback, payload, received_at) "
@@ -107,9 +195,13 @@ class JobQueue:
             return int(cur.lastrowid or 0)
 
     def claim_pending(self) -> list[Request]:
-        """Mark every pending request running (for this process) and return them."""
+        """Mark every pending request running (for this process) and return them.
+
+        Requests a dead process had claimed count as pending; a live owner's stay its own.
+        """
         with self._connect() as con:
             con.execute("BEGIN IMMEDIATE")
+            _recover_dead(con)
             rows = con.execute(
                 "SELECT id, trigger, method, enable_fallback, payload, received_at "
                 "FROM requests WHERE status = 'pending' ORDER BY id"
@@ -118,7 +210,7 @@ class JobQueue:
                 con.execute(
                     f"UPDATE requests SET status = 'running', claimed_by = ? "
                     f"WHERE id IN ({','.join('?' * len(rows))})",
-                    (os.getpid(), *[r[0] for r in rows]),
+                    (process_owner(), *[r[0] for r in rows]),
                 )
             con.execute("COMMIT")
         return [
@@ -134,24 +226,43 @@ class JobQueue:
         ]
 
     def release(self, ids: list[int]) -> None:
-        """Give claimed requests back (a sync was interrupted before finishing)."""
+        """Give this process's claimed requests back (a sync was interrupted)."""
         if not ids:
             return
         with self._connect() as con:
             con.execute(
                 f"UPDATE requests SET status = 'pending', claimed_by = NULL "
-                f"WHERE id IN ({','.join('?' * len(ids))})",
-                ids,
+                f"WHERE status = 'running' AND claimed_by = ? "
+                f"AND id IN ({','.join('?' * len(ids))})",
+                (process_owner(), *ids),
             )
 
     def recover(self) -> int:
-        """At start: requests left 'running' by a dead process become pending again."""
+        """Requests left 'running' by a dead process become pending; returns how many.
+
+        A live owner's requests are left alone: another daemon is running them.
+        """
         with self._connect() as con:
-            cur = con.execute(
-                "UPDATE requests SET status = 'pending', claimed_by = NULL "
-                "WHERE status = 'running'"
-            )
-            return cur.rowcount
+            con.execute("BEGIN IMMEDIATE")
+            count = _recover_dead(con)
+            con.execute("COMMIT")
+            return count
+
+    def state_of(self, request_id: int) -> RequestState:
+        """A request's status, owner and (once done) the result of the sync that served it."""
+        with self._connect() as con:
+            row = con.execute(
+                "SELECT r.status, r.claimed_by, h.result FROM requests r "
+                "LEFT JOIN history h ON h.id = r.history_id WHERE r.id = ?",
+                (request_id,),
+            ).fetchone()
+        if row is None:
+            return RequestState("missing")
+        return RequestState(
+            str(row[0]),
+            None if row[1] is None else str(row[1]),
+            None if row[2] is None else json.loads(row[2]),
+        )
 
     def finish(
         self,
@@ -189,6 +300,7 @@ class JobQueue:
                     f"WHERE id IN ({','.join('?' * len(ids))})",
                     (history_id, *ids),
                 )
+            _prune(con)
             con.execute("COMMIT")
             return history_id
 
@@ -245,6 +357,37 @@ class JobQueue:
         with self._connect() as con:
             row = con.execute("SELECT result FROM history ORDER BY id DESC LIMIT 1").fetchone()
         return json.loads(row[0]) if row else None
+
+
+def _recover_dead(con: sqlite3.Connection) -> int:
+    """Inside a write transaction: dead owners' running requests back to pending."""
+    owners = [r[0] for r in con.execute(
+        "SELECT DISTINCT claimed_by FROM requests WHERE status = 'running'"
+    ).fetchall()]
+    dead = [o for o in owners if not owner_alive(None if o is None else str(o))]
+    count = 0
+    for owner in dead:  # a handful at most: one per process that ever claimed
+        cur = con.execute(
+            "UPDATE requests SET status = 'pending', claimed_by = NULL "
+            "WHERE status = 'running' AND claimed_by IS ?",
+            (owner,),
+        )
+        count += cur.rowcount
+    return count
+
+
+def _prune(con: sqlite3.Connection) -> None:
+    """Inside a write transaction: keep only the newest history rows and done requests."""
+    con.execute(
+        "DELETE FROM history WHERE id <= "
+        "(SELECT id FROM history ORDER BY id DESC LIMIT 1 OFFSET ?)",
+        (KEEP_HISTORY,),
+    )
+    con.execute(
+        "DELETE FROM requests WHERE status = 'done' AND id <= "
+        "(SELECT id FROM requests WHERE status = 'done' ORDER BY id DESC LIMIT 1 OFFSET ?)",
+        (KEEP_DONE_REQUESTS,),
+    )
 
 
 def _iso(ts: float) -> str:

@@ -1,0 +1,124 @@
+"""The durable queue shared by several processes: owned claims, recovery, pruning.
+
+The other process is real (a Python subprocess on the same queue file); nothing
+sleeps: the test reads the subprocess's line to know when its claim is committed.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import subprocess
+import sys
+import textwrap
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+from akosha_sync.server import queue as queue_module
+from akosha_sync.server.queue import QUEUE_FILE, UNSET, JobQueue, owner_alive, process_owner
+
+_CLAIMER = textwrap.dedent("""
+    import sys
+    from pathlib import Path
+    from akosha_sync.server.queue import JobQueue, process_owner
+    claimed = JobQueue(Path(sys.argv[1])).claim_pending()
+    print(process_owner(), *[r.id for r in claimed], flush=True)
+    sys.stdin.read()  # hold the claim (stay alive) until the test closes stdin
+""")
+
+
+@contextmanager
+def _other_process_claims(state: Path) -> Iterator[tuple[str, list[int]]]:
+    """Another live process claims every pending request; yields its owner and ids."""
+    proc = subprocess.Popen([sys.executable, "-c", _CLAIMER, str(state)],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None and proc.stdin is not None
+        owner, *ids = proc.stdout.readline().split()
+        yield owner, [int(i) for i in ids]
+    finally:
+        assert proc.stdin is not None
+        proc.stdin.close()
+        assert proc.wait(30) == 0
+
+
+def _finish(queue: JobQueue, ids: list[int], n: int) -> int:
+    return queue.finish(ids, {"success": True, "method": "cloud", "upload_id": f"u-{n}"},
+                        triggers=["manual"], started_at=1.0, finished_at=2.0)
+
+
+def test_a_live_owners_requests_are_never_taken_a_dead_ones_are(tmp_path: Path) -> None:
+    queue = JobQueue(tmp_path)
+    first, second = queue.enqueue("session-end"), queue.enqueue("manual")
+    with _other_process_claims(tmp_path) as (owner, claimed):
+        assert claimed == [first, second]
+        assert owner != process_owner() and owner_alive(owner)
+        # A second daemon (or drain) starting beside it leaves its work alone.
+        assert queue.recover() == 0
+        assert queue.claim_pending() == []
+        assert {queue.state_of(i).status for i in claimed} == {"running"}
+        assert {queue.state_of(i).owner for i in claimed} == {owner}
+    # It exited (and was reaped) without finishing: its requests are recoverable.
+    assert not owner_alive(owner)
+    assert [r.id for r in queue.claim_pending()] == [first, second]
+    assert queue.state_of(first).owner == process_owner()
+
+
+def test_a_reused_pid_is_not_mistaken_for_the_owner(tmp_path: Path) -> None:
+    queue = JobQueue(tmp_path)
+    ours, reused, legacy = (queue.enqueue("manual") for _ in range(3))
+    assert [r.id for r in queue.claim_pending()] == [ours, reused, legacy]
+    con = sqlite3.connect(tmp_path / QUEUE_FILE)
+    try:
+        with con:
+            # This pid is alive, but it is not the process that claimed (start differs).
+            con.execute("UPDATE requests SET claimed_by = ? WHERE id = ?",
+                        (f"{os.getpid()}:another-start", reused))
+            # An older version stored the bare pid: it cannot be verified.
+            con.execute("UPDATE requests SET claimed_by = ? WHERE id = ?",
+                        (os.getpid(), legacy))
+    finally:
+        con.close()
+    assert queue.recover() == 2
+    assert queue.state_of(ours).status == "running"  # we are alive: never taken
+    assert queue.state_of(reused).status == queue.state_of(legacy).status == "pending"
+
+
+def test_requests_without_a_method_run_as_configured(tmp_path: Path) -> None:
+    queue = JobQueue(tmp_path)
+    queue.enqueue("session-end")
+    queue.enqueue("manual", method="http", enable_fallback=False)
+    claimed = queue.claim_pending()
+    assert [(r.method, r.enable_fallback) for r in claimed] == [(UNSET, None), ("http", False)]
+
+
+def test_history_and_done_requests_keep_the_newest(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(queue_module, "KEEP_HISTORY", 5)
+    monkeypatch.setattr(queue_module, "KEEP_DONE_REQUESTS", 4)
+    queue = JobQueue(tmp_path)
+    last = 0
+    for n in range(12):
+        last = queue.enqueue("manual")
+        _finish(queue, [r.id for r in queue.claim_pending()], n)
+    waiting = queue.enqueue("session-end")
+    running = queue.enqueue("manual")
+    con = sqlite3.connect(tmp_path / QUEUE_FILE)
+    try:
+        with con:
+            con.execute("UPDATE requests SET status = 'running', claimed_by = ? WHERE id = ?",
+                        (process_owner(), running))
+        _finish(queue, [], 12)  # a sync that served nothing still prunes
+        assert con.execute("SELECT count(*) FROM history").fetchone() == (5,)
+        assert con.execute("SELECT count(*) FROM requests WHERE status = 'done'"
+                           ).fetchone() == (4,)
+    finally:
+        con.close()
+    assert [h["upload_id"] for h in queue.history(10)] == [f"u-{n}" for n in range(12, 7, -1)]
+    assert queue.result_of(last) == {"success": True, "method": "cloud", "upload_id": "u-11"}
+    assert queue.state_of(waiting).status == "pending"  # never pruned
+    assert queue.state_of(running).status == "running"
