@@ -19,6 +19,7 @@ import sqlite3
 import subprocess
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -98,6 +99,11 @@ def _cli_sync(config: AkoshaSyncConfig, toml: Path, *extra: str,
     return done.returncode, result, done.stderr
 
 
+def _sync_now(config: AkoshaSyncConfig, **options: Any) -> dict[str, Any]:
+    """One sync in this process: what the CLI runs, without its seconds of start-up."""
+    return anyio.run(lambda: run_sync(config, trigger="test", **options))
+
+
 @contextmanager
 def _holding_sync_lock(config: AkoshaSyncConfig) -> Iterator[None]:
     """The seam of scenario 6: while held, the daemon's sync cannot start uploading."""
@@ -137,7 +143,7 @@ def test_store_killed_mid_upload(
 ) -> None:
     """A clear error, no manifest, no multipart upload left; the next sync succeeds."""
     data = tmp_path / "big"
-    grow_to_size(data, 16, 1, seed=11)  # ~12 MB stored: several 5 MiB parts
+    grow_to_size(data, 12, 1, seed=11)  # ~9 MB stored: two 5 MiB parts
     client = private_seaweedfs.minio_client()
     with FaultProxy.to(private_seaweedfs.endpoint) as proxy:
         config = make_config(
@@ -179,6 +185,7 @@ def test_store_killed_mid_upload(
 
 
 # ------------------------------------------------------------- 2. stalled link
+@pytest.mark.slow  # the budget cannot be set below 30 s
 def test_stalled_connection_fails_within_budget_and_daemon_answers(
     via_proxy: MakeConfig, proxy: FaultProxy, daemons: Callable[..., DaemonProcess],
     minio_client: Minio, s3_bucket: str,
@@ -213,15 +220,15 @@ def test_lost_manifest_answer_never_leaves_a_dangling_manifest(
 ) -> None:
     config = via_proxy(max_retries=2)
     proxy.drop_response(lambda r: r.method == "PUT" and r.path.endswith("/manifest.json"))
-    code, result, stderr = _cli_sync(config, tmp_path / "c.toml", "--method", "cloud")
+    result = _sync_now(config, method="cloud")
     assert any(e.dropped for e in proxy.exchanges), "the fault did not happen"
     found = manifests(minio_client, s3_bucket)
     assert restore_problems(minio_client, s3_bucket) == [], "a manifest points at nothing"
     if found:  # committed: the sync must say so
-        assert code == 0 and result["success"], stderr
+        assert result["success"], result["error"]
         assert result["manifest_key"] in found
     else:
-        assert code == 1 and not result["success"]
+        assert not result["success"]
 
 
 # ------------------------------------- 4. wrong key, missing bucket, no endpoint
@@ -246,7 +253,7 @@ def test_cloud_misconfigured_names_the_setting_fast_and_falls_back(
     else:
         proxy.refuse()
     # In process (the CLI start costs seconds on a busy machine); store and Akosha are real.
-    result = anyio.run(lambda: run_sync(via_proxy(**overrides), trigger="test"))
+    result = _sync_now(via_proxy(**overrides))
     attempts = result.get("method_attempts") or []
     assert [a["method"] for a in attempts][:2] == ["cloud", "http"], result
     cloud = attempts[0]
@@ -345,9 +352,19 @@ def test_fifty_session_ends_from_three_processes(
         out, err = sync.communicate(timeout=120)
         assert json.loads(out)["success"] is True, err
 
-    rows = until(lambda: (r := _queue_rows(config)) and len(r) == routes + commands
-                 and all(s == "done" for _, s, _ in r) and r,
-                 timeout=120, what="every session end to be served")
+    seen: list[Any] = []
+
+    def served() -> list[tuple[int, str, int | None]] | None:
+        rows = _queue_rows(config)
+        seen[:] = [sorted(Counter(s for _, s, _ in rows).items())]
+        done = len(rows) == routes + commands and all(s == "done" for _, s, _ in rows)
+        return rows if done else None
+
+    try:
+        rows = until(served, timeout=120, what="every session end to be served")
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}; requests by status: {seen}; daemon alive: "
+                             f"{daemon.alive()}; {daemon.stderr()[-1500:]}") from None
     assert all(h is not None for _, _, h in rows)  # each one has a recorded result
     # On the wire, one upload's writes end before the next upload's begin (reads may
     # touch an older upload's objects, which a later upload reuses).
@@ -371,8 +388,8 @@ def test_corrupt_state_is_recovered_with_a_warning(
     minio_client: Minio, s3_bucket: str, tmp_path: Path,
 ) -> None:
     config = s3_config()
-    code, _first, stderr = _cli_sync(config, tmp_path / "c.toml", "--method", "cloud")
-    assert code == 0, stderr
+    first = _sync_now(config, method="cloud")
+    assert first["success"], first["error"]
     state = config.state_path
     named: list[str] = []
     if broken == "state files":
@@ -390,7 +407,7 @@ def test_corrupt_state_is_recovered_with_a_warning(
     assert daemon.hook().status_code == 202
     last = until(lambda: (s := daemon.status())["last_result"] and s["last_result"],
                  timeout=60, what="the sync after recovery")
-    assert last["success"] is True, last
+    assert last["success"] is True, last.get("error")
     assert len(manifests(minio_client, s3_bucket)) == 2
     assert restore_problems(minio_client, s3_bucket) == []
     warnings = [line for line in config.log_path.read_text().splitlines()
@@ -445,7 +462,7 @@ def test_every_invalid_setting_is_named_and_writes_nothing(
         config = via_proxy(**{name: value})
         problems = config.validate()
         assert any(name in p for p in problems), (name, value, problems)
-        result = anyio.run(lambda c=config: run_sync(c, trigger="test"))
+        result = _sync_now(config)
         assert result["success"] is False and name in result["error"], (name, result)
     # A value of the wrong type in the file is refused when the file is read.
     toml = tmp_path / "bad.toml"
@@ -466,22 +483,9 @@ def test_a_database_that_is_not_duckdb_is_refused_and_nothing_is_written(
     data.mkdir()
     (data / "reflection.duckdb").write_bytes(b"SQLite format 3\x00" + b"\x00" * 4000)
     (data / "knowledge_graph.duckdb").write_text("just some text\n")
-    code, result, _stderr = _cli_sync(via_proxy(data_dir=str(data)), tmp_path / "c.toml",
-                                     "--method", "cloud")
-    assert code == 1 and result["success"] is False
+    result = _sync_now(via_proxy(data_dir=str(data)), method="cloud")
+    assert result["success"] is False
     assert "is not a readable DuckDB database" in result["error"]
     assert "reflection.duckdb" in result["error"] and "knowledge_graph.duckdb" in result["error"]
     assert objects(minio_client, s3_bucket) == [], "something was left in the bucket"
     assert manifests(minio_client, s3_bucket) == []
-
-
-def test_sample_databases_still_sync_through_the_proxy(
-    via_proxy: MakeConfig, proxy: FaultProxy, minio_client: Minio, s3_bucket: str,
-    tmp_path: Path,
-) -> None:
-    """The control: with no fault, a sync through the proxy commits and restores."""
-    data = create_sample_databases(tmp_path / "fresh", seed=5).data_dir
-    code, result, stderr = _cli_sync(via_proxy(data_dir=str(data)), tmp_path / "c.toml",
-                                     "--method", "cloud")
-    assert code == 0 and result["success"], stderr
-    assert proxy.writes() >= 4 and restore_problems(minio_client, s3_bucket) == []
