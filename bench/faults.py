@@ -22,6 +22,7 @@ import contextlib
 import fcntl
 import itertools
 import json
+import logging
 import os
 import secrets
 import shutil
@@ -38,6 +39,7 @@ from typing import Any
 
 import anyio
 import httpx
+import structlog
 from minio import Minio
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -557,6 +559,12 @@ def _write_readme(table: str, header: str) -> None:
     README.write_text(text)
 
 
+def _commit() -> str:
+    done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True,
+                          capture_output=True, check=False)
+    return f"commit {done.stdout.strip()}" if done.returncode == 0 else "this tree"
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size-mb", type=int, default=100,
@@ -564,7 +572,11 @@ def main() -> int:
     parser.add_argument("--only", default="", help="comma-separated scenario numbers")
     parser.add_argument("--write-readme", action="store_true",
                         help="replace the fault-suite section at the end of bench/README.md")
+    parser.add_argument("--tree", default="",
+                        help="what the table was measured on (default: the git commit)")
     args = parser.parse_args()
+    # Our sync's info lines would drown the table; warnings still show.
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
     chosen = [int(n) for n in args.only.split(",") if n] or list(SCENARIOS)
     root = Path(tempfile.mkdtemp(prefix="akosha-faults-"))
     bench = Bench(root, args.size_mb)
@@ -586,8 +598,7 @@ def main() -> int:
         shutil.rmtree(root, ignore_errors=True)
     header = (f"Run {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
               f"{time.monotonic() - started:.0f} s in all, `python bench/faults.py"
-              f"{' --only ' + args.only if args.only else ''}` on "
-              f"{subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], cwd=ROOT, text=True, capture_output=True, check=False).stdout.strip() or 'this tree'}"  # noqa: E501
+              f"{' --only ' + args.only if args.only else ''}` on {args.tree or _commit()}"
               f" ({os.cpu_count()} cores, load {os.getloadavg()[0]:.1f}).")
     table = _table(rows)
     print(header)
