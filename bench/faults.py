@@ -360,6 +360,7 @@ def s7_fifty(b: Bench) -> Row:
         daemon = b.daemon(config, where)
         try:
             routes, commands, clis = 40, 8, 2
+            proxy.delay(0.1)  # syncs span about a second on the wire: overlaps would show
             http = httpx.Client(base_url=daemon.url, timeout=30,
                                 limits=httpx.Limits(max_connections=routes))
             answers: list[int] = []

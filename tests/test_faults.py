@@ -312,6 +312,7 @@ def test_fifty_session_ends_from_three_processes(
     daemon = daemons(config)
     toml = daemon.toml
     routes, commands, clis = 40, 8, 2
+    proxy.delay(0.1)  # each sync then spans a second or so on the wire: overlaps would show
     answers: list[int] = []
     lock = threading.Lock()
     http = httpx.Client(base_url=daemon.url, timeout=30,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -132,3 +133,14 @@ def test_dead_upstream_resets_the_client(seaweedfs: SeaweedFS) -> None:
         dead = holder.getsockname()[1]
         with FaultProxy("127.0.0.1", dead) as proxy, pytest.raises(httpx.TransportError):
             httpx.get(f"{proxy.endpoint}/", timeout=5)
+
+
+def test_delay_holds_each_request(proxy: FaultProxy) -> None:
+    proxy.delay(0.3)
+    began = time.monotonic()
+    assert httpx.get(f"{proxy.endpoint}/", timeout=5).status_code == 403
+    assert time.monotonic() - began >= 0.3
+    proxy.forward()
+    began = time.monotonic()
+    httpx.get(f"{proxy.endpoint}/", timeout=5)
+    assert time.monotonic() - began < 0.3

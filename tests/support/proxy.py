@@ -12,6 +12,8 @@ and response begin and end, it can:
 * drop the response of the next request matching a predicate, after the request
   reached the server and the server answered (:meth:`drop_response`): the client
   sees the connection close instead of the answer, the server has committed;
+* add latency: hold each request ``seconds`` before relaying it (:meth:`delay`), so
+  that short operations last long enough for an overlap to show;
 * refuse connections (:meth:`refuse`, :meth:`accept`): the listener is closed, so a
   connect gets ECONNREFUSED; open connections are cut;
 * count requests by method (:attr:`counts`, :meth:`writes`) and log every exchange
@@ -187,6 +189,7 @@ class FaultProxy:
         self._stopping = threading.Event()
         self._stall_on: tuple[Predicate, int] | None = None
         self._drop_on: Predicate | None = None
+        self._latency = 0.0
         self._listener: socket.socket | None = None
         self._accepting: threading.Thread | None = None
         self._sockets: set[socket.socket] = set()
@@ -232,9 +235,14 @@ class FaultProxy:
         """Relay normally: clears stall, pending drop and refusal."""
         self._stall_on = None
         self._drop_on = None
+        self._latency = 0.0
         self._flowing.set()
         if self._listener is None and not self._stopping.is_set():
             self._listen()
+
+    def delay(self, seconds: float) -> None:
+        """Hold every request ``seconds`` before relaying it (0: no latency)."""
+        self._latency = seconds
 
     def stall(self, match: Predicate | None = None, *, after_bytes: int = 0) -> None:
         """Stop relaying. With ``match``: once a matching request has had
@@ -401,6 +409,8 @@ class FaultProxy:
             self._drop_on = None
         stall = self._stall_on if self._stall_on and self._stall_on[0](request) else None
 
+        if self._latency:
+            time.sleep(self._latency)  # the fault itself (a slow link), not a wait for state
         self._send(upstream, head)
         sent = 0
         for piece in self._body(from_client, headers, request=True, method=request.method):
