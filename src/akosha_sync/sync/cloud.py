@@ -395,6 +395,20 @@ class CloudSyncMethod:
 
         return await with_retries(head, config=self.config, what=f"checking {entry.key}")
 
+    def _records_exported(self, state: TargetState | None, name: str) -> bool:
+        """False when this database holds record kinds never exported to this target
+        (an upgrade added them): it must be read even though it did not change."""
+        if not self.config.export_memories or state is None:
+            return True
+        return set(self._kinds_of(name)) <= set(state.exported_kinds)
+
+    def _kinds_of(self, name: str) -> tuple[str, ...]:
+        if name == self.config.reflection_db:
+            return records.REFLECTION_KINDS
+        if name == self.config.knowledge_graph_db:
+            return records.GRAPH_KINDS
+        return ()
+
     async def _sync_database(
         self,
         upload: _Upload,
@@ -418,6 +432,7 @@ class CloudSyncMethod:
         if (
             stored_db is not None
             and stored_db.fingerprint == fp
+            and self._records_exported(state, name)
             and (fp.wal is None or stored_wal is not None)
             and await self._object_intact(stored_db.entry)
             and (stored_wal is None or await self._object_intact(stored_wal.entry))
@@ -621,6 +636,9 @@ class CloudSyncMethod:
         """After the manifest: remember what is stored and which rows were exported."""
         files = dict(state.files) if state else {}
         files.update(upload.new_state)
+        kinds = set(state.exported_kinds) if state else set()
+        if self.config.export_memories:
+            kinds.update(kind for name in upload.snapshots for kind in self._kinds_of(name))
         save_state(
             self.config.state_path,
             tid,
@@ -630,6 +648,7 @@ class CloudSyncMethod:
                 last_upload_id=upload.upload_id,
                 last_manifest_key=key,
                 files=files,
+                exported_kinds=sorted(kinds),
             ),
         )
         if upload.snapshots and self.config.export_memories:
