@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 AKOSHA_VENV ?= .venv-akosha
 
-.PHONY: demo test lint check bench akosha-venv claude-code dev-up dev-down clean
+.PHONY: demo test lint check bench faults akosha-venv claude-code dev-up dev-down clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +36,10 @@ claude-code:
 ## bench: cold sync / re-sync / rclone on ~50 MB and ~250 MB databases
 bench: $(STAMP)
 	$(BIN)/python bench/bench_cloud.py
+
+## faults: the fault suite against real SeaweedFS, Akosha and daemon; table into bench/README.md
+faults: $(STAMP) akosha-venv
+	AKOSHA_VENV=$(AKOSHA_VENV) $(BIN)/python bench/faults.py --write-readme
 
 ## dev-up / dev-down: MinIO + the daemon in docker compose (needs a Docker engine)
 dev-up:
