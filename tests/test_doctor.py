@@ -129,7 +129,7 @@ def test_daemon_down_and_claude_code_not_set_up(
     failed = _failed(_checks(config, tmp_path))
     assert set(failed) == {"daemon", "claude code registration", "sessionend hook"}
     assert "akosha-sync install claude --write" in failed["sessionend hook"].fix
-    _install_claude(config, tmp_path)  # http mode: the daemon is needed
+    _install_claude(config, tmp_path, "--mode", "http")  # the daemon is needed
     failed = _failed(_checks(config, tmp_path))
     assert set(failed) == {"daemon"}
     assert "nothing answers" in failed["daemon"].detail
@@ -165,7 +165,7 @@ def test_stdio_setup_or_the_plugin_need_no_daemon(
 
 
 def test_registration_pointing_elsewhere(s3_config: MakeConfig, tmp_path: Path) -> None:
-    _install_claude(s3_config(daemon_port=pick_free_port()), tmp_path)
+    _install_claude(s3_config(daemon_port=pick_free_port()), tmp_path, "--mode", "http")
     config = s3_config(daemon_port=pick_free_port())  # the daemon moved since install
     registration = _failed(_checks(config, tmp_path))["claude code registration"]
     assert config.daemon_url in registration.detail
