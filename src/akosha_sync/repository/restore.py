@@ -121,6 +121,8 @@ class RestoreResult(msgspec.Struct, kw_only=True):
     duration_seconds: float
     dry_run: bool = False
     bytes_to_download: int = 0
+    fetch: list[Fetch] = msgspec.field(default_factory=list)
+    problems: list[str] = msgspec.field(default_factory=list)  # dry run: why it would fail
 
 
 # ------------------------------------------------------------------- finding
@@ -285,7 +287,7 @@ def plan_restore(
         here = existing.get(name, TargetFile(exists=False))
         files.append(PlannedFile(
             name=name, path=str(target / name), size=size, sha256=sha, replaces=here.exists,
-            backup=str(target / f"{name}.bak-{stamp}") if here.exists else None,
+            backup=str(target / f"{name}.bak-{stamp}") if here.exists and force else None,
         ))
     restored = set(names)
     set_aside = [
@@ -583,7 +585,7 @@ async def restore(
         manifest, index, target=target, existing=existing, force=force,
         now=now or datetime.now(UTC),
     )
-    if plan.problems:
+    if plan.problems and not dry_run:
         raise RestoreError("; ".join(plan.problems))
     if dry_run:
         return RestoreResult(
@@ -596,6 +598,8 @@ async def restore(
             duration_seconds=round(time.monotonic() - started, 3),
             dry_run=True,
             bytes_to_download=plan.bytes_to_download,
+            fetch=plan.fetch,
+            problems=plan.problems,
         )
     result = await execute(store, config, plan, manifest, index, progress=progress)
     result.duration_seconds = round(time.monotonic() - started, 3)
