@@ -9,15 +9,21 @@ One sync, in order:
    (database, WAL) reuse the stored object if its SHA-256 is unchanged, else stream
    it (zstd, SHA-256 of the stored bytes, multipart) and check the stored size.
    Uploads start as soon as their snapshot is taken and run side by side;
-3. write ``memories.json`` (conversations new since the last upload) for Akosha;
+3. write ``memories.json`` for Akosha: every record not yet delivered on this target
+   (conversations, reflections, entities, like the HTTP method), all in its
+   ``conversations`` list, each marked by its kind in ``metadata.record_type``;
 4. write ``manifest.json`` with a conditional create. Until then the upload is
-   invisible to Akosha; on failure the objects written so far are removed.
+   invisible to Akosha; on failure before it the objects written so far are removed.
+   Once its PUT was tried nothing is removed: a lost answer is resolved by reading
+   the manifest back (`store.commit_manifest`).
 
 That is the ``files`` layout. With ``storage_layout = "blocks"`` (the default) step 2
 is the repository's (:mod:`akosha_sync.repository`): each database is held still
 under DuckDB's shared lock (or copied when a writer holds it, see
 ``repository/source.py``), read once and cut into pieces; only pieces no stored pack
 holds are compressed into new packs, and ``index.json`` lists where every piece is.
+The databases stay held until step 3 has exported their records from the same
+connections, so memories.json and the pieces are of one state.
 """
 
 from __future__ import annotations
@@ -54,6 +60,7 @@ from akosha_sync.repository.writer import (
     stored_size,
 )
 from akosha_sync.sync import records
+from akosha_sync.sync.deadline import Deadline
 from akosha_sync.sync.manifest import (
     COMPRESSION_FORMAT,
     MEMORIES_NAME,
@@ -79,7 +86,7 @@ from akosha_sync.sync.protocol import (
 from akosha_sync.sync.snapshot import Snapshot, remove_snapshot_dir, take_snapshot
 from akosha_sync.sync.snapshot import fingerprint as source_fingerprint
 from akosha_sync.sync.state import StoredFile, TargetState, load_state, save_state, target_id
-from akosha_sync.sync.store import MIN_PART_SIZE, make_store, with_retries
+from akosha_sync.sync.store import commit_manifest, make_store, part_size, with_retries
 
 if TYPE_CHECKING:
     from obstore.store import ObjectStore
@@ -129,11 +136,12 @@ class _Upload:
         self.errors: list[str] = []
         self.snapshots: dict[str, Snapshot] = {}
         self.new_state: dict[str, StoredFile] = {}
-        self.exported_ids: list[str] = []  # marked delivered once the manifest is written
+        self.exported: dict[str, list[str]] = {}  # per kind; delivered once committed
+        self.undeliverable: dict[str, int] = {}  # per kind: records with no embedding
         self.bytes_sent = 0
-        # Blocks layout: memories.json written while its database was held still; the
-        # index key, new bytes, and per-file manifest fields known from the source.
-        self.memories_path: Path | None = None
+        # Blocks layout: the databases held still until the export (their connections
+        # give the records); the index key, new bytes, per-file manifest fields.
+        self.sources: dict[str, Source] = {}
         self.index_key: str | None = None
         self.bytes_new = 0
         self.extra: dict[str, dict[str, Any]] = {}
@@ -141,6 +149,9 @@ class _Upload:
         # Per database read: "locked" (the live files under DuckDB's shared lock) or
         # "copy" (a writer held it: a verified private copy).
         self.how_read: dict[str, str] = {}
+        # Set before the manifest PUT: from then on the upload may be committed, so
+        # nothing of it may be deleted (an answer can be lost after the store wrote it).
+        self.commit_attempted = False
 
 
 def cloud_target_id(config: AkoshaSyncConfig) -> str:
@@ -165,6 +176,7 @@ class CloudSyncMethod:
         self.config = config
         self._clock = clock or (lambda: datetime.now(UTC))
         self._store: ObjectStore | None = None
+        self._upload: _Upload | None = None  # the sync in progress, for its error message
 
     # ------------------------------------------------------------- protocol
     def is_available(self) -> bool:
@@ -211,18 +223,26 @@ class CloudSyncMethod:
         Raises ``CloudUploadError`` when the store cannot be used (unreachable, bad
         credentials, missing bucket, timeout). A database that cannot be read is
         reported in the result (``success`` False) while the other one still syncs.
-        Keyword ``progress``: a ``(phase, done, total)`` callback.
+        Keywords: ``progress``, a ``(phase, done, total)`` callback; ``deadline``, this
+        attempt's share of the sync's budget (default: ``upload_timeout_seconds``).
         """
         progress: ProgressCallback = kwargs.get("progress") or _no_progress
+        deadline: Deadline = kwargs.get("deadline") or Deadline.for_config(self.config)
         started = time.monotonic()
+        self._upload = None
         try:
-            with anyio.fail_after(self.config.upload_timeout_seconds):
+            with anyio.fail_after(deadline.remaining()):
                 result = await self._sync(upload_reflections, upload_knowledge_graph, progress)
         except TimeoutError as exc:
+            outcome = (
+                "the manifest may have been written, so nothing of the upload was deleted"
+                if self._upload is not None and self._upload.commit_attempted
+                else "nothing was committed"
+            )
             raise CloudUploadError(
-                f"cloud sync did not finish within upload_timeout_seconds="
-                f"{self.config.upload_timeout_seconds}s; nothing was committed. Raise the "
-                "timeout for large databases or slow links.",
+                f"cloud sync did not finish within its {deadline.seconds:.0f}s share of the "
+                f"sync's budget (upload_timeout_seconds={self.config.upload_timeout_seconds}"
+                f"s); {outcome}. Raise the timeout for large databases or slow links.",
                 original=exc,
             ) from exc
         result.duration_seconds = round(time.monotonic() - started, 3)
@@ -236,7 +256,7 @@ class CloudSyncMethod:
         sid = config.system_id_resolved
         tid = self.target_id
         state = load_state(config.state_path, tid)
-        upload = await self._claim_upload_id()
+        upload = self._upload = await self._claim_upload_id()
         log.info("sync started", method="cloud", upload_id=upload.upload_id)
         snapshot_dir = config.state_path / "snapshots" / upload.upload_id
         try:
@@ -267,7 +287,9 @@ class CloudSyncMethod:
                 raise _first_failure(group) from None
             if not upload.files:
                 raise _NothingToUpload(upload)
-            conversations = await self._export_memories(upload, state, tid, progress)
+            conversations, new_conversations = await self._export_memories(
+                upload, tid, progress
+            )
             manifest = build_manifest(
                 system_id=sid,
                 upload_id=upload.upload_id,
@@ -280,6 +302,9 @@ class CloudSyncMethod:
                     "hostname": socket.gethostname(),
                     "missing_databases": upload.missing,
                     "failed_databases": upload.errors,
+                    "new_conversation_count": new_conversations,
+                    "memories": {k: len(v) for k, v in upload.exported.items()},
+                    "undeliverable": dict(upload.undeliverable),
                 },
                 storage_layout=LAYOUT_BLOCKS if blocks else LAYOUT_FILES,
                 index=upload.index_key,
@@ -287,7 +312,10 @@ class CloudSyncMethod:
             )
             key = manifest_key(sid, upload.upload_id)
             progress("manifest", 0, 0)
-            await self._put_small(key, encode_manifest(manifest), upload, create=True)
+            body = encode_manifest(manifest)
+            upload.commit_attempted = True
+            await commit_manifest(self.store, key, body, config=config)
+            upload.bytes_sent += len(body)
         except _NothingToUpload:
             await self._discard(upload)
             return SyncResult(
@@ -304,7 +332,14 @@ class CloudSyncMethod:
             await self._discard(upload)
             raise
         finally:
-            await anyio.to_thread.run_sync(remove_snapshot_dir, snapshot_dir)
+            # Shielded: a cancelled sync must not leave full copies of the databases.
+            with anyio.CancelScope(shield=True):
+                # Only now, after the last read and the export, may a writer open the
+                # databases again (see repository/source.py).
+                for source in upload.sources.values():
+                    await anyio.to_thread.run_sync(source.close)
+                upload.sources.clear()
+                await anyio.to_thread.run_sync(remove_snapshot_dir, snapshot_dir)
 
         self._commit_state(state, tid, sid, upload, key)
         upload.uploaded_keys.append(key)
@@ -327,7 +362,10 @@ class CloudSyncMethod:
             bytes_stored=manifest.total_size_bytes,
             manifest_key=key,
             conversation_count=manifest.conversation_count,
-            details={"snapshots": upload.how_read} if upload.how_read else {},
+            new_conversation_count=new_conversations,
+            details={**self._details(upload), "snapshots": upload.how_read}
+            if upload.how_read
+            else self._details(upload),
         )
 
     async def _claim_upload_id(self) -> _Upload:
@@ -519,7 +557,7 @@ class CloudSyncMethod:
         ``known_sha256`` (from the snapshot copy) spares hashing the original again.
         """
         total = path.stat().st_size
-        part = max(self.config.chunk_size_mb * 1024 * 1024, MIN_PART_SIZE)
+        part = part_size(self.config)
 
         async def attempt() -> FileEntry:
             sink = _Digests(compress, hash_original=known_sha256 is None)
@@ -557,62 +595,73 @@ class CloudSyncMethod:
         upload.bytes_sent += entry.stored_size
         return entry
 
-    async def _put_small(self, key: str, body: bytes, upload: _Upload, *, create: bool) -> None:
-        async def put() -> None:
-            await obstore.put_async(self.store, key, body, mode="create" if create else None)
-
-        await with_retries(put, config=self.config, what=f"writing {key}")
-        upload.written.append(key)
-        upload.bytes_sent += len(body)
-
     async def _export_memories(
-        self, upload: _Upload, state: TargetState | None, tid: str, progress: ProgressCallback
-    ) -> int:
-        """Write memories.json (new conversations); returns the manifest's count."""
+        self, upload: _Upload, tid: str, progress: ProgressCallback
+    ) -> tuple[int, int | None]:
+        """Write memories.json; return the snapshot's conversations and the new ones.
+
+        The count is the reflection database's total (WAL rows included), also when
+        it was unchanged and reused; new ones are those written to memories.json.
+        """
         config = self.config
         name = config.reflection_db
         snap = upload.snapshots.get(name)
+        entry = upload.files.get(name)
+        total = snap.conversation_count if snap else (entry.conversation_count or 0) if entry else 0
         if not config.export_memories:
-            if snap is not None:
-                return snap.conversation_count
-            entry = upload.files.get(name)
-            return (entry.conversation_count or 0) if entry else 0
+            return total, None
         out = config.state_path / "snapshots" / upload.upload_id / MEMORIES_NAME
         progress("export:memories", 0, 0)
-        ids: list[str] = []
-        if upload.memories_path is not None:
-            ids = upload.exported_ids  # written while the database was held still
-        elif snap is not None:
-            ids = await anyio.to_thread.run_sync(self._write_memories, Path(snap.path), out, tid)
-        else:
-            out.parent.mkdir(parents=True, exist_ok=True)
-            out.write_text('{"conversations": []}\n', encoding="utf-8")
+        plan: list[tuple[Path | Any, tuple[str, ...]]] = []
+        for db, kinds in (
+            (name, records.REFLECTION_KINDS),
+            (config.knowledge_graph_db, records.GRAPH_KINDS),
+        ):
+            if (held := upload.sources.get(db)) is not None:
+                plan.append((held.con, kinds))  # the same state as the uploaded pieces
+            elif (s := upload.snapshots.get(db)) is not None:
+                plan.append((Path(s.path), kinds))
+        upload.exported, upload.undeliverable = await anyio.to_thread.run_sync(
+            self._write_memories, plan, out, tid
+        )
         key = memories_key(config.system_id_resolved, upload.upload_id)
-        entry = await self._upload_file(
+        stored = await self._upload_file(
             out, key, upload, compress=False, progress=progress, phase="upload:memories"
         )
-        upload.files[MEMORIES_NAME] = msgspec.structs.replace(entry, conversation_count=len(ids))
-        upload.bytes_new += entry.stored_size
+        new = len(upload.exported.get("conversation", []))
+        upload.files[MEMORIES_NAME] = msgspec.structs.replace(stored, conversation_count=new)
+        upload.bytes_new += stored.stored_size
         upload.uploaded_keys.append(key)
-        upload.exported_ids = ids
-        return len(ids)
+        return total, new
 
-    def _write_memories(self, snapshot: Path, out: Path, tid: str) -> list[str]:
-        con = records.open_snapshot(snapshot, self._progress_db)
-        try:
-            return records.write_memories_json(
-                con, out, system_id=self.config.system_id_resolved, channel=tid
-            )
-        finally:
-            con.close()
-
-    def _write_memories_from(self, source: Source, out: Path, tid: str) -> list[str]:
-        """Export from the held source's own connection: the same state as its bytes."""
-        records.open_progress(source.con, self._progress_db)
+    def _write_memories(
+        self, plan: list[tuple[Path | Any, tuple[str, ...]]], out: Path, tid: str
+    ) -> tuple[dict[str, list[str]], dict[str, int]]:
+        """Blocking: every undelivered record of the snapshots, and per kind the
+        records that cannot be delivered (no embedding)."""
         out.parent.mkdir(parents=True, exist_ok=True)
-        return records.write_memories_json(
-            source.con, out, system_id=self.config.system_id_resolved, channel=tid
+        export = records.write_memories_json(
+            out,
+            plan,
+            progress_db=self._progress_db,
+            system_id=self.config.system_id_resolved,
+            channel=tid,
         )
+        return export.written, export.undeliverable
+
+    @staticmethod
+    def _details(upload: _Upload) -> dict[str, Any]:
+        """Per kind: records written to memories.json and those skipped (no embedding)."""
+        return {
+            "memories": {kind: len(ids) for kind, ids in upload.exported.items()},
+            "skipped": {
+                "no_embedding": {
+                    "count": sum(upload.undeliverable.values()),
+                    "by_kind": dict(upload.undeliverable),
+                    "reason": records.NO_EMBEDDING_REASON,
+                }
+            },
+        }
 
     # ------------------------------------------------------- blocks layout
     async def _previous_upload(
@@ -692,7 +741,13 @@ class CloudSyncMethod:
             return
         key = index_key(sid, upload.upload_id)
         body = encode_index(index)
-        await self._put_small(key, body, upload, create=False)
+
+        async def put() -> None:
+            upload.written.append(key)
+            await obstore.put_async(self.store, key, body)
+
+        await with_retries(put, config=config, what=f"writing {key}")
+        upload.bytes_sent += len(body)
         upload.uploaded_keys.append(key)
         upload.index_key = key
         upload.bytes_new += len(body)
@@ -761,37 +816,28 @@ class CloudSyncMethod:
         if opened is None:
             return
         source, held_fp = opened
+        # Held (still locked) until its records are exported; _sync closes it.
+        upload.sources[name] = source
         upload.how_read[name] = "locked" if source.locked else "copy"
         phase = f"upload:{name}"
-        try:
-            total = source.db_size + source.wal_size
-            db = await writer.add_file(
-                name, source.db_fd, database=True, size=source.db_size,
-                on_progress=lambda n: progress(phase, n, total),
+        total = source.db_size + source.wal_size
+        db = await writer.add_file(
+            name, source.db_fd, database=True, size=source.db_size,
+            on_progress=lambda n: progress(phase, n, total),
+        )
+        upload.extra[name] = {
+            "new_pieces": db.new_pieces,
+            "conversation_count": source.conversation_count,
+            "row_counts": source.row_counts,
+            "wal": wal_name if source.wal_fd is not None else None,
+        }
+        if source.wal_fd is not None:
+            wal = await writer.add_file(
+                wal_name, source.wal_fd, database=False, size=source.wal_size,
+                block_size=db.file.block_size,
+                on_progress=lambda n: progress(phase, source.db_size + n, total),
             )
-            upload.extra[name] = {
-                "new_pieces": db.new_pieces,
-                "conversation_count": source.conversation_count,
-                "row_counts": source.row_counts,
-                "wal": wal_name if source.wal_fd is not None else None,
-            }
-            if source.wal_fd is not None:
-                wal = await writer.add_file(
-                    wal_name, source.wal_fd, database=False, size=source.wal_size,
-                    block_size=db.file.block_size,
-                    on_progress=lambda n: progress(phase, source.db_size + n, total),
-                )
-                upload.extra[wal_name] = {"new_pieces": wal.new_pieces}
-            if name == config.reflection_db and config.export_memories:
-                out = snapshot_dir / MEMORIES_NAME
-                progress("export:memories", 0, 0)
-                upload.exported_ids = await anyio.to_thread.run_sync(
-                    self._write_memories_from, source, out, self.target_id
-                )
-                upload.memories_path = out
-        finally:
-            # Only now, after the last read, may a writer open the database again.
-            await anyio.to_thread.run_sync(source.close)
+            upload.extra[wal_name] = {"new_pieces": wal.new_pieces}
         upload.fingerprints[name] = held_fp
 
     async def _open_source(
@@ -859,18 +905,28 @@ class CloudSyncMethod:
                 files=files,
             ),
         )
-        if upload.exported_ids:
+        if (upload.snapshots or upload.how_read) and self.config.export_memories:
+            records.save_undeliverable(self.config.state_path, "cloud", upload.undeliverable)
+        if any(upload.exported.values()):
             import duckdb
 
-            con = duckdb.connect()
-            try:
-                records.open_progress(con, self._progress_db)
-                records.mark_delivered(con, tid, "conversation", upload.exported_ids)
-            finally:
-                con.close()
+            with records.PROGRESS_LOCK:
+                con = duckdb.connect()
+                try:
+                    records.open_progress(con, self._progress_db)
+                    for kind, ids in upload.exported.items():
+                        records.mark_delivered(con, tid, kind, ids)
+                finally:
+                    con.close()
 
     async def _discard(self, upload: _Upload) -> None:
-        """Best effort: remove what a failed sync wrote (never a committed manifest)."""
+        """Best effort: remove what a failed sync wrote, unless it may be committed."""
+        if upload.commit_attempted:
+            log.warning(
+                "the manifest may have been written; nothing of the upload is deleted",
+                upload_id=upload.upload_id,
+            )
+            return
         with anyio.CancelScope(shield=True), anyio.move_on_after(10):
             for key in reversed(upload.written):
                 try:
