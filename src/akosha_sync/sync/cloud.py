@@ -839,6 +839,9 @@ class CloudSyncMethod:
             )
             upload.extra[wal_name] = {"new_pieces": wal.new_pieces}
         upload.fingerprints[name] = held_fp
+        if not config.export_memories:
+            # Nothing more to read from it: let a writer in now.
+            await anyio.to_thread.run_sync(upload.sources.pop(name).close)
 
     async def _open_source(
         self, upload: _Upload, name: str, path: Path, snapshot_dir: Path
