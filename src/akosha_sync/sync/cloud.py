@@ -17,7 +17,8 @@ One sync, in order:
    Once its PUT was tried nothing is removed: a lost answer is resolved by reading
    the manifest back (`store.commit_manifest`).
 
-That is the ``files`` layout. With ``storage_layout = "blocks"`` (the default) step 2
+That is the ``files`` layout (step 2 in :mod:`akosha_sync.sync.files`). With
+``storage_layout = "blocks"`` (the default, :mod:`akosha_sync.sync.blocks`) step 2
 is the repository's (:mod:`akosha_sync.repository`): each database is held still
 under DuckDB's shared lock (or copied when a writer holds it, see
 ``repository/source.py``), read once and cut into pieces; only pieces no stored pack
@@ -44,28 +45,16 @@ from obstore.exceptions import AlreadyExistsError
 
 from akosha_sync import __version__
 from akosha_sync.config import AkoshaSyncConfig
-from akosha_sync.repository.format import (
-    LAYOUT_BLOCKS,
-    LAYOUT_FILES,
-    Index,
-    decode_index,
-    encode_index,
-    index_key,
-)
-from akosha_sync.repository.source import LockedByWriter, Source, open_copy, open_locked
-from akosha_sync.repository.writer import (
-    RepositoryWriter,
-    list_packs,
-    reusable_pieces,
-    stored_size,
-)
+from akosha_sync.repository.format import LAYOUT_BLOCKS, LAYOUT_FILES
+from akosha_sync.repository.source import Source
 from akosha_sync.sync import records
+from akosha_sync.sync.blocks import sync_blocks
 from akosha_sync.sync.deadline import Deadline
+from akosha_sync.sync.files import send, sync_database
 from akosha_sync.sync.manifest import (
     COMPRESSION_FORMAT,
     MEMORIES_NAME,
     FileEntry,
-    Manifest,
     build_manifest,
     claim_key,
     decode_manifest,
@@ -80,11 +69,9 @@ from akosha_sync.sync.manifest import (
 from akosha_sync.sync.protocol import (
     CloudUploadError,
     ProgressCallback,
-    SnapshotError,
     SyncResult,
 )
-from akosha_sync.sync.snapshot import Snapshot, remove_snapshot_dir, take_snapshot
-from akosha_sync.sync.snapshot import fingerprint as source_fingerprint
+from akosha_sync.sync.snapshot import Snapshot, remove_snapshot_dir
 from akosha_sync.sync.state import StoredFile, TargetState, load_state, save_state, target_id
 from akosha_sync.sync.store import commit_manifest, make_store, part_size, with_retries
 
@@ -102,25 +89,12 @@ _BLOCK = 1024 * 1024
 # Parts in flight per object (objects upload side by side): keeps 250 MB under 150 MB RSS.
 _MAX_CONCURRENCY = 2
 _MAX_ID_ATTEMPTS = 50
-# How long to wait for a writer to let go of a database before copying it instead.
-_LOCK_WAIT_SECONDS = 1.0
 
 
 def _no_progress(phase: str, done: int, total: int) -> None:
     return None
 
 
-_WAL_SUFFIX = ".wal"
-
-
-class _Send(msgspec.Struct, frozen=True):
-    """One object to upload: its file name in the upload, the local copy, its SHA-256."""
-
-    name: str
-    path: Path
-    sha256: str
-    fingerprint: Any  # SourceFingerprint of a database; None for its WAL
-    extra: dict[str, Any]  # FileEntry fields known from the snapshot
 
 
 class _Upload:
@@ -272,16 +246,16 @@ class CloudSyncMethod:
             blocks = config.storage_layout == LAYOUT_BLOCKS
             try:
                 if blocks:
-                    await self._sync_blocks(upload, state, wanted, snapshot_dir, progress)
+                    await sync_blocks(self, upload, state, wanted, snapshot_dir, progress)
                 else:
                     # A database's uploads start as soon as its snapshot is taken, so the
                     # next snapshot's copying overlaps them.
                     async with anyio.create_task_group() as tg:
                         for name, path in wanted:
-                            for item in await self._sync_database(
-                                upload, state, name, path, snapshot_dir, progress
+                            for item in await sync_database(
+                                self, upload, state, name, path, snapshot_dir, progress
                             ):
-                                tg.start_soon(self._send, upload, item, progress)
+                                tg.start_soon(send, self, upload, item, progress)
             except ExceptionGroup as group:
                 # One failed upload cancels the others; report the failure, not the group.
                 raise _first_failure(group) from None
@@ -435,112 +409,6 @@ class CloudSyncMethod:
 
         return await with_retries(newest, config=self.config, what="reading the last manifest")
 
-    async def _object_intact(self, entry: FileEntry) -> bool:
-        async def head() -> bool:
-            try:
-                meta = await obstore.head_async(self.store, entry.key)
-            except FileNotFoundError:
-                return False
-            return int(meta["size"]) == entry.stored_size
-
-        return await with_retries(head, config=self.config, what=f"checking {entry.key}")
-
-    async def _sync_database(
-        self,
-        upload: _Upload,
-        state: TargetState | None,
-        name: str,
-        path: Path,
-        snapshot_dir: Path,
-        progress: ProgressCallback,
-    ) -> list[_Send]:
-        """Decide, per object (database, WAL), to reuse it or send it; returns the sends."""
-        config = self.config
-        fp = source_fingerprint(path)
-        if fp is None:
-            upload.missing.append(name)
-            log.info("database missing; skipped", database=str(path))
-            return []
-        wal_name = name + _WAL_SUFFIX
-        previous = state.files if (state and config.enable_deduplication) else {}
-        stored_db = previous.get(name)
-        stored_wal = previous.get(wal_name) if fp.wal is not None else None
-        if (
-            stored_db is not None
-            and stored_db.fingerprint == fp
-            and (fp.wal is None or stored_wal is not None)
-            and await self._object_intact(stored_db.entry)
-            and (stored_wal is None or await self._object_intact(stored_wal.entry))
-        ):
-            # Not even re-read: size, mtime and inode of both files are unchanged.
-            self._reuse(upload, name, stored_db.entry, fp)
-            if stored_wal is not None:
-                self._reuse(upload, wal_name, stored_wal.entry, None)
-            return []
-        progress(f"snapshot:{name}", 0, fp.db.size + (fp.wal.size if fp.wal else 0))
-        try:
-            snap = await anyio.to_thread.run_sync(take_snapshot, name, path, snapshot_dir)
-        except FileNotFoundError:
-            upload.missing.append(name)
-            return []
-        except SnapshotError as exc:
-            upload.errors.append(str(exc))
-            log.error("database not readable; skipped", database=str(path), error=str(exc))
-            return []
-        upload.snapshots[name] = snap
-        sends: list[_Send] = []
-        db_extra = {
-            "conversation_count": snap.conversation_count,
-            "wal": wal_name if snap.wal else None,
-        }
-        if (
-            stored_db is not None
-            and stored_db.entry.sha256 == snap.sha256
-            and await self._object_intact(stored_db.entry)
-        ):
-            self._reuse(upload, name, stored_db.entry, snap.fingerprint, **db_extra)
-        else:
-            sends.append(_Send(name, Path(snap.path), snap.sha256, snap.fingerprint, db_extra))
-        if snap.wal and snap.wal_sha256:
-            stored_wal = previous.get(wal_name)
-            if (
-                stored_wal is not None
-                and stored_wal.entry.sha256 == snap.wal_sha256
-                and await self._object_intact(stored_wal.entry)
-            ):
-                self._reuse(upload, wal_name, stored_wal.entry, None)
-            else:
-                sends.append(_Send(wal_name, Path(snap.wal), snap.wal_sha256, None, {}))
-        return sends
-
-    async def _send(self, upload: _Upload, item: _Send, progress: ProgressCallback) -> None:
-        """Upload one planned object and record it (uploads run side by side: the CPU
-        work of one overlaps the network wait of another)."""
-        key = self._get_cloud_path(item.name, upload.upload_id)
-        entry = await self._upload_file(
-            item.path,
-            key,
-            upload,
-            compress=self.config.enable_compression,
-            progress=progress,
-            phase=f"upload:{item.name}",
-            known_sha256=item.sha256,
-        )
-        entry = msgspec.structs.replace(entry, **item.extra)
-        upload.files[item.name] = entry
-        upload.uploaded_keys.append(key)
-        upload.new_state[item.name] = StoredFile(fingerprint=item.fingerprint, entry=entry)
-
-    def _reuse(
-        self, upload: _Upload, name: str, entry: FileEntry, fp: Any, **extra: Any
-    ) -> None:
-        origin = entry.reused_from or entry.key.split("/")[-2]
-        reused = msgspec.structs.replace(entry, reused_from=origin, **extra)
-        upload.files[name] = reused
-        upload.unchanged.append(name)
-        upload.new_state[name] = StoredFile(fingerprint=fp, entry=reused)
-        log.info("unchanged; reusing the stored object", file=name, key=entry.key)
-
     async def _upload_file(
         self,
         path: Path,
@@ -662,230 +530,6 @@ class CloudSyncMethod:
                 }
             },
         }
-
-    # ------------------------------------------------------- blocks layout
-    async def _previous_upload(
-        self, state: TargetState | None
-    ) -> tuple[Manifest | None, Index | None]:
-        """The last upload's manifest and index (blocks layout): what can be reused."""
-        key = state.last_manifest_key if state else None
-        if key is None or not self.config.enable_deduplication:
-            return None, None
-
-        async def get(key: str) -> bytes | None:
-            try:
-                return bytes(await (await obstore.get_async(self.store, key)).bytes_async())
-            except FileNotFoundError:
-                return None
-
-        async def both() -> tuple[Manifest | None, Index | None]:
-            data = await get(key)
-            if data is None:
-                return None, None
-            try:
-                manifest = decode_manifest(data)
-                if manifest.storage_layout != LAYOUT_BLOCKS or not manifest.index:
-                    return manifest, None
-                raw = await get(manifest.index)
-                return manifest, decode_index(raw) if raw is not None else None
-            except (msgspec.DecodeError, msgspec.ValidationError):
-                return None, None  # a damaged earlier upload: store everything anew
-
-        return await with_retries(both, config=self.config, what="reading the last upload")
-
-    async def _sync_blocks(
-        self,
-        upload: _Upload,
-        state: TargetState | None,
-        wanted: list[tuple[str, Path]],
-        snapshot_dir: Path,
-        progress: ProgressCallback,
-    ) -> None:
-        """Store the databases as pieces in packs and write the upload's index."""
-        config = self.config
-        sid = config.system_id_resolved
-        previous, previous_index = await self._previous_upload(state)
-        known, known_packs = reusable_pieces(
-            previous_index, await list_packs(self.store, config, sid)
-        )
-        writer = RepositoryWriter(
-            self.store, config, system_id=sid, upload_id=upload.upload_id, known=known,
-            known_packs=known_packs, compress=config.enable_compression,
-            on_written=upload.written.append,
-        )
-        async with writer.running():
-            for name, path in wanted:
-                await self._blocks_database(
-                    upload, state, writer, previous, previous_index, name, path,
-                    snapshot_dir, progress,
-                )
-        index = writer.index()
-        upload.bytes_sent += writer.bytes_new
-        upload.bytes_new += writer.bytes_new
-        upload.uploaded_keys.extend(
-            ref.key for pid, ref in index.packs.items() if pid not in known_packs
-        )
-        reused = {pid for pid in index.packs if pid in known_packs}
-        if reused:
-            # Checked again right before the commit: a prune may have run meanwhile.
-            listed = await list_packs(self.store, config, sid)
-            gone = sorted(
-                index.packs[p].key for p in reused if listed.get(p) != index.packs[p].size
-            )
-            if gone:
-                raise CloudUploadError(
-                    f"{len(gone)} pack(s) this upload reuses left the bucket during the sync "
-                    f"(e.g. {gone[0]}; did a prune run?); nothing was committed. Sync again."
-                )
-        if not index.files:
-            return
-        key = index_key(sid, upload.upload_id)
-        body = encode_index(index)
-
-        async def put() -> None:
-            upload.written.append(key)
-            await obstore.put_async(self.store, key, body)
-
-        await with_retries(put, config=config, what=f"writing {key}")
-        upload.bytes_sent += len(body)
-        upload.uploaded_keys.append(key)
-        upload.index_key = key
-        upload.bytes_new += len(body)
-        compressed = COMPRESSION_FORMAT if config.enable_compression else None
-        for name, entry in index.files.items():
-            extra = upload.extra.get(name, {})
-            new_pieces = int(extra.pop("new_pieces", 0))
-            file_entry = FileEntry(
-                key=key, original_size=entry.size, stored_size=stored_size(entry),
-                sha256=entry.sha256, stored_sha256=entry.sha256, compression=compressed,
-                pieces=len(entry.pieces), new_pieces=new_pieces, **extra,
-            )
-            upload.files[name] = file_entry
-            upload.new_state[name] = StoredFile(
-                fingerprint=upload.fingerprints.get(name), entry=file_entry
-            )
-            if new_pieces == 0 and name not in upload.unchanged:
-                upload.unchanged.append(name)
-
-    async def _blocks_database(
-        self,
-        upload: _Upload,
-        state: TargetState | None,
-        writer: RepositoryWriter,
-        previous: Manifest | None,
-        previous_index: Index | None,
-        name: str,
-        path: Path,
-        snapshot_dir: Path,
-        progress: ProgressCallback,
-    ) -> None:
-        config = self.config
-        fp = source_fingerprint(path)
-        if fp is None:
-            upload.missing.append(name)
-            log.info("database missing; skipped", database=str(path))
-            return
-        wal_name = name + _WAL_SUFFIX
-        names = [name, wal_name] if fp.wal is not None else [name]
-        stored = state.files.get(name) if state and config.enable_deduplication else None
-        if (
-            stored is not None
-            and stored.fingerprint == fp
-            and previous is not None
-            and previous_index is not None
-            and all(
-                n in previous_index.files and writer.can_reuse(previous_index.files[n])
-                for n in names
-            )
-        ):
-            # Not even re-read: size, mtime and inode of both files are unchanged.
-            for n in names:
-                writer.reuse_file(n, previous_index.files[n])
-                old = previous.file_details.get(n)
-                upload.extra[n] = {
-                    "conversation_count": old.conversation_count if old else None,
-                    "wal": old.wal if old else None,
-                    "row_counts": old.row_counts if old else None,
-                }
-                upload.unchanged.append(n)
-            upload.fingerprints[name] = fp
-            log.info("unchanged; reusing the stored pieces", file=name)
-            return
-        progress(f"snapshot:{name}", 0, fp.db.size + (fp.wal.size if fp.wal else 0))
-        opened = await self._open_source(upload, name, path, snapshot_dir)
-        if opened is None:
-            return
-        source, held_fp = opened
-        # Held (still locked) until its records are exported; _sync closes it.
-        upload.sources[name] = source
-        upload.how_read[name] = "locked" if source.locked else "copy"
-        phase = f"upload:{name}"
-        total = source.db_size + source.wal_size
-        db = await writer.add_file(
-            name, source.db_fd, database=True, size=source.db_size,
-            on_progress=lambda n: progress(phase, n, total),
-        )
-        upload.extra[name] = {
-            "new_pieces": db.new_pieces,
-            "conversation_count": source.conversation_count,
-            "row_counts": source.row_counts,
-            "wal": wal_name if source.wal_fd is not None else None,
-        }
-        if source.wal_fd is not None:
-            wal = await writer.add_file(
-                wal_name, source.wal_fd, database=False, size=source.wal_size,
-                block_size=db.file.block_size,
-                on_progress=lambda n: progress(phase, source.db_size + n, total),
-            )
-            upload.extra[wal_name] = {"new_pieces": wal.new_pieces}
-        upload.fingerprints[name] = held_fp
-        if not config.export_memories:
-            # Nothing more to read from it: let a writer in now.
-            await anyio.to_thread.run_sync(upload.sources.pop(name).close)
-
-    async def _open_source(
-        self, upload: _Upload, name: str, path: Path, snapshot_dir: Path
-    ) -> tuple[Source, Any] | None:
-        """Hold the live database still under DuckDB's shared lock; when a writer holds
-        it, copy it (sync/snapshot.py) and read the copy. None: missing or unreadable."""
-        temp = snapshot_dir / ".duckdb-tmp"
-
-        def open_it() -> tuple[Source, Any]:
-            import duckdb
-
-            deadline = time.monotonic() + _LOCK_WAIT_SECONDS
-            delay = 0.005
-            try:
-                while True:
-                    try:
-                        source = open_locked(path, temp)
-                        return source, source_fingerprint(path)
-                    except LockedByWriter:
-                        if time.monotonic() >= deadline:
-                            break
-                        # A writer that opens and closes (a session ending) leaves gaps.
-                        time.sleep(delay)
-                        delay = min(delay * 2, 0.05)
-                log.info("database open for writing; taking a copy", database=str(path))
-            except duckdb.Error as exc:
-                raise SnapshotError(
-                    f"{path} is not a readable DuckDB database ({exc}). Check that it is a "
-                    "Session-Buddy database written by DuckDB >= 2.0; it was not uploaded.",
-                    str(path),
-                    exc,
-                ) from exc
-            snap = take_snapshot(name, path, snapshot_dir)
-            return open_copy(Path(snap.path), temp), snap.fingerprint
-
-        try:
-            return await anyio.to_thread.run_sync(open_it)
-        except FileNotFoundError:
-            upload.missing.append(name)
-            return None
-        except SnapshotError as exc:
-            upload.errors.append(str(exc))
-            log.error("database not readable; skipped", database=str(path), error=str(exc))
-            return None
 
     @property
     def _progress_db(self) -> Path:
