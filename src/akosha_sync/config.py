@@ -121,6 +121,10 @@ class AkoshaSyncConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown
     # back to AWS_SESSION_TOKEN.
     session_token: str = ""
 
+    # Storage layout in the bucket (issue 8): "blocks" stores each database as
+    # SHA-256-addressed pieces in shared packs (incremental); "files" as whole objects.
+    storage_layout: str = "blocks"
+
     # ----------------------------------------------------------------- derived
     @property
     def is_local_target(self) -> bool:
@@ -269,6 +273,11 @@ class AkoshaSyncConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown
         # Security (issue 9): the token would travel in clear text.
         if insecure := self.akosha_url_insecure():
             problems.append(insecure)
+        if self.storage_layout not in ("blocks", "files"):
+            problems.append(
+                f"storage_layout is {self.storage_layout!r}; use 'blocks' (incremental pieces "
+                "in packs) or 'files' (whole database objects)."
+            )
         return problems
 
     def akosha_url_insecure(self) -> str:
