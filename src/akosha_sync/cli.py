@@ -58,6 +58,9 @@ def _parser() -> argparse.ArgumentParser:
     from akosha_sync.server import cli as server_cli
 
     server_cli.add_commands(sub)
+    from akosha_sync import cli_repository
+
+    cli_repository.add_commands(sub)
     return parser
 
 
@@ -77,6 +80,10 @@ def main(argv: list[str] | None = None) -> int:
             "status": _cmd_status,
             "demo": _cmd_demo,
         }.get(args.command)
+        from akosha_sync import cli_repository
+
+        if handler is None and args.command in cli_repository.COMMANDS:
+            return cli_repository.run(args)
         if handler is None:
             from akosha_sync.server import cli as server_cli
 

@@ -46,6 +46,7 @@ DEFAULT_CONFIG_PATH = Path("~/.config/akosha-sync/config.toml")
 
 _SYSTEM_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,100}$")
 _BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+_DURATION_RE = re.compile(r"^(\d+[ymwdh])+$")
 _LOOPBACK_NAMES = frozenset({"localhost", "localhost.localdomain", "ip6-localhost"})
 
 
@@ -108,6 +109,16 @@ class AkoshaSyncConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown
     daemon_port: int = 8683
     # When set, POST /hooks/session-end requires ``Authorization: Bearer <token>``.
     daemon_token: str = ""
+
+    # Retention (issue 7): restic-style forget policy the daemon applies after each
+    # successful cloud sync. All unset (the default) keeps every upload.
+    retention_keep_last: int = 0
+    retention_keep_hourly: int = 0
+    retention_keep_daily: int = 0
+    retention_keep_weekly: int = 0
+    retention_keep_monthly: int = 0
+    retention_keep_yearly: int = 0
+    retention_keep_within: str = ""  # e.g. "30d", "1y6m"
 
     # ----------------------------------------------------------------- derived
     @property
@@ -245,7 +256,27 @@ class AkoshaSyncConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown
             value = getattr(self, name)
             if not value or "/" in value or value in (".", ".."):
                 problems.append(f"{name} {value!r} must be a bare file name inside data_dir.")
+        # Retention (issue 7): the same rules as repository.retention.Policy.problems().
+        for name, value in self.retention_policy_fields().items():
+            if isinstance(value, int) and value < 0:
+                problems.append(f"retention_{name} is {value}; use a count of 0 or more.")
+        if self.retention_keep_within and not _DURATION_RE.match(
+            self.retention_keep_within.strip().lower()
+        ):
+            problems.append(
+                f"retention_keep_within {self.retention_keep_within!r} is not a duration; "
+                "write it like restic: '30d', '12h', '1y6m', '3w'."
+            )
         return problems
+
+    def retention_policy_fields(self) -> dict[str, Any]:
+        """The ``retention_*`` settings as ``repository.retention.Policy`` fields."""
+        prefix = "retention_"
+        return {
+            name[len(prefix):]: getattr(self, name)
+            for name in self.__struct_fields__
+            if name.startswith(prefix)
+        }
 
     def _endpoint_problems(self) -> list[str]:
         endpoint = self.cloud_endpoint

@@ -72,15 +72,15 @@ def check_key(system_id: str, upload_id: str) -> str:
 async def read_records(store: ObjectStore, system_id: str) -> dict[str, CheckRecord]:
     """Every upload's record (unreadable ones are skipped: they are only a report)."""
     out: dict[str, CheckRecord] = {}
-    async for batch in obstore.list(store, prefix=checks_prefix(system_id)):
-        for meta in batch:
-            key = meta["path"]
-            try:
-                raw = await (await obstore.get_async(store, key)).bytes_async()
-                record = msgspec.json.decode(bytes(raw), type=CheckRecord)
-            except (FileNotFoundError, msgspec.DecodeError, msgspec.ValidationError):
-                continue
-            out[record.upload_id] = record
+    # collect_async: async iteration of a ListStream aborts at exit (see snapshots).
+    for meta in await obstore.list(store, prefix=checks_prefix(system_id)).collect_async():
+        key = meta["path"]
+        try:
+            raw = await (await obstore.get_async(store, key)).bytes_async()
+            record = msgspec.json.decode(bytes(raw), type=CheckRecord)
+        except (FileNotFoundError, msgspec.DecodeError, msgspec.ValidationError):
+            continue
+        out[record.upload_id] = record
     return out
 
 

@@ -71,9 +71,12 @@ class Upload(msgspec.Struct, kw_only=True):
                 return parse_time(self.manifest.uploaded_at)
             except ValueError:
                 pass
+        from_id = _time_from_id(self.upload_id)  # the time the sync claimed it at
+        if from_id is not None:
+            return from_id
         if self.objects:
             return min(o.last_modified for o in self.objects.values()).astimezone(UTC)
-        return _time_from_id(self.upload_id) or datetime.fromtimestamp(0, UTC)
+        return datetime.fromtimestamp(0, UTC)
 
     @property
     def layout(self) -> str:
@@ -128,16 +131,17 @@ async def scan_uploads(store: ObjectStore, system_id: str) -> list[Upload]:
     """Every upload folder of ``system_id``, oldest first, manifests decoded."""
     prefix = uploads_prefix(system_id)
     folders: dict[str, dict[str, StoredObject]] = {}
-    async for batch in obstore.list(store, prefix=prefix, chunk_size=1000):
-        for meta in batch:
-            key = meta["path"]
-            rest = key[len(prefix):]
-            uid, sep, name = rest.partition("/")
-            if not sep or not name:
-                continue
-            folders.setdefault(uid, {})[name] = StoredObject(
-                key, int(meta["size"]), meta["last_modified"]
-            )
+    # collect_async, not ``async for``: iterating obstore's ListStream asynchronously
+    # aborts the interpreter at exit (obstore 0.12, measured here).
+    for meta in await obstore.list(store, prefix=prefix, chunk_size=1000).collect_async():
+        key = meta["path"]
+        rest = key[len(prefix):]
+        uid, sep, name = rest.partition("/")
+        if not sep or not name:
+            continue
+        folders.setdefault(uid, {})[name] = StoredObject(
+            key, int(meta["size"]), meta["last_modified"]
+        )
     uploads: list[Upload] = []
     for uid in sorted(folders, key=upload_id_order):
         objects = folders[uid]

@@ -24,6 +24,7 @@ import anyio
 import structlog
 
 from akosha_sync.config import AkoshaSyncConfig
+from akosha_sync.repository.service import apply_configured_retention
 from akosha_sync.server.payload import HookPayloadError, validate_hook_payload
 from akosha_sync.server.queue import JobQueue, Request
 from akosha_sync.sync.runner import run_sync
@@ -205,6 +206,8 @@ class SyncDaemon:
             self.current = None
             self._idle.set()
         self._notify(ids)
+        # Retention (issue 7): after the waiters have their result; a no-op when unset.
+        await apply_configured_retention(self.config, result)
 
     def _notify(self, ids: list[int]) -> None:
         for request_id in ids:

@@ -1,0 +1,184 @@
+"""The bucket as a repository: snapshots, forget, verify, prune against real SeaweedFS,
+checked independently with the minio client."""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+from minio import Minio
+
+from akosha_sync.config import AkoshaSyncConfig
+from akosha_sync.repository.retention import Policy, RetentionError
+from akosha_sync.repository.service import forget_uploads, snapshots
+from akosha_sync.sample import SampleInfo, add_conversations
+from akosha_sync.sync.cloud import CloudSyncMethod
+from akosha_sync.sync.manifest import FileEntry, build_manifest, encode_manifest
+from support.verify import get_object, manifests
+
+MakeConfig = Callable[..., AkoshaSyncConfig]
+EXE = str(Path(sys.executable).with_name("akosha-sync"))
+
+
+def _sync(config: AkoshaSyncConfig) -> dict[str, Any]:
+    return anyio.run(CloudSyncMethod(config).sync)
+
+
+def _put(client: Minio, bucket: str, key: str, data: bytes) -> None:
+    client.put_object(bucket, key, io.BytesIO(data), len(data))
+
+
+def _keys(client: Minio, bucket: str, prefix: str = "systems/") -> set[str]:
+    return {
+        o.object_name for o in client.list_objects(bucket, prefix=prefix, recursive=True)
+        if o.object_name
+    }
+
+
+def _hand_made_upload(client: Minio, bucket: str, sid: str, at: datetime) -> str:
+    """A files-layout upload at time ``at``: one small database object and a manifest."""
+    uid = at.strftime("%Y%m%d_%H%M%S") + f"_{sid}"
+    base = f"systems/{sid}/uploads/{uid}"
+    body = f"db of {uid}".encode()
+    _put(client, bucket, f"{base}/_claim.json", b"{}")
+    _put(client, bucket, f"{base}/reflection.duckdb", body)
+    import hashlib
+
+    digest = hashlib.sha256(body).hexdigest()
+    manifest = build_manifest(
+        system_id=sid,
+        upload_id=uid,
+        uploaded_at=at,
+        files={"reflection.duckdb": FileEntry(
+            key=f"{base}/reflection.duckdb", original_size=len(body), stored_size=len(body),
+            sha256=digest, stored_sha256=digest, compression=None, conversation_count=1,
+        )},
+        conversation_count=1,
+    )
+    _put(client, bucket, f"{base}/manifest.json", encode_manifest(manifest))
+    return uid
+
+
+def _cli(config_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [EXE, "--config", str(config_path), *args], capture_output=True, text=True,
+        timeout=120, check=False,
+    )
+
+
+def _toml(config: AkoshaSyncConfig, path: Path) -> Path:
+    lines = []
+    for key in config.__struct_fields__:
+        real = getattr(config, key)
+        if isinstance(real, bool):
+            lines.append(f"{key} = {'true' if real else 'false'}")
+        elif isinstance(real, int | float):
+            lines.append(f"{key} = {real}")
+        else:
+            lines.append(f"{key} = {json.dumps(real)}")
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+# ------------------------------------------------------------------ snapshots
+def test_snapshots_lists_complete_and_incomplete_uploads_from_the_bucket(
+    s3_config: MakeConfig, minio_client: Minio, s3_bucket: str, sample: SampleInfo,
+    tmp_path: Path,
+) -> None:
+    config = s3_config()
+    first = _sync(config)
+    add_conversations(sample.data_dir, 3, seed=7)
+    second = _sync(config)
+    # A sync that died before its manifest: a claim and one object, no manifest.
+    dead = "20200101_000000_test-host"
+    _put(minio_client, s3_bucket, f"systems/test-host/uploads/{dead}/_claim.json", b"{}")
+    _put(minio_client, s3_bucket, f"systems/test-host/uploads/{dead}/reflection.duckdb",
+         b"x" * 100)
+    # Local state is not consulted: remove it.
+    import shutil
+
+    shutil.rmtree(config.state_path)
+
+    infos = anyio.run(lambda: snapshots(config))
+    assert [i.upload_id for i in infos] == [dead, first["upload_id"], second["upload_id"]]
+    incomplete, one, two = infos
+    assert incomplete.complete is False and "no manifest.json" in (incomplete.problem or "")
+    assert incomplete.bytes_new == 102 and incomplete.conversation_count is None
+    assert one.complete and two.complete and one.layout == "files"
+    assert one.files == sorted(json.loads(get_object(
+        minio_client, s3_bucket, first["manifest_key"]))["file_details"])
+    # Bytes new = the objects in the folder; the second upload reused what did not change.
+    folder_one = _keys(minio_client, s3_bucket, f"systems/test-host/uploads/{one.upload_id}/")
+    sizes = {o.object_name: o.size for o in minio_client.list_objects(
+        s3_bucket, prefix=f"systems/test-host/uploads/{one.upload_id}/", recursive=True)}
+    assert one.bytes_new == sum(sizes[k] for k in folder_one)
+    assert 0 < two.bytes_new < one.bytes_new
+    assert one.logical_size == sample.reflection_path.stat().st_size + (
+        sample.knowledge_graph_path.stat().st_size) + sum(
+        p.stat().st_size for p in sample.data_dir.glob("*.wal")) or one.logical_size > 0
+    assert two.conversation_count == 3 and one.last_verification is None
+
+    # The CLI, for another system and for all systems.
+    path = _toml(config, tmp_path / "c.toml")
+    _hand_made_upload(minio_client, s3_bucket, "other-host", datetime(2026, 1, 1, tzinfo=UTC))
+    out = _cli(path, "snapshots")
+    assert out.returncode == 0, out.stderr
+    assert dead in out.stdout and "INCOMPLETE" in out.stdout and "other-host" not in out.stdout
+    out = _cli(path, "snapshots", "--all-systems", "--json")
+    assert out.returncode == 0, out.stderr
+    listed = json.loads(out.stdout)
+    assert {i["system_id"] for i in listed} == {"test-host", "other-host"}
+    assert len(listed) == 4
+    out = _cli(path, "snapshots", "--system", "other-host", "--json")
+    assert [i["system_id"] for i in json.loads(out.stdout)] == ["other-host"]
+
+
+# --------------------------------------------------------------------- forget
+def test_forget_against_the_bucket_removes_manifests_and_small_objects_only(
+    s3_config: MakeConfig, minio_client: Minio, s3_bucket: str, tmp_path: Path,
+) -> None:
+    config = s3_config()
+    sid = "test-host"
+    newest = datetime(2026, 6, 10, 12, 0, tzinfo=UTC)
+    times = [newest - timedelta(hours=h) for h in (0, 1, 2, 25, 26, 24 * 8, 24 * 9)]
+    uids = [_hand_made_upload(minio_client, s3_bucket, sid, t) for t in times]
+    before = _keys(minio_client, s3_bucket)
+
+    with pytest.raises(RetentionError, match="empty policy"):
+        anyio.run(lambda: forget_uploads(config, Policy(), dry_run=False))
+
+    plan = anyio.run(lambda: forget_uploads(config, Policy(keep_daily=2), dry_run=True))
+    assert _keys(minio_client, s3_bucket) == before  # a dry run deletes nothing
+    # The newest of 10 June (12:00) and the newest of 9 June (11:00).
+    expected_kept = {uids[0], uids[3]}
+    assert set(plan.kept) == expected_kept
+    assert set(plan.forgotten) == set(uids) - expected_kept
+
+    path = _toml(config, tmp_path / "c.toml")
+    out = _cli(path, "forget", "--keep-daily", "2", "--json")
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout)
+    assert set(report["forgotten"]) == set(plan.forgotten)
+    after = _keys(minio_client, s3_bucket)
+    remaining = {m.split("/")[3] for m in manifests(minio_client, s3_bucket)}
+    assert remaining == expected_kept
+    for uid in plan.forgotten:
+        base = f"systems/{sid}/uploads/{uid}"
+        # The database object stays for prune; manifest and claim are gone.
+        assert f"{base}/reflection.duckdb" in after
+        assert f"{base}/manifest.json" not in after and f"{base}/_claim.json" not in after
+    assert before - after == {
+        f"systems/{sid}/uploads/{uid}/{name}"
+        for uid in plan.forgotten for name in ("manifest.json", "_claim.json")
+    }
+
+    out = _cli(path, "forget")
+    assert out.returncode == 2 and "empty policy" in out.stderr
