@@ -120,6 +120,10 @@ class AkoshaSyncConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown
     retention_keep_yearly: int = 0
     retention_keep_within: str = ""  # e.g. "30d", "1y6m"
 
+    # Storage layout in the bucket (issue 8): "blocks" stores each database as
+    # SHA-256-addressed pieces in shared packs (incremental); "files" as whole objects.
+    storage_layout: str = "blocks"
+
     # ----------------------------------------------------------------- derived
     @property
     def is_local_target(self) -> bool:
@@ -266,6 +270,11 @@ class AkoshaSyncConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown
             problems.append(
                 f"retention_keep_within {self.retention_keep_within!r} is not a duration; "
                 "write it like restic: '30d', '12h', '1y6m', '3w'."
+            )
+        if self.storage_layout not in ("blocks", "files"):
+            problems.append(
+                f"storage_layout is {self.storage_layout!r}; use 'blocks' (incremental pieces "
+                "in packs) or 'files' (whole database objects)."
             )
         return problems
 
