@@ -182,3 +182,91 @@ def test_forget_against_the_bucket_removes_manifests_and_small_objects_only(
 
     out = _cli(path, "forget")
     assert out.returncode == 2 and "empty policy" in out.stderr
+
+
+# --------------------------------------------------------------------- verify
+def _packs(client: Minio, bucket: str) -> list[str]:
+    return sorted(k for k in _keys(client, bucket, "systems/test-host/packs/"))
+
+
+def test_verify_passes_then_catches_a_missing_pack_a_corrupt_piece_and_wrong_rows(
+    s3_config: MakeConfig, minio_client: Minio, s3_bucket: str, sample: SampleInfo,
+    tmp_path: Path,
+) -> None:
+    from akosha_sync.repository.service import verify_uploads
+
+    config = s3_config()
+    first = _sync(config)
+    add_conversations(sample.data_dir, 3, seed=11, checkpoint=True)
+    second = _sync(config)
+    assert first["success"] and second["success"]
+    path = _toml(config, tmp_path / "c.toml")
+
+    out = _cli(path, "verify", "--all", "--read-data", "--open", "--json")
+    assert out.returncode == 0, out.stdout + out.stderr
+    report = json.loads(out.stdout)
+    assert report["ok"] and report["level"] == "structure+read-data+open"
+    assert [u["upload_id"] for u in report["uploads"]] == [first["upload_id"],
+                                                           second["upload_id"]]
+    assert all(u["pieces_read"] > 0 for u in report["uploads"])
+    # The record is in the bucket and shown by snapshots and status.
+    infos = anyio.run(lambda: snapshots(config))
+    assert infos[-1].last_verification is not None
+    assert infos[-1].last_verification["ok"] is True
+    status = json.loads(_cli(path, "status", "--json").stdout)
+    assert status["last_verification"]["ok"] is True
+    assert status["last_verification"]["level"] == "structure+read-data+open"
+
+    # A database whose rows differ from what its manifest recorded (edited via minio).
+    key = second["manifest_key"]
+    manifest = json.loads(get_object(minio_client, s3_bucket, key))
+    counts = manifest["file_details"]["reflection.duckdb"]["row_counts"]
+    table = "conversations_v2" if "conversations_v2" in counts else "conversations"
+    counts[table] += 1
+    _put(minio_client, s3_bucket, key, json.dumps(manifest).encode())
+    rows = anyio.run(lambda: verify_uploads(config, open_databases=True))
+    assert not rows.ok and rows.problem_count == 1
+    assert f"upload {second['upload_id']}" in rows.uploads[0].problems[0]
+    assert f"table {table} has {counts[table] - 1} rows" in rows.uploads[0].problems[0]
+
+    # A corrupt piece: one byte of a pack flipped, same size (structure still passes).
+    first_manifest = json.loads(get_object(minio_client, s3_bucket, first["manifest_key"]))
+    index = json.loads(get_object(minio_client, s3_bucket, first_manifest["index"]))
+    pack = sorted(ref["key"] for ref in index["packs"].values())[0]
+    data = bytearray(get_object(minio_client, s3_bucket, pack))
+    data[len(data) // 2] ^= 0xFF
+    _put(minio_client, s3_bucket, pack, bytes(data))
+    assert anyio.run(lambda: verify_uploads(config, upload_id=first["upload_id"])).ok
+    bad = anyio.run(lambda: verify_uploads(config, upload_id=first["upload_id"],
+                                           read_data="100%"))
+    assert not bad.ok
+    assert all(pack in p and first["upload_id"] in p for p in bad.uploads[0].problems)
+    assert any("SHA-256" in p for p in bad.uploads[0].problems)
+
+    # A deleted pack: the default (structure) level finds it, and the CLI exits 1.
+    minio_client.remove_object(s3_bucket, pack)
+    out = _cli(path, "verify", first["upload_id"])
+    assert out.returncode == 1
+    assert f"upload {first['upload_id']}: {pack}: pack" in out.stdout
+    assert "missing from the bucket" in out.stdout
+    infos = anyio.run(lambda: snapshots(config))
+    assert infos[0].last_verification is not None and not infos[0].last_verification["ok"]
+
+
+def test_verify_read_data_subsets_cover_everything_over_t_runs(
+    s3_config: MakeConfig, sample: SampleInfo,
+) -> None:
+    from akosha_sync.repository.service import verify_uploads
+    from akosha_sync.repository.verify import parse_subset
+
+    config = s3_config(storage_layout="files")
+    assert _sync(config)["success"]
+    full = anyio.run(lambda: verify_uploads(config, read_data="100%"))
+    parts = [anyio.run(lambda n=n: verify_uploads(config, read_data=f"{n}/3"))
+             for n in (1, 2, 3)]
+    assert full.ok and all(p.ok for p in parts)
+    assert sum(p.uploads[0].pieces_read for p in parts) == full.uploads[0].pieces_read > 0
+    with pytest.raises(ValueError, match="not valid"):
+        parse_subset("4/3")
+    with pytest.raises(ValueError, match="not valid"):
+        parse_subset("0%")

@@ -258,6 +258,12 @@ def _describe_status(status: dict[str, Any]) -> str:
             lines.append(f"database:         {name}: missing ({info['path']})")
     last = status.get("last_upload")
     lines.append(f"last upload:      {last['upload_id'] if last else 'none yet'}")
+    checked = status.get("last_verification")
+    lines.append(
+        f"last verify:      {checked['level']} {'ok' if checked['ok'] else 'FAILED'} at "
+        f"{checked['at']} ({len(checked['uploads'])} uploads, {checked['problems']} problems)"
+        if checked else "last verify:      never"
+    )
     if status["validation_errors"]:
         lines.append("problems:")
         lines.extend(f"  - {p}" for p in status["validation_errors"])

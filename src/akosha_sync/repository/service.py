@@ -12,9 +12,11 @@ from typing import Any, TypeVar
 import structlog
 
 from akosha_sync.config import AkoshaSyncConfig
+from akosha_sync.repository.checks import LastRun, save_last_run
 from akosha_sync.repository.forget import ForgetReport, forget
 from akosha_sync.repository.retention import Policy, apply_policy
 from akosha_sync.repository.snapshots import UploadInfo, list_snapshots, list_system_ids
+from akosha_sync.repository.verify import VerifyReport, parse_subset, verify
 from akosha_sync.sync.store import make_store, with_retries
 
 __all__ = [
@@ -23,6 +25,7 @@ __all__ = [
     "configured_policy",
     "forget_uploads",
     "snapshots",
+    "verify_uploads",
 ]
 
 T = TypeVar("T")
@@ -115,8 +118,36 @@ async def apply_configured_retention(
     return report
 
 
-async def verify_uploads(config: AkoshaSyncConfig, **kwargs: Any) -> Any:
-    raise ValueError("verify is being built on this branch (needs the blocks format)")
+
+async def verify_uploads(
+    config: AkoshaSyncConfig,
+    *,
+    upload_id: str | None = None,
+    all_uploads: bool = False,
+    system_id: str | None = None,
+    read_data: str | None = None,
+    open_databases: bool = False,
+    progress: ProgressCallback | None = None,
+) -> VerifyReport:
+    """Verify uploads in the bucket; the run is also remembered in ``state_dir``."""
+    _require_cloud(config)
+    if read_data is not None:
+        parse_subset(read_data)  # a bad subset is the user's to fix, not a store failure
+    store = make_store(config)
+    sid = system_id or config.system_id_resolved
+    report = await _run(
+        config,
+        "verifying uploads",
+        lambda: verify(
+            store, config, sid, upload_id=upload_id, all_uploads=all_uploads,
+            read_data=read_data, open_databases=open_databases, progress=progress,
+        ),
+    )
+    save_last_run(config.state_path, LastRun(
+        at=report.at, level=report.level, ok=report.ok,
+        uploads=[u.upload_id for u in report.uploads], problems=report.problem_count,
+    ))
+    return report
 
 
 async def prune_unused(config: AkoshaSyncConfig, **kwargs: Any) -> Any:
