@@ -270,3 +270,111 @@ def test_verify_read_data_subsets_cover_everything_over_t_runs(
         parse_subset("4/3")
     with pytest.raises(ValueError, match="not valid"):
         parse_subset("0%")
+
+
+# ---------------------------------------------------------------------- prune
+def _index_of(client: Minio, bucket: str, manifest_key: str) -> dict[str, Any]:
+    manifest = json.loads(get_object(client, bucket, manifest_key))
+    return json.loads(get_object(client, bucket, manifest["index"]))
+
+
+def _prune(config: AkoshaSyncConfig, **kwargs: Any) -> Any:
+    from akosha_sync.repository.prune import prune
+    from akosha_sync.sync.store import make_store
+
+    store = make_store(config)
+    kwargs.setdefault("dry_run", False)
+    return anyio.run(lambda: prune(store, "test-host", **kwargs))
+
+
+def test_prune_removes_exactly_the_unreferenced_objects_and_repacks(
+    s3_config: MakeConfig, minio_client: Minio, s3_bucket: str, sample: SampleInfo,
+    tmp_path: Path,
+) -> None:
+    from akosha_sync.repository.service import verify_uploads
+
+    config = s3_config()
+    first = _sync(config)
+    add_conversations(sample.data_dir, 5, seed=3, checkpoint=True)
+    second = _sync(config)
+    old_packs = set(_index_of(minio_client, s3_bucket, first["manifest_key"])["packs"])
+    anyio.run(lambda: forget_uploads(config, Policy(keep_last=1), dry_run=False))
+    # Garbage of three kinds: a pack nothing lists, an object of a forgotten folder.
+    stray_pack = "systems/test-host/packs/ab/" + "ab" * 32 + ".pack"
+    _put(minio_client, s3_bucket, stray_pack, b"junk")
+    stray = "systems/test-host/uploads/20200101_000000_test-host/reflection.duckdb"
+    _put(minio_client, s3_bucket, stray, b"left by a forgotten upload")
+    before = _keys(minio_client, s3_bucket)
+    index_before = _index_of(minio_client, s3_bucket, second["manifest_key"])
+    shared = old_packs & set(index_before["packs"])
+    assert shared, "the second upload reuses pieces of the first one's pack"
+    shared_keys = {index_before["packs"][p]["key"] for p in shared}
+
+    plan = _prune(config, dry_run=True, repack_below=1.0)
+    assert _keys(minio_client, s3_bucket) == before
+    assert set(plan.deleted) == {stray_pack, stray} | shared_keys
+
+    report = _prune(config, repack_below=1.0)
+    after = _keys(minio_client, s3_bucket)
+    new_pack_keys = {f"systems/test-host/packs/{p[:2]}/{p}.pack" for p in report.new_packs}
+    assert before - after == {stray_pack, stray} | shared_keys
+    assert after - before == new_pack_keys and new_pack_keys
+    assert not any("/locks/" in k for k in after)  # lease and plan are gone
+    index_after = _index_of(minio_client, s3_bucket, second["manifest_key"])
+    assert report.rewritten_indexes == [json.loads(get_object(
+        minio_client, s3_bucket, second["manifest_key"]))["index"]]
+    assert not (set(index_after["packs"]) & shared)
+    # Same pieces, new places: the upload still verifies to the last byte and opens.
+    pieces = lambda ix: {n: [p[0] for p in f["pieces"]] for n, f in ix["files"].items()}  # noqa: E731
+    assert pieces(index_after) == pieces(index_before)
+    check = anyio.run(lambda: verify_uploads(config, read_data="100%", open_databases=True))
+    assert check.ok, check.uploads[0].problems
+    # Nothing left to do.
+    again = _prune(config, repack_below=0.5)
+    assert again.deleted == [] and again.repacked == []
+
+
+def test_prune_refuses_when_a_kept_upload_already_lacks_an_object(
+    s3_config: MakeConfig, minio_client: Minio, s3_bucket: str, tmp_path: Path,
+) -> None:
+    config = s3_config()
+    result = _sync(config)
+    pack = next(iter(_index_of(minio_client, s3_bucket, result["manifest_key"])["packs"]
+                     .values()))["key"]
+    minio_client.remove_object(s3_bucket, pack)
+    before = _keys(minio_client, s3_bucket)
+    out = _cli(_toml(config, tmp_path / "c.toml"), "prune")
+    assert out.returncode == 1
+    assert "refusing to prune" in out.stderr
+    assert f"upload {result['upload_id']} needs {pack}" in out.stderr
+    assert _keys(minio_client, s3_bucket) == before
+
+
+def test_prune_leaves_the_plan_while_an_older_upload_is_in_flight(
+    s3_config: MakeConfig, minio_client: Minio, s3_bucket: str, sample: SampleInfo,
+) -> None:
+    from akosha_sync.repository.prune import plan_key, read_condemned
+    from akosha_sync.sync.store import make_store
+
+    config = s3_config()
+    _sync(config)
+    add_conversations(sample.data_dir, 5, seed=3, checkpoint=True)
+    _sync(config)
+    anyio.run(lambda: forget_uploads(config, Policy(keep_last=1), dry_run=False))
+    flying = "systems/test-host/uploads/20990101_000000_test-host"
+    _put(minio_client, s3_bucket, f"{flying}/_claim.json", b"{}")
+    before = _keys(minio_client, s3_bucket)
+
+    report = _prune(config, repack_below=1.0, wait_seconds=0)
+    assert report.waited_for == ["20990101_000000_test-host"]
+    assert report.deleted == [] and "still running" in report.notes[0]
+    after = _keys(minio_client, s3_bucket)
+    assert before <= after and plan_key("test-host") in after
+    # A sync starting now reads the plan and reuses none of the condemned packs.
+    condemned = anyio.run(lambda: read_condemned(make_store(config), "test-host"))
+    assert condemned and all(k in before for k in condemned)
+    add_conversations(sample.data_dir, 1, seed=4, checkpoint=True)
+    third = _sync(config)
+    used = {r["key"] for r in _index_of(minio_client, s3_bucket, third["manifest_key"])
+            ["packs"].values()}
+    assert not (used & condemned)

@@ -14,6 +14,7 @@ import structlog
 from akosha_sync.config import AkoshaSyncConfig
 from akosha_sync.repository.checks import LastRun, save_last_run
 from akosha_sync.repository.forget import ForgetReport, forget
+from akosha_sync.repository.prune import PruneReport, prune
 from akosha_sync.repository.retention import Policy, apply_policy
 from akosha_sync.repository.snapshots import UploadInfo, list_snapshots, list_system_ids
 from akosha_sync.repository.verify import VerifyReport, parse_subset, verify
@@ -24,6 +25,7 @@ __all__ = [
     "apply_configured_retention",
     "configured_policy",
     "forget_uploads",
+    "prune_unused",
     "snapshots",
     "verify_uploads",
 ]
@@ -150,5 +152,21 @@ async def verify_uploads(
     return report
 
 
-async def prune_unused(config: AkoshaSyncConfig, **kwargs: Any) -> Any:
-    raise ValueError("prune is being built on this branch (needs the blocks format)")
+async def prune_unused(
+    config: AkoshaSyncConfig,
+    *,
+    system_id: str | None = None,
+    dry_run: bool,
+    wait_seconds: float = 900.0,
+    progress: ProgressCallback | None = None,
+) -> PruneReport:
+    """Delete what no committed upload needs (see ``repository.prune``)."""
+    _require_cloud(config)
+    store = make_store(config)
+    sid = system_id or config.system_id_resolved
+    return await _run(
+        config,
+        "pruning",
+        lambda: prune(store, sid, dry_run=dry_run, wait_seconds=wait_seconds,
+                      progress=progress),
+    )

@@ -160,6 +160,7 @@ class CloudSyncMethod:
         self.config = config
         self._clock = clock or (lambda: datetime.now(UTC))
         self._store: ObjectStore | None = None
+        self._condemned: frozenset[str] = frozenset()  # see repository.prune
 
     # ------------------------------------------------------------- protocol
     def is_available(self) -> bool:
@@ -235,6 +236,15 @@ class CloudSyncMethod:
         log.info("sync started", method="cloud", upload_id=upload.upload_id)
         snapshot_dir = config.state_path / "snapshots" / upload.upload_id
         try:
+            # Prune's protocol (repository.prune): after the claim, read what a running
+            # prune condemned, and reuse none of it. (Imported here: repository.prune
+            # reads sync.manifest, whose package imports this module.)
+            from akosha_sync.repository.prune import read_condemned
+
+            self._condemned = await with_retries(
+                lambda: read_condemned(self.store, sid), config=config,
+                what="reading the prune plan",
+            )
             if state is None and config.enable_deduplication:
                 state = await self._remote_reference(sid, tid)
             wanted = [
@@ -392,6 +402,9 @@ class CloudSyncMethod:
         return await with_retries(newest, config=self.config, what="reading the last manifest")
 
     async def _object_intact(self, entry: FileEntry) -> bool:
+        if entry.key in self._condemned or "*" in self._condemned:
+            return False  # a prune is about to delete it: store it again
+
         async def head() -> bool:
             try:
                 meta = await obstore.head_async(self.store, entry.key)
@@ -650,8 +663,11 @@ class CloudSyncMethod:
         config = self.config
         sid = config.system_id_resolved
         previous, previous_index = await self._previous_upload(state)
+        from akosha_sync.repository.prune import condemned_pack_ids
+
         known, known_packs = reusable_pieces(
-            previous_index, await list_packs(self.store, config, sid)
+            previous_index,
+            condemned_pack_ids(self._condemned, await list_packs(self.store, config, sid)),
         )
         writer = RepositoryWriter(
             self.store, config, system_id=sid, upload_id=upload.upload_id, known=known,
