@@ -378,3 +378,79 @@ def test_prune_leaves_the_plan_while_an_older_upload_is_in_flight(
     used = {r["key"] for r in _index_of(minio_client, s3_bucket, third["manifest_key"])
             ["packs"].values()}
     assert not (used & condemned)
+
+
+def test_prune_and_syncs_concurrently_never_leave_a_manifest_pointing_at_a_deleted_object(
+    s3_config: MakeConfig, minio_client: Minio, s3_bucket: str, sample: SampleInfo,
+) -> None:
+    """The race: a sync that planned to reuse a pack (read before prune's plan) commits
+    after prune condemned that pack; another sync starts after the plan. The seam: the
+    first sync's own progress callback holds it just before its manifest is written."""
+    import threading
+
+    from akosha_sync.repository.service import verify_uploads
+
+    config = s3_config()
+    first = _sync(config)
+    add_conversations(sample.data_dir, 5, seed=3, checkpoint=True)
+    second = _sync(config)
+    shared = set(_index_of(minio_client, s3_bucket, first["manifest_key"])["packs"]) & set(
+        _index_of(minio_client, s3_bucket, second["manifest_key"])["packs"])
+    assert shared
+    anyio.run(lambda: forget_uploads(config, Policy(keep_last=1), dry_run=False))
+    add_conversations(sample.data_dir, 2, seed=5, checkpoint=True)
+
+    paused, resume, planned = threading.Event(), threading.Event(), threading.Event()
+    results: dict[str, Any] = {}
+
+    def hold(phase: str, done: int, total: int) -> None:
+        if phase == "manifest" and not paused.is_set():
+            paused.set()
+            resume.wait(60)
+
+    def slow_sync() -> None:
+        method = CloudSyncMethod(config)
+        results["slow"] = anyio.run(lambda: method.sync(progress=hold))
+
+    def pruner() -> None:
+        try:
+            results["prune"] = _prune(config, repack_below=1.0, wait_seconds=60,
+                                      on_planned=planned.set)
+        except BaseException as exc:  # reported by the assertion below
+            results["prune"] = exc
+
+    slow = threading.Thread(target=slow_sync)
+    slow.start()
+    assert paused.wait(60), "the slow sync reached its commit"
+    prune_thread = threading.Thread(target=pruner)
+    prune_thread.start()
+    try:
+        assert planned.wait(60), "prune wrote its plan"
+        condemned_packs = {
+            k.rsplit("/", 1)[-1].removesuffix(".pack")
+            for k in json.loads(get_object(minio_client, s3_bucket,
+                                           "systems/test-host/locks/prune-plan.json"))[
+                "condemned"]
+        }
+        assert shared <= condemned_packs
+        # A sync that starts after the plan: it stores those pieces again.
+        add_conversations(sample.data_dir, 1, seed=6, checkpoint=True)
+        fresh = _sync(config)
+        assert fresh["success"]
+        assert not (set(_index_of(minio_client, s3_bucket, fresh["manifest_key"])["packs"])
+                    & condemned_packs)
+    finally:
+        resume.set()
+        slow.join(120)
+        prune_thread.join(120)
+    assert results["slow"]["success"], results["slow"]
+    report = results["prune"]
+    assert not isinstance(report, BaseException), report
+    slow_packs = set(_index_of(minio_client, s3_bucket, results["slow"]["manifest_key"])
+                     ["packs"])
+    assert shared & slow_packs, "the slow sync did reuse the condemned pack"
+    # Every remaining upload is whole, to the last byte.
+    check = anyio.run(lambda: verify_uploads(config, all_uploads=True, read_data="100%"))
+    assert check.ok, [p for u in check.uploads for p in u.problems]
+    assert len(check.uploads) == 3
+    assert results["slow"]["upload_id"] in report.waited_for
