@@ -454,3 +454,50 @@ def test_prune_and_syncs_concurrently_never_leave_a_manifest_pointing_at_a_delet
     assert check.ok, [p for u in check.uploads for p in u.problems]
     assert len(check.uploads) == 3
     assert results["slow"]["upload_id"] in report.waited_for
+
+
+def test_prune_removes_abandoned_folders_after_the_grace_and_respects_a_lease(
+    s3_config: MakeConfig, minio_client: Minio, s3_bucket: str,
+) -> None:
+    from akosha_sync.repository.prune import PruneError, lease_key
+
+    config = s3_config()
+    _sync(config)
+    dead = "systems/test-host/uploads/20200101_000000_test-host"
+    _put(minio_client, s3_bucket, f"{dead}/_claim.json", b"{}")
+    _put(minio_client, s3_bucket, f"{dead}/memories.json", b"[]")
+    # Within the grace period it is an upload in flight: kept.
+    kept = _prune(config, wait_seconds=0)
+    assert kept.deleted == [] and kept.waited_for == ["20200101_000000_test-host"]
+    # Past it (a grace of zero here), the folder is abandoned and goes.
+    gone = _prune(config, in_flight_stale=timedelta(0))
+    assert sorted(gone.deleted) == [f"{dead}/_claim.json", f"{dead}/memories.json"]
+    assert not _keys(minio_client, s3_bucket, dead)
+    # Another prune's fresh lease: refused, nothing touched.
+    _put(minio_client, s3_bucket, lease_key("test-host"), b"{}")
+    before = _keys(minio_client, s3_bucket)
+    with pytest.raises(PruneError, match="another prune holds the lease"):
+        _prune(config)
+    assert _keys(minio_client, s3_bucket) == before
+
+
+def test_prune_files_layout_keeps_objects_later_uploads_reuse(
+    s3_config: MakeConfig, minio_client: Minio, s3_bucket: str, sample: SampleInfo,
+) -> None:
+    config = s3_config(storage_layout="files")
+    first = _sync(config)
+    add_conversations(sample.data_dir, 2, seed=8)  # only the WAL changes
+    second = _sync(config)
+    details = json.loads(get_object(minio_client, s3_bucket, second["manifest_key"]))[
+        "file_details"]
+    needed = {d["key"] for d in details.values()}
+    folder = f"systems/test-host/uploads/{first['upload_id']}/"
+    assert needed & _keys(minio_client, s3_bucket, folder), "the second reuses the first's"
+    anyio.run(lambda: forget_uploads(config, Policy(keep_last=1), dry_run=False))
+    before = _keys(minio_client, s3_bucket)
+    report = _prune(config)
+    expected = {k for k in before if k.startswith(folder)} - needed
+    assert expected and set(report.deleted) == expected
+    assert before - _keys(minio_client, s3_bucket) == expected
+    infos = anyio.run(lambda: snapshots(config))
+    assert [i.upload_id for i in infos if not i.complete] == [first["upload_id"]]

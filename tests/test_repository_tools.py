@@ -138,3 +138,29 @@ async def test_restore_tool_plans_then_restores_with_the_token(
         reused = await client.call_tool("akosha_restore",
                                         {"confirm_token": again["confirm_token"]})
         assert reused.is_error  # one use only
+
+
+@pytest.mark.anyio
+async def test_daemon_applies_the_configured_retention_after_a_successful_sync(
+    s3_config: MakeConfig, minio_client: Minio, s3_bucket: str, sample: SampleInfo,
+) -> None:
+    daemon = SyncDaemon(s3_config(retention_keep_last=2))
+    async with daemon.running(), Client(build_mcp_server(daemon)) as client:
+        ids = []
+        for seed in range(3):
+            add_conversations(sample.data_dir, 1, seed=40 + seed, checkpoint=True)
+            ids.append((await _call(client, "sync_to_akosha", {}))["upload_id"])
+        # The hook runs after the waiters got their result: poll the bucket for it.
+        import anyio
+
+        with anyio.fail_after(30):
+            while len(manifests(minio_client, s3_bucket)) != 2:  # noqa: ASYNC110 - the bucket sends no event
+                await anyio.sleep(0.05)
+    assert {m.split("/")[3] for m in manifests(minio_client, s3_bucket)} == set(ids[1:])
+
+
+def test_retention_settings_are_validated(make_config: MakeConfig) -> None:
+    assert make_config(retention_keep_daily=7, retention_keep_within="30d").validate() == []
+    problems = make_config(retention_keep_last=-1, retention_keep_within="a month").validate()
+    assert any("retention_keep_last is -1" in p for p in problems)
+    assert any("retention_keep_within 'a month' is not a duration" in p for p in problems)

@@ -53,7 +53,11 @@ class CheckRecord(msgspec.Struct, kw_only=True):
         """The most recent check at any level."""
         if not self.levels:
             return None
-        return max(self.levels.items(), key=lambda item: item[1].at)
+        # The newest; of one run's levels (same time), the deepest.
+        return max(
+            self.levels.items(),
+            key=lambda item: (item[1].at, LEVELS.index(item[0]) if item[0] in LEVELS else -1),
+        )
 
     @property
     def passed_open(self) -> bool:

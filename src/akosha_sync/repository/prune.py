@@ -240,18 +240,16 @@ async def _read_repo(store: ObjectStore, system_id: str) -> _Repo:
                  missing=missing)
 
 
-def _in_flight(upload: Upload, now: datetime) -> bool:
+def _in_flight(upload: Upload, now: datetime, stale: timedelta) -> bool:
     claim = upload.objects.get(CLAIM_NAME)
-    return (
-        upload.manifest is None
-        and claim is not None
-        and claim.last_modified > now - IN_FLIGHT_STALE
-    )
+    return upload.manifest is None and claim is not None and claim.last_modified > now - stale
 
 
-def _garbage(repo: _Repo, now: datetime) -> tuple[list[StoredObject], list[Upload]]:
+def _garbage(
+    repo: _Repo, now: datetime, stale: timedelta
+) -> tuple[list[StoredObject], list[Upload]]:
     """Unreferenced objects prune may condemn, and the uploads in flight."""
-    flying = [u for u in repo.uploads if _in_flight(u, now)]
+    flying = [u for u in repo.uploads if _in_flight(u, now, stale)]
     oldest = min((u.objects[CLAIM_NAME].last_modified for u in flying), default=None)
     out: list[StoredObject] = []
     for upload in repo.uploads:
@@ -285,11 +283,13 @@ async def prune(
     dry_run: bool,
     wait_seconds: float = 900.0,
     repack_below: float = REPACK_BELOW,
+    in_flight_stale: timedelta = IN_FLIGHT_STALE,
     progress: ProgressCallback | None = None,
     on_planned: Callable[[], object] | None = None,
 ) -> PruneReport:
-    """Run the protocol in the module docstring. ``on_planned`` is a test seam called
-    right after the plan is written (before any deletion)."""
+    """Run the protocol in the module docstring. ``in_flight_stale``: the grace period
+    after which a claim without manifest is an abandoned upload. ``on_planned`` is a
+    test seam called right after the plan is written (before any deletion)."""
     report = PruneReport(system_id=system_id, dry_run=dry_run)
     say = progress or (lambda phase, done, total: None)
     say("prune:scan", 0, 0)
@@ -305,7 +305,7 @@ async def prune(
         + [o.last_modified for o in repo.packs.values()],
         default=datetime.now(UTC),
     )
-    garbage, flying = _garbage(repo, now)
+    garbage, flying = _garbage(repo, now, in_flight_stale)
     live = _live(repo)
     sparse: dict[str, StoredObject] = {}
     for key, obj in repo.packs.items():
@@ -328,7 +328,7 @@ async def prune(
     await _take_lease(store, system_id, now)
     try:
         await _run_locked(store, system_id, repo, garbage, sparse, live, report,
-                          wait_seconds, say, on_planned)
+                          wait_seconds, in_flight_stale, say, on_planned)
     finally:
         with contextlib.suppress(FileNotFoundError):
             await obstore.delete_async(store, lease_key(system_id))
@@ -426,7 +426,7 @@ def _rewrite(index: Index, moved: dict[tuple[str, int], tuple[Piece, PackRef]]) 
 async def _run_locked(
     store: ObjectStore, system_id: str, repo: _Repo, garbage: list[StoredObject],
     sparse: dict[str, StoredObject], live: dict[str, dict[int, Piece]],
-    report: PruneReport, wait_seconds: float, say: ProgressCallback,
+    report: PruneReport, wait_seconds: float, stale: timedelta, say: ProgressCallback,
     on_planned: Callable[[], object] | None,
 ) -> None:
     say("prune:repack", 0, len(sparse))
@@ -455,7 +455,7 @@ async def _run_locked(
         uploads = await scan_uploads(store, system_id)
         now = await _store_now(store, system_id)
         old = [
-            u.upload_id for u in uploads if _in_flight(u, now)
+            u.upload_id for u in uploads if _in_flight(u, now, stale)
             and u.objects[CLAIM_NAME].last_modified < t_plan + PLAN_MARGIN
         ]
         if not old:

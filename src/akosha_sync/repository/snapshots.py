@@ -150,7 +150,7 @@ async def scan_uploads(store: ObjectStore, system_id: str) -> list[Upload]:
             upload.problem = (
                 "no manifest.json: a sync still running, or one that died before committing"
                 if CLAIM_NAME in objects
-                else "no manifest.json"
+                else "no manifest.json and no claim: forgotten; prune removes what is left"
             )
         else:
             try:
