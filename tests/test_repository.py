@@ -93,7 +93,7 @@ def test_snapshots_lists_complete_and_incomplete_uploads_from_the_bucket(
     s3_config: MakeConfig, minio_client: Minio, s3_bucket: str, sample: SampleInfo,
     tmp_path: Path,
 ) -> None:
-    config = s3_config()
+    config = s3_config(storage_layout="files")  # the blocks layout: see the verify test
     first = _sync(config)
     add_conversations(sample.data_dir, 3, seed=7)
     second = _sync(config)
@@ -119,7 +119,8 @@ def test_snapshots_lists_complete_and_incomplete_uploads_from_the_bucket(
     folder_one = _keys(minio_client, s3_bucket, f"systems/test-host/uploads/{one.upload_id}/")
     sizes = {o.object_name: o.size for o in minio_client.list_objects(
         s3_bucket, prefix=f"systems/test-host/uploads/{one.upload_id}/", recursive=True)}
-    assert one.bytes_new == sum(sizes[k] for k in folder_one)
+    # The manifest's own figure, which leaves out the manifest (written last).
+    assert one.bytes_new == sum(sizes[k] for k in folder_one if not k.endswith("manifest.json"))
     assert 0 < two.bytes_new < one.bytes_new
     assert one.logical_size == sample.reflection_path.stat().st_size + (
         sample.knowledge_graph_path.stat().st_size) + sum(
@@ -137,6 +138,10 @@ def test_snapshots_lists_complete_and_incomplete_uploads_from_the_bucket(
     listed = json.loads(out.stdout)
     assert {i["system_id"] for i in listed} == {"test-host", "other-host"}
     assert len(listed) == 4
+    # A manifest from before bytes_new existed: the objects in its folder count.
+    legacy = next(i for i in listed if i["system_id"] == "other-host")
+    assert legacy["bytes_new"] == sum(o.size for o in minio_client.list_objects(
+        s3_bucket, prefix=f"systems/other-host/uploads/{legacy['upload_id']}/", recursive=True))
     out = _cli(path, "snapshots", "--system", "other-host", "--json")
     assert [i["system_id"] for i in json.loads(out.stdout)] == ["other-host"]
 
@@ -211,6 +216,11 @@ def test_verify_passes_then_catches_a_missing_pack_a_corrupt_piece_and_wrong_row
     assert all(u["pieces_read"] > 0 for u in report["uploads"])
     # The record is in the bucket and shown by snapshots and status.
     infos = anyio.run(lambda: snapshots(config))
+    assert [i.layout for i in infos] == ["blocks", "blocks"]
+    assert [i.bytes_new for i in infos] == [
+        json.loads(get_object(minio_client, s3_bucket, r["manifest_key"]))["bytes_new"]
+        for r in (first, second)]
+    assert 0 < infos[1].bytes_new < infos[0].bytes_new
     assert infos[-1].last_verification is not None
     assert infos[-1].last_verification["ok"] is True
     status = json.loads(_cli(path, "status", "--json").stdout)
@@ -384,8 +394,9 @@ def test_prune_and_syncs_concurrently_never_leave_a_manifest_pointing_at_a_delet
     s3_config: MakeConfig, minio_client: Minio, s3_bucket: str, sample: SampleInfo,
 ) -> None:
     """The race: a sync that planned to reuse a pack (read before prune's plan) commits
-    after prune condemned that pack; another sync starts after the plan. The seam: the
-    first sync's own progress callback holds it just before its manifest is written."""
+    after prune condemned that pack; another sync starts after the plan, while the old
+    indexes still point at that pack. The seams: the first sync's own progress callback
+    holds it just before its manifest is written; prune's on_planned holds prune."""
     import threading
 
     from akosha_sync.repository.service import verify_uploads
@@ -401,6 +412,13 @@ def test_prune_and_syncs_concurrently_never_leave_a_manifest_pointing_at_a_delet
     add_conversations(sample.data_dir, 2, seed=5, checkpoint=True)
 
     paused, resume, planned = threading.Event(), threading.Event(), threading.Event()
+    go_on = threading.Event()
+
+    def on_planned() -> None:
+        # Hold prune between its plan and its index rewrite while the fresh sync runs.
+        planned.set()
+        go_on.wait(60)
+
     results: dict[str, Any] = {}
 
     def hold(phase: str, done: int, total: int) -> None:
@@ -412,10 +430,14 @@ def test_prune_and_syncs_concurrently_never_leave_a_manifest_pointing_at_a_delet
         method = CloudSyncMethod(config)
         results["slow"] = anyio.run(lambda: method.sync(progress=hold))
 
+    def on_prune_progress(phase: str, done: int, total: int) -> None:
+        if phase == "prune:wait":  # prune now waits for the held sync: let it commit
+            resume.set()
+
     def pruner() -> None:
         try:
             results["prune"] = _prune(config, repack_below=1.0, wait_seconds=60,
-                                      on_planned=planned.set)
+                                      on_planned=on_planned, progress=on_prune_progress)
         except BaseException as exc:  # reported by the assertion below
             results["prune"] = exc
 
@@ -440,9 +462,10 @@ def test_prune_and_syncs_concurrently_never_leave_a_manifest_pointing_at_a_delet
         assert not (set(_index_of(minio_client, s3_bucket, fresh["manifest_key"])["packs"])
                     & condemned_packs)
     finally:
-        resume.set()
-        slow.join(120)
+        go_on.set()
         prune_thread.join(120)
+        resume.set()  # only matters when prune did not wait (the failure this test catches)
+        slow.join(120)
     assert results["slow"]["success"], results["slow"]
     report = results["prune"]
     assert not isinstance(report, BaseException), report
@@ -481,8 +504,9 @@ def test_prune_removes_abandoned_folders_after_the_grace_and_respects_a_lease(
     assert _keys(minio_client, s3_bucket) == before
 
 
-def test_prune_files_layout_keeps_objects_later_uploads_reuse(
+def test_forget_prune_files_layout_keeps_objects_later_uploads_reuse(
     s3_config: MakeConfig, minio_client: Minio, s3_bucket: str, sample: SampleInfo,
+    tmp_path: Path,
 ) -> None:
     config = s3_config(storage_layout="files")
     first = _sync(config)
@@ -493,11 +517,18 @@ def test_prune_files_layout_keeps_objects_later_uploads_reuse(
     needed = {d["key"] for d in details.values()}
     folder = f"systems/test-host/uploads/{first['upload_id']}/"
     assert needed & _keys(minio_client, s3_bucket, folder), "the second reuses the first's"
-    anyio.run(lambda: forget_uploads(config, Policy(keep_last=1), dry_run=False))
     before = _keys(minio_client, s3_bucket)
-    report = _prune(config)
+    out = _cli(_toml(config, tmp_path / "c.toml"), "forget", "--keep-last", "1", "--prune",
+               "--json")
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout)
+    assert report["forget"]["forgotten"] == [first["upload_id"]]
+    # Everything of the first upload goes, except what the second still uses.
     expected = {k for k in before if k.startswith(folder)} - needed
-    assert expected and set(report.deleted) == expected
-    assert before - _keys(minio_client, s3_bucket) == expected
+    assert expected and before - _keys(minio_client, s3_bucket) == expected
+    assert set(report["prune"]["deleted"]) == expected - set(report["forget"]["deleted_keys"])
+    # The first folder stays, holding what the second reuses; listed as forgotten.
     infos = anyio.run(lambda: snapshots(config))
-    assert [i.upload_id for i in infos if not i.complete] == [first["upload_id"]]
+    assert [(i.upload_id, i.complete) for i in infos] == [
+        (first["upload_id"], False), (second["upload_id"], True)]
+    assert "forgotten" in (infos[0].problem or "")

@@ -88,8 +88,21 @@ def run(args: argparse.Namespace) -> int:
         result: int = anyio.run(handler, config, args)
     except (CloudUploadError, RetentionError, ValueError) as exc:
         print(f"akosha-sync {args.command}: {exc}", file=sys.stderr)
-        return EXIT_FAILED if isinstance(exc, CloudUploadError) else EXIT_CONFIG
-    return result
+        result = EXIT_FAILED if isinstance(exc, CloudUploadError) else EXIT_CONFIG
+    _exit_now(result)
+    return result  # pragma: no cover - not reached
+
+
+def _exit_now(code: int) -> None:
+    """Leave without interpreter finalization. obstore's tokio threads may still be
+    handing back their last result when Python finalizes, and the process then aborts
+    (SIGABRT, measured: 18 of 30 runs of put+head+delete on obstore 0.12). Everything
+    is committed in the store and printed by now."""
+    import os
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def _json(data: Any) -> str:
