@@ -121,6 +121,8 @@ class RestoreResult(msgspec.Struct, kw_only=True):
     duration_seconds: float
     dry_run: bool = False
     bytes_to_download: int = 0
+    fetch: list[Fetch] = msgspec.field(default_factory=list)
+    problems: list[str] = msgspec.field(default_factory=list)  # dry run: why it would fail
 
 
 # ------------------------------------------------------------------- finding
@@ -285,7 +287,7 @@ def plan_restore(
         here = existing.get(name, TargetFile(exists=False))
         files.append(PlannedFile(
             name=name, path=str(target / name), size=size, sha256=sha, replaces=here.exists,
-            backup=str(target / f"{name}.bak-{stamp}") if here.exists else None,
+            backup=str(target / f"{name}.bak-{stamp}") if here.exists and force else None,
         ))
     restored = set(names)
     set_aside = [
@@ -344,12 +346,15 @@ async def _fetch_bytes(store: ObjectStore, config: AkoshaSyncConfig, key: str) -
         try:
             return await (await obstore.get_async(store, key)).bytes_async()
         except FileNotFoundError:
-            raise RestoreError(
-                f"{key} is missing from the bucket; this upload cannot be restored "
-                "(pick an earlier one with --at or an upload id). Nothing was changed."
-            ) from None
+            return None
 
-    return await with_retries(get, config=config, what=f"reading {key}")
+    data = await with_retries(get, config=config, what=f"reading {key}")
+    if data is None:
+        raise RestoreError(
+            f"{key} is missing from the bucket; this upload cannot be restored "
+            "(pick an earlier one with --at or an upload id). Nothing was changed."
+        )
+    return data
 
 
 async def _restore_blocks(
@@ -409,15 +414,13 @@ async def _restore_object(
 ) -> int:
     detail = manifest.file_details[name]
 
-    async def attempt() -> int:
+    async def attempt() -> int | str:
+        """Bytes read, or why the object cannot be used (not retried)."""
         os.ftruncate(fd, 0)
         try:
             result = await obstore.get_async(store, detail.key)
         except FileNotFoundError:
-            raise RestoreError(
-                f"{detail.key} is missing from the bucket; this upload cannot be restored. "
-                "Nothing was changed."
-            ) from None
+            return "is missing from the bucket"
         stored = hashlib.sha256()
         count = 0
         position = 0
@@ -429,21 +432,26 @@ async def _restore_object(
         async for chunk in result.stream(min_chunk_size=_READ):
             stored.update(chunk)
             count += len(chunk)
-            out = decompress.decompress(bytes(chunk)) if decompress else bytes(chunk)
+            try:
+                out = decompress.decompress(bytes(chunk)) if decompress else bytes(chunk)
+            except Exception:  # zstandard.ZstdError: damaged frame
+                return "does not decompress: the object is damaged"
             os.pwrite(fd, out, position)
             position += len(out)
             meter.add(len(chunk))
         if count != detail.stored_size or stored.hexdigest() != detail.stored_sha256:
-            raise RestoreError(
-                f"{detail.key} does not match its SHA-256 or size in the manifest: the object "
-                "is damaged. Nothing was changed."
-            )
+            return "does not match its SHA-256 or size in the manifest: the object is damaged"
         return count
 
     try:
-        return await with_retries(attempt, config=config, what=f"reading {detail.key}")
+        outcome = await with_retries(attempt, config=config, what=f"reading {detail.key}")
     except CloudUploadError as exc:
         raise RestoreError(str(exc).replace("cloud upload failed", "restore failed")) from exc
+    if isinstance(outcome, str):
+        raise RestoreError(
+            f"{detail.key} {outcome}; this upload cannot be restored. Nothing was changed."
+        )
+    return outcome
 
 
 def _check_whole(path: Path, planned: PlannedFile) -> None:
@@ -583,7 +591,7 @@ async def restore(
         manifest, index, target=target, existing=existing, force=force,
         now=now or datetime.now(UTC),
     )
-    if plan.problems:
+    if plan.problems and not dry_run:
         raise RestoreError("; ".join(plan.problems))
     if dry_run:
         return RestoreResult(
@@ -596,6 +604,8 @@ async def restore(
             duration_seconds=round(time.monotonic() - started, 3),
             dry_run=True,
             bytes_to_download=plan.bytes_to_download,
+            fetch=plan.fetch,
+            problems=plan.problems,
         )
     result = await execute(store, config, plan, manifest, index, progress=progress)
     result.duration_seconds = round(time.monotonic() - started, 3)

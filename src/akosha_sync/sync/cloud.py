@@ -95,6 +95,8 @@ _BLOCK = 1024 * 1024
 # Parts in flight per object (objects upload side by side): keeps 250 MB under 150 MB RSS.
 _MAX_CONCURRENCY = 2
 _MAX_ID_ATTEMPTS = 50
+# How long to wait for a writer to let go of a database before copying it instead.
+_LOCK_WAIT_SECONDS = 1.0
 
 
 def _no_progress(phase: str, done: int, total: int) -> None:
@@ -136,6 +138,9 @@ class _Upload:
         self.bytes_new = 0
         self.extra: dict[str, dict[str, Any]] = {}
         self.fingerprints: dict[str, Any] = {}
+        # Per database read: "locked" (the live files under DuckDB's shared lock) or
+        # "copy" (a writer held it: a verified private copy).
+        self.how_read: dict[str, str] = {}
 
 
 def cloud_target_id(config: AkoshaSyncConfig) -> str:
@@ -332,6 +337,7 @@ class CloudSyncMethod:
             bytes_stored=manifest.total_size_bytes,
             manifest_key=key,
             conversation_count=manifest.conversation_count,
+            details={"snapshots": upload.how_read} if upload.how_read else {},
         )
 
     async def _claim_upload_id(self) -> _Upload:
@@ -771,6 +777,7 @@ class CloudSyncMethod:
         if opened is None:
             return
         source, held_fp = opened
+        upload.how_read[name] = "locked" if source.locked else "copy"
         phase = f"upload:{name}"
         try:
             total = source.db_size + source.wal_size
@@ -813,10 +820,19 @@ class CloudSyncMethod:
         def open_it() -> tuple[Source, Any]:
             import duckdb
 
+            deadline = time.monotonic() + _LOCK_WAIT_SECONDS
+            delay = 0.005
             try:
-                source = open_locked(path, temp)
-                return source, source_fingerprint(path)
-            except LockedByWriter:
+                while True:
+                    try:
+                        source = open_locked(path, temp)
+                        return source, source_fingerprint(path)
+                    except LockedByWriter:
+                        if time.monotonic() >= deadline:
+                            break
+                        # A writer that opens and closes (a session ending) leaves gaps.
+                        time.sleep(delay)
+                        delay = min(delay * 2, 0.05)
                 log.info("database open for writing; taking a copy", database=str(path))
             except duckdb.Error as exc:
                 raise SnapshotError(
