@@ -502,6 +502,9 @@ def test_prune_removes_abandoned_folders_after_the_grace_and_respects_a_lease(
     with pytest.raises(PruneError, match="another prune holds the lease"):
         _prune(config)
     assert _keys(minio_client, s3_bucket) == before
+    # A lease older than its staleness (zero here) belonged to a prune that died.
+    _prune(config, lease_stale=timedelta(0))
+    assert lease_key("test-host") not in _keys(minio_client, s3_bucket)
 
 
 def test_forget_prune_files_layout_keeps_objects_later_uploads_reuse(

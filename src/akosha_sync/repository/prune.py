@@ -284,6 +284,7 @@ async def prune(
     wait_seconds: float = 900.0,
     repack_below: float = REPACK_BELOW,
     in_flight_stale: timedelta = IN_FLIGHT_STALE,
+    lease_stale: timedelta = LEASE_STALE,
     progress: ProgressCallback | None = None,
     on_planned: Callable[[], object] | None = None,
 ) -> PruneReport:
@@ -325,7 +326,7 @@ async def prune(
         report.waited_for = [u.upload_id for u in flying]
         return report
 
-    await _take_lease(store, system_id, now)
+    await _take_lease(store, system_id, now, lease_stale)
     try:
         await _run_locked(store, system_id, repo, garbage, sparse, live, report,
                           wait_seconds, in_flight_stale, say, on_planned)
@@ -335,7 +336,9 @@ async def prune(
     return report
 
 
-async def _take_lease(store: ObjectStore, system_id: str, now: datetime) -> None:
+async def _take_lease(
+    store: ObjectStore, system_id: str, now: datetime, stale: timedelta
+) -> None:
     key = lease_key(system_id)
     body = msgspec.json.encode({"host": socket.gethostname(), "at": now.isoformat()})
     for _ in range(2):
@@ -348,12 +351,12 @@ async def _take_lease(store: ObjectStore, system_id: str, now: datetime) -> None
             meta = await obstore.head_async(store, key)
         except FileNotFoundError:
             continue
-        if meta["last_modified"] > now - LEASE_STALE:
+        if meta["last_modified"] > now - stale:
             raise PruneError(
                 f"another prune holds the lease {key} (since "
                 f"{meta['last_modified']:%Y-%m-%d %H:%M:%S} UTC); wait for it to finish. "
                 "A lease older than "
-                f"{int(LEASE_STALE.total_seconds() // 60)} minutes is taken over."
+                f"{int(stale.total_seconds() // 60)} minutes is taken over."
             )
         await obstore.delete_async(store, key)  # stale: its prune died
     raise PruneError(f"could not take the prune lease {key}; try again.")
