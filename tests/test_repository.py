@@ -535,3 +535,23 @@ def test_forget_prune_files_layout_keeps_objects_later_uploads_reuse(
     assert [(i.upload_id, i.complete) for i in infos] == [
         (first["upload_id"], False), (second["upload_id"], True)]
     assert "forgotten" in (infos[0].problem or "")
+
+
+def test_forget_never_removes_the_newest_upload_that_passed_verify_open(
+    s3_config: MakeConfig, minio_client: Minio, s3_bucket: str, sample: SampleInfo,
+) -> None:
+    from akosha_sync.repository.service import verify_uploads
+
+    config = s3_config()
+    ids = []
+    for seed in range(3):
+        add_conversations(sample.data_dir, 1, seed=60 + seed, checkpoint=True)
+        ids.append(_sync(config)["upload_id"])
+    assert anyio.run(lambda: verify_uploads(config, upload_id=ids[1], open_databases=True)).ok
+    # A later structure-only check does not undo the record of the open check.
+    assert anyio.run(lambda: verify_uploads(config, upload_id=ids[1])).ok
+    report = anyio.run(lambda: forget_uploads(config, Policy(keep_last=1), dry_run=False))
+    assert report.forgotten == [ids[0]]
+    kept = {d.upload_id: d.reasons for d in report.decisions if d.keep}
+    assert kept[ids[1]] == ["newest upload that passed verify --open (always kept)"]
+    assert {m.split("/")[3] for m in manifests(minio_client, s3_bucket)} == set(ids[1:])
