@@ -77,6 +77,9 @@ def _parser() -> argparse.ArgumentParser:
     from akosha_sync.server import cli as server_cli
 
     server_cli.add_commands(sub)
+    from akosha_sync import cli_repository
+
+    cli_repository.add_commands(sub)
     return parser
 
 
@@ -97,6 +100,10 @@ def main(argv: list[str] | None = None) -> int:
             "restore": _cmd_restore,
             "demo": _cmd_demo,
         }.get(args.command)
+        from akosha_sync import cli_repository
+
+        if handler is None and args.command in cli_repository.COMMANDS:
+            return cli_repository.run(args)
         if handler is None:
             from akosha_sync.server import cli as server_cli
 
@@ -349,6 +356,12 @@ def _describe_status(status: dict[str, Any]) -> str:
             kinds = ", ".join(f"{k} {n}" for k, n in sorted(info.get("by_kind", {}).items()))
             lines.append(f"not deliverable:  {info['count']} records via {method} ({kinds}): "
                          "no embedding")
+    checked = status.get("last_verification")
+    lines.append(
+        f"last verify:      {checked['level']} {'ok' if checked['ok'] else 'FAILED'} at "
+        f"{checked['at']} ({len(checked['uploads'])} uploads, {checked['problems']} problems)"
+        if checked else "last verify:      never"
+    )
     if status["validation_errors"]:
         lines.append("problems:")
         lines.extend(f"  - {p}" for p in status["validation_errors"])

@@ -98,8 +98,11 @@ async def sync_blocks(
     config = method.config
     sid = config.system_id_resolved
     previous, previous_index = await _previous_upload(method, state)
+    from akosha_sync.repository.prune import condemned_pack_ids  # see cloud.py
+
     known, known_packs = reusable_pieces(
-        previous_index, await list_packs(method.store, config, sid)
+        previous_index,
+        condemned_pack_ids(method.condemned, await list_packs(method.store, config, sid)),
     )
     writer = RepositoryWriter(
         method.store, config, system_id=sid, upload_id=upload.upload_id, known=known,

@@ -152,6 +152,8 @@ class CloudSyncMethod:
         self._clock = clock or (lambda: datetime.now(UTC))
         self._store: ObjectStore | None = None
         self._upload: _Upload | None = None  # the sync in progress, for its error message
+        # What a running prune condemned (repository.prune): reused by no upload.
+        self.condemned: frozenset[str] = frozenset()
 
     # ------------------------------------------------------------- protocol
     def is_available(self) -> bool:
@@ -235,6 +237,15 @@ class CloudSyncMethod:
         log.info("sync started", method="cloud", upload_id=upload.upload_id)
         snapshot_dir = config.state_path / "snapshots" / upload.upload_id
         try:
+            # Prune's protocol (repository.prune): after the claim, read what a running
+            # prune condemned, and reuse none of it. (Imported here: repository.prune
+            # reads sync.manifest, whose package imports this module.)
+            from akosha_sync.repository.prune import read_condemned
+
+            self.condemned = await with_retries(
+                lambda: read_condemned(self.store, sid), config=config,
+                what="reading the prune plan",
+            )
             if state is None and config.enable_deduplication:
                 state = await self._remote_reference(sid, tid)
             wanted = [

@@ -45,6 +45,9 @@ class Send(msgspec.Struct, frozen=True):
 
 
 async def _object_intact(method: CloudSyncMethod, entry: FileEntry) -> bool:
+    if entry.key in method.condemned or "*" in method.condemned:
+        return False  # a prune is about to delete it: store it again
+
     async def head() -> bool:
         try:
             meta = await obstore.head_async(method.store, entry.key)
@@ -53,6 +56,7 @@ async def _object_intact(method: CloudSyncMethod, entry: FileEntry) -> bool:
         return int(meta["size"]) == entry.stored_size
 
     return await with_retries(head, config=method.config, what=f"checking {entry.key}")
+
 
 async def sync_database(
     method: CloudSyncMethod,
