@@ -50,6 +50,7 @@ DEFAULT_CONFIG_PATH = Path("~/.config/akosha-sync/config.toml")
 
 _SYSTEM_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,100}$")
 _BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+_DURATION_RE = re.compile(r"^(\d+[ymwdh])+$")
 _LOOPBACK_NAMES = frozenset({"localhost", "localhost.localdomain", "ip6-localhost"})
 
 
@@ -120,6 +121,20 @@ class AkoshaSyncConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown
     # Security (issue 9): temporary credentials (STS) for the object store; empty falls
     # back to AWS_SESSION_TOKEN.
     session_token: str = ""
+
+    # Retention (issue 7): restic-style forget policy the daemon applies after each
+    # successful cloud sync. All unset (the default) keeps every upload.
+    retention_keep_last: int = 0
+    retention_keep_hourly: int = 0
+    retention_keep_daily: int = 0
+    retention_keep_weekly: int = 0
+    retention_keep_monthly: int = 0
+    retention_keep_yearly: int = 0
+    retention_keep_within: str = ""  # e.g. "30d", "1y6m"
+
+    # Storage layout in the bucket (issue 8): "blocks" stores each database as
+    # SHA-256-addressed pieces in shared packs (incremental); "files" as whole objects.
+    storage_layout: str = "blocks"
 
     # ----------------------------------------------------------------- derived
     @property
@@ -269,6 +284,22 @@ class AkoshaSyncConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown
         # Security (issue 9): the token would travel in clear text.
         if insecure := self.akosha_url_insecure():
             problems.append(insecure)
+        # Retention (issue 7): the same rules as repository.retention.Policy.problems().
+        for name, value in self.retention_policy_fields().items():
+            if isinstance(value, int) and value < 0:
+                problems.append(f"retention_{name} is {value}; use a count of 0 or more.")
+        if self.retention_keep_within and not _DURATION_RE.match(
+            self.retention_keep_within.strip().lower()
+        ):
+            problems.append(
+                f"retention_keep_within {self.retention_keep_within!r} is not a duration; "
+                "write it like restic: '30d', '12h', '1y6m', '3w'."
+            )
+        if self.storage_layout not in ("blocks", "files"):
+            problems.append(
+                f"storage_layout is {self.storage_layout!r}; use 'blocks' (incremental pieces "
+                "in packs) or 'files' (whole database objects)."
+            )
         return problems
 
     def akosha_url_insecure(self) -> str:
@@ -285,6 +316,15 @@ class AkoshaSyncConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown
             "https:// (plain http is accepted only for localhost, or with "
             "allow_plain_http = true on a private network)."
         )
+
+    def retention_policy_fields(self) -> dict[str, Any]:
+        """The ``retention_*`` settings as ``repository.retention.Policy`` fields."""
+        prefix = "retention_"
+        return {
+            name[len(prefix):]: getattr(self, name)
+            for name in self.__struct_fields__
+            if name.startswith(prefix)
+        }
 
     def _endpoint_problems(self) -> list[str]:
         endpoint = self.cloud_endpoint

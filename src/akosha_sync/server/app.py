@@ -11,10 +11,18 @@ from typing import Annotated, Any, Literal
 
 import anyio
 from mcp.server.mcpserver import Context, MCPServer
+from mcp.types import ToolAnnotations
 from pydantic import WithJsonSchema
 
 from akosha_sync import __version__
 from akosha_sync.server.daemon import SyncDaemon
+from akosha_sync.server.repository_tools import add_repository_tools
+
+# A sync writes new objects (never deletes or overwrites one): not read-only, not
+# destructive; it reaches the bucket or Akosha: open world.
+_SYNC = ToolAnnotations(read_only_hint=False, destructive_hint=False, open_world_hint=True)
+# Status reads local state only: read-only and closed world.
+_STATUS = ToolAnnotations(read_only_hint=True, destructive_hint=False, open_world_hint=False)
 
 __all__ = ["build_mcp_server"]
 
@@ -38,7 +46,7 @@ def build_mcp_server(daemon: SyncDaemon) -> MCPServer:
     """An MCPServer whose tools delegate to ``daemon``."""
     server = MCPServer(name="akosha-sync", version=__version__, instructions=_INSTRUCTIONS)
 
-    @server.tool()
+    @server.tool(annotations=_SYNC)
     async def sync_to_akosha(
         ctx: Context,
         method: _Method = None,
@@ -73,10 +81,12 @@ def build_mcp_server(daemon: SyncDaemon) -> MCPServer:
                 send.close()
         return {**result, "triggered_by": "manual"}
 
-    @server.tool()
+    @server.tool(annotations=_STATUS)
     async def akosha_sync_status() -> dict[str, Any]:
         """Configuration (secrets redacted), its problems, the running sync, the queue,
         the last result and recent history."""
         return daemon.status()
 
+    # Issue 7: snapshots, verify, restore, forget (server/repository_tools.py).
+    add_repository_tools(server, daemon.config)
     return server

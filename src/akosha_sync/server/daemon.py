@@ -30,6 +30,7 @@ import anyio
 import structlog
 
 from akosha_sync.config import AkoshaSyncConfig
+from akosha_sync.repository.service import apply_configured_retention
 from akosha_sync.server.payload import HookPayloadError, validate_hook_payload
 from akosha_sync.server.queue import UNSET, JobQueue, Request, RequestState, owner_alive
 from akosha_sync.sync.protocol import SyncResult
@@ -297,6 +298,8 @@ class SyncDaemon:
                     await anyio.to_thread.run_sync(self.queue.release, ids)
             self._idle.set()
         self._notify(ids, result)
+        # Retention (issue 7): after the waiters have their result; a no-op when unset.
+        await apply_configured_retention(self.config, result)
         return result
 
     async def _sync(

@@ -16,6 +16,15 @@ One sync, in order:
    invisible to Akosha; on failure before it the objects written so far are removed.
    Once its PUT was tried nothing is removed: a lost answer is resolved by reading
    the manifest back (`store.commit_manifest`).
+
+That is the ``files`` layout (step 2 in :mod:`akosha_sync.sync.files`). With
+``storage_layout = "blocks"`` (the default, :mod:`akosha_sync.sync.blocks`) step 2
+is the repository's (:mod:`akosha_sync.repository`): each database is held still
+under DuckDB's shared lock (or copied when a writer holds it, see
+``repository/source.py``), read once and cut into pieces; only pieces no stored pack
+holds are compressed into new packs, and ``index.json`` lists where every piece is.
+The databases stay held until step 3 has exported their records from the same
+connections, so memories.json and the pieces are of one state.
 """
 
 from __future__ import annotations
@@ -37,8 +46,12 @@ from obstore.exceptions import AlreadyExistsError
 from akosha_sync import __version__
 from akosha_sync._fs import private_dir
 from akosha_sync.config import AkoshaSyncConfig
+from akosha_sync.repository.format import LAYOUT_BLOCKS, LAYOUT_FILES
+from akosha_sync.repository.source import Source
 from akosha_sync.sync import records
+from akosha_sync.sync.blocks import sync_blocks
 from akosha_sync.sync.deadline import Deadline
+from akosha_sync.sync.files import send, sync_database
 from akosha_sync.sync.manifest import (
     COMPRESSION_FORMAT,
     MEMORIES_NAME,
@@ -57,11 +70,9 @@ from akosha_sync.sync.manifest import (
 from akosha_sync.sync.protocol import (
     CloudUploadError,
     ProgressCallback,
-    SnapshotError,
     SyncResult,
 )
-from akosha_sync.sync.snapshot import Snapshot, remove_snapshot_dir, take_snapshot
-from akosha_sync.sync.snapshot import fingerprint as source_fingerprint
+from akosha_sync.sync.snapshot import Snapshot, remove_snapshot_dir
 from akosha_sync.sync.state import StoredFile, TargetState, load_state, save_state, target_id
 from akosha_sync.sync.store import commit_manifest, make_store, part_size, with_retries
 
@@ -85,17 +96,6 @@ def _no_progress(phase: str, done: int, total: int) -> None:
     return None
 
 
-_WAL_SUFFIX = ".wal"
-
-
-class _Send(msgspec.Struct, frozen=True):
-    """One object to upload: its file name in the upload, the local copy, its SHA-256."""
-
-    name: str
-    path: Path
-    sha256: str
-    fingerprint: Any  # SourceFingerprint of a database; None for its WAL
-    extra: dict[str, Any]  # FileEntry fields known from the snapshot
 
 
 class _Upload:
@@ -114,6 +114,16 @@ class _Upload:
         self.exported: dict[str, list[str]] = {}  # per kind; delivered once committed
         self.undeliverable: dict[str, int] = {}  # per kind: records with no embedding
         self.bytes_sent = 0
+        # Blocks layout: the databases held still until the export (their connections
+        # give the records); the index key, new bytes, per-file manifest fields.
+        self.sources: dict[str, Source] = {}
+        self.index_key: str | None = None
+        self.bytes_new = 0
+        self.extra: dict[str, dict[str, Any]] = {}
+        self.fingerprints: dict[str, Any] = {}
+        # Per database read: "locked" (the live files under DuckDB's shared lock) or
+        # "copy" (a writer held it: a verified private copy).
+        self.how_read: dict[str, str] = {}
         # Set before the manifest PUT: from then on the upload may be committed, so
         # nothing of it may be deleted (an answer can be lost after the store wrote it).
         self.commit_attempted = False
@@ -142,6 +152,8 @@ class CloudSyncMethod:
         self._clock = clock or (lambda: datetime.now(UTC))
         self._store: ObjectStore | None = None
         self._upload: _Upload | None = None  # the sync in progress, for its error message
+        # What a running prune condemned (repository.prune): reused by no upload.
+        self.condemned: frozenset[str] = frozenset()
 
     # ------------------------------------------------------------- protocol
     def is_available(self) -> bool:
@@ -225,6 +237,15 @@ class CloudSyncMethod:
         log.info("sync started", method="cloud", upload_id=upload.upload_id)
         snapshot_dir = config.state_path / "snapshots" / upload.upload_id
         try:
+            # Prune's protocol (repository.prune): after the claim, read what a running
+            # prune condemned, and reuse none of it. (Imported here: repository.prune
+            # reads sync.manifest, whose package imports this module.)
+            from akosha_sync.repository.prune import read_condemned
+
+            self.condemned = await with_retries(
+                lambda: read_condemned(self.store, sid), config=config,
+                what="reading the prune plan",
+            )
             if state is None and config.enable_deduplication:
                 state = await self._remote_reference(sid, tid)
             wanted = [
@@ -234,15 +255,19 @@ class CloudSyncMethod:
                 )
                 if keep
             ]
+            blocks = config.storage_layout == LAYOUT_BLOCKS
             try:
-                # A database's uploads start as soon as its snapshot is taken, so the
-                # next snapshot's copying overlaps them.
-                async with anyio.create_task_group() as tg:
-                    for name, path in wanted:
-                        for item in await self._sync_database(
-                            upload, state, name, path, snapshot_dir, progress
-                        ):
-                            tg.start_soon(self._send, upload, item, progress)
+                if blocks:
+                    await sync_blocks(self, upload, state, wanted, snapshot_dir, progress)
+                else:
+                    # A database's uploads start as soon as its snapshot is taken, so the
+                    # next snapshot's copying overlaps them.
+                    async with anyio.create_task_group() as tg:
+                        for name, path in wanted:
+                            for item in await sync_database(
+                                self, upload, state, name, path, snapshot_dir, progress
+                            ):
+                                tg.start_soon(send, self, upload, item, progress)
             except ExceptionGroup as group:
                 # One failed upload cancels the others; report the failure, not the group.
                 raise _first_failure(group) from None
@@ -267,6 +292,9 @@ class CloudSyncMethod:
                     "memories": {k: len(v) for k, v in upload.exported.items()},
                     "undeliverable": dict(upload.undeliverable),
                 },
+                storage_layout=LAYOUT_BLOCKS if blocks else LAYOUT_FILES,
+                index=upload.index_key,
+                bytes_new=upload.bytes_new if blocks else upload.bytes_sent,
             )
             key = manifest_key(sid, upload.upload_id)
             progress("manifest", 0, 0)
@@ -292,6 +320,11 @@ class CloudSyncMethod:
         finally:
             # Shielded: a cancelled sync must not leave full copies of the databases.
             with anyio.CancelScope(shield=True):
+                # Only now, after the last read and the export, may a writer open the
+                # databases again (see repository/source.py).
+                for source in upload.sources.values():
+                    await anyio.to_thread.run_sync(source.close)
+                upload.sources.clear()
                 await anyio.to_thread.run_sync(remove_snapshot_dir, snapshot_dir)
 
         self._commit_state(state, tid, sid, upload, key)
@@ -316,7 +349,9 @@ class CloudSyncMethod:
             manifest_key=key,
             conversation_count=manifest.conversation_count,
             new_conversation_count=new_conversations,
-            details=self._details(upload),
+            details={**self._details(upload), "snapshots": upload.how_read}
+            if upload.how_read
+            else self._details(upload),
         )
 
     async def _claim_upload_id(self) -> _Upload:
@@ -386,16 +421,6 @@ class CloudSyncMethod:
 
         return await with_retries(newest, config=self.config, what="reading the last manifest")
 
-    async def _object_intact(self, entry: FileEntry) -> bool:
-        async def head() -> bool:
-            try:
-                meta = await obstore.head_async(self.store, entry.key)
-            except FileNotFoundError:
-                return False
-            return int(meta["size"]) == entry.stored_size
-
-        return await with_retries(head, config=self.config, what=f"checking {entry.key}")
-
     def _records_exported(self, state: TargetState | None, name: str) -> bool:
         """False when this database holds record kinds never exported to this target
         (an upgrade added them): it must be read even though it did not change."""
@@ -409,103 +434,6 @@ class CloudSyncMethod:
         if name == self.config.knowledge_graph_db:
             return records.GRAPH_KINDS
         return ()
-
-    async def _sync_database(
-        self,
-        upload: _Upload,
-        state: TargetState | None,
-        name: str,
-        path: Path,
-        snapshot_dir: Path,
-        progress: ProgressCallback,
-    ) -> list[_Send]:
-        """Decide, per object (database, WAL), to reuse it or send it; returns the sends."""
-        config = self.config
-        fp = source_fingerprint(path)
-        if fp is None:
-            upload.missing.append(name)
-            log.info("database missing; skipped", database=str(path))
-            return []
-        wal_name = name + _WAL_SUFFIX
-        previous = state.files if (state and config.enable_deduplication) else {}
-        stored_db = previous.get(name)
-        stored_wal = previous.get(wal_name) if fp.wal is not None else None
-        if (
-            stored_db is not None
-            and stored_db.fingerprint == fp
-            and self._records_exported(state, name)
-            and (fp.wal is None or stored_wal is not None)
-            and await self._object_intact(stored_db.entry)
-            and (stored_wal is None or await self._object_intact(stored_wal.entry))
-        ):
-            # Not even re-read: size, mtime and inode of both files are unchanged.
-            self._reuse(upload, name, stored_db.entry, fp)
-            if stored_wal is not None:
-                self._reuse(upload, wal_name, stored_wal.entry, None)
-            return []
-        progress(f"snapshot:{name}", 0, fp.db.size + (fp.wal.size if fp.wal else 0))
-        try:
-            snap = await anyio.to_thread.run_sync(take_snapshot, name, path, snapshot_dir)
-        except FileNotFoundError:
-            upload.missing.append(name)
-            return []
-        except SnapshotError as exc:
-            upload.errors.append(str(exc))
-            log.error("database not readable; skipped", database=str(path), error=str(exc))
-            return []
-        upload.snapshots[name] = snap
-        sends: list[_Send] = []
-        db_extra = {
-            "conversation_count": snap.conversation_count,
-            "wal": wal_name if snap.wal else None,
-        }
-        if (
-            stored_db is not None
-            and stored_db.entry.sha256 == snap.sha256
-            and await self._object_intact(stored_db.entry)
-        ):
-            self._reuse(upload, name, stored_db.entry, snap.fingerprint, **db_extra)
-        else:
-            sends.append(_Send(name, Path(snap.path), snap.sha256, snap.fingerprint, db_extra))
-        if snap.wal and snap.wal_sha256:
-            stored_wal = previous.get(wal_name)
-            if (
-                stored_wal is not None
-                and stored_wal.entry.sha256 == snap.wal_sha256
-                and await self._object_intact(stored_wal.entry)
-            ):
-                self._reuse(upload, wal_name, stored_wal.entry, None)
-            else:
-                sends.append(_Send(wal_name, Path(snap.wal), snap.wal_sha256, None, {}))
-        return sends
-
-    async def _send(self, upload: _Upload, item: _Send, progress: ProgressCallback) -> None:
-        """Upload one planned object and record it (uploads run side by side: the CPU
-        work of one overlaps the network wait of another)."""
-        key = self._get_cloud_path(item.name, upload.upload_id)
-        entry = await self._upload_file(
-            item.path,
-            key,
-            upload,
-            compress=self.config.enable_compression,
-            progress=progress,
-            phase=f"upload:{item.name}",
-            known_sha256=item.sha256,
-        )
-        entry = msgspec.structs.replace(entry, **item.extra)
-        upload.files[item.name] = entry
-        upload.uploaded_keys.append(key)
-        upload.new_state[item.name] = StoredFile(fingerprint=item.fingerprint, entry=entry)
-
-    def _reuse(
-        self, upload: _Upload, name: str, entry: FileEntry, fp: Any, **extra: Any
-    ) -> None:
-        origin = entry.reused_from or entry.key.split("/")[-2]
-        reused = msgspec.structs.replace(entry, reused_from=origin, **extra)
-        upload.files[name] = reused
-        upload.unchanged.append(name)
-        upload.new_state[name] = StoredFile(fingerprint=fp, entry=reused)
-        log.info("unchanged; reusing the stored object", file=name, key=entry.key)
 
     async def _upload_file(
         self,
@@ -578,14 +506,15 @@ class CloudSyncMethod:
             return total, None
         out = config.state_path / "snapshots" / upload.upload_id / MEMORIES_NAME
         progress("export:memories", 0, 0)
-        plan = [
-            (Path(s.path), kinds)
-            for db, kinds in (
-                (name, records.REFLECTION_KINDS),
-                (config.knowledge_graph_db, records.GRAPH_KINDS),
-            )
-            if (s := upload.snapshots.get(db)) is not None
-        ]
+        plan: list[tuple[Path | Any, tuple[str, ...]]] = []
+        for db, kinds in (
+            (name, records.REFLECTION_KINDS),
+            (config.knowledge_graph_db, records.GRAPH_KINDS),
+        ):
+            if (held := upload.sources.get(db)) is not None:
+                plan.append((held.con, kinds))  # the same state as the uploaded pieces
+            elif (s := upload.snapshots.get(db)) is not None:
+                plan.append((Path(s.path), kinds))
         upload.exported, upload.undeliverable = await anyio.to_thread.run_sync(
             self._write_memories, plan, out, tid
         )
@@ -595,11 +524,12 @@ class CloudSyncMethod:
         )
         new = len(upload.exported.get("conversation", []))
         upload.files[MEMORIES_NAME] = msgspec.structs.replace(stored, conversation_count=new)
+        upload.bytes_new += stored.stored_size
         upload.uploaded_keys.append(key)
         return total, new
 
     def _write_memories(
-        self, plan: list[tuple[Path, tuple[str, ...]]], out: Path, tid: str
+        self, plan: list[tuple[Path | Any, tuple[str, ...]]], out: Path, tid: str
     ) -> tuple[dict[str, list[str]], dict[str, int]]:
         """Blocking: every undelivered record of the snapshots, and per kind the
         records that cannot be delivered (no embedding)."""
@@ -639,7 +569,8 @@ class CloudSyncMethod:
         files.update(upload.new_state)
         kinds = set(state.exported_kinds) if state else set()
         if self.config.export_memories:
-            kinds.update(kind for name in upload.snapshots for kind in self._kinds_of(name))
+            read = [*upload.snapshots, *upload.how_read]  # copies, and blocks sources
+            kinds.update(kind for name in read for kind in self._kinds_of(name))
         save_state(
             self.config.state_path,
             tid,
@@ -652,7 +583,7 @@ class CloudSyncMethod:
                 exported_kinds=sorted(kinds),
             ),
         )
-        if upload.snapshots and self.config.export_memories:
+        if (upload.snapshots or upload.how_read) and self.config.export_memories:
             records.save_undeliverable(self.config.state_path, "cloud", upload.undeliverable)
         if any(upload.exported.values()):
             import duckdb

@@ -307,7 +307,7 @@ class MemoriesExport(msgspec.Struct, frozen=True):
 
 def write_memories_json(
     out: Path,
-    snapshots: Sequence[tuple[Path, Sequence[str]]],
+    snapshots: Sequence[tuple[Path | duckdb.DuckDBPyConnection, Sequence[str]]],
     *,
     progress_db: Path,
     system_id: str,
@@ -319,7 +319,9 @@ def write_memories_json(
     (conversations, reflections, entities: what the HTTP method delivers), each
     marked by ``metadata.record_type`` / ``metadata.type``. ``snapshots`` pairs each
     snapshot with the kinds read from it; they are opened one at a time (DuckDB
-    attaches the progress store once per process). Streams to ``out``, so memory
+    attaches the progress store once per process). A snapshot may also be an open
+    connection whose schema is the database (the blocks layout's held source): it is
+    used as it is and left open. Streams to ``out``, so memory
     stays bounded.
     """
     written: dict[str, list[str]] = {}
@@ -338,7 +340,7 @@ def write_memories_json(
 
 def _export_one(
     fh: IO[str],
-    path: Path,
+    path: Path | duckdb.DuckDBPyConnection,
     kinds: Sequence[str],
     progress_db: Path,
     system_id: str,
@@ -348,7 +350,11 @@ def _export_one(
     first: bool,
 ) -> bool:
     """Append one snapshot's records; returns whether the list is still empty."""
-    con = open_snapshot(path, progress_db)
+    if isinstance(path, Path):
+        con = open_snapshot(path, progress_db)
+    else:
+        con = path
+        open_progress(con, progress_db)
     try:
         for kind in kinds:
             ids = written.setdefault(kind, [])
@@ -361,7 +367,10 @@ def _export_one(
             if n := count_undeliverable(con, kind, channel=channel):
                 skipped[kind] = n
     finally:
-        con.close()
+        if isinstance(path, Path):
+            con.close()
+        else:
+            con.execute("DETACH progress")
     return first
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import msgspec
+
 from akosha_sync.config import AkoshaSyncConfig
 from akosha_sync.sync.cloud import cloud_target_id
 from akosha_sync.sync.records import load_undeliverable
@@ -13,6 +15,13 @@ from akosha_sync.sync.state import load_state
 from akosha_sync.sync.store import describe_target
 
 __all__ = ["local_status"]
+
+
+def _last_verification(config: AkoshaSyncConfig) -> dict[str, Any] | None:
+    from akosha_sync.repository.checks import load_last_run
+
+    run = load_last_run(config.state_path)
+    return msgspec.to_builtins(run) if run else None
 
 
 def local_status(config: AkoshaSyncConfig) -> dict[str, Any]:
@@ -47,6 +56,8 @@ def local_status(config: AkoshaSyncConfig) -> dict[str, Any]:
         "databases": databases,
         # Per method: records the last sync could not deliver (no embedding).
         "undeliverable": load_undeliverable(config.state_path),
+        # Issue 7: the last `verify` run from this machine (repository.checks).
+        "last_verification": _last_verification(config),
         "last_upload": (
             {"upload_id": state.last_upload_id, "manifest_key": state.last_manifest_key}
             if state and state.last_upload_id

@@ -1,0 +1,108 @@
+"""``forget``: apply a retention policy to a system's committed uploads.
+
+Forgetting an upload removes its ``manifest.json`` first (from then on no reader sees
+it as a restore point), then the upload's own small objects (``index.json``,
+``memories.json``, ``_claim.json``) and its verification record. Data that other
+uploads may share (packs; database objects of the files layout, which later uploads
+reuse in place) is left for ``prune``, which alone decides what no manifest needs.
+Uploads without a manifest take no part: they are prune's business too.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import msgspec
+import obstore
+
+from akosha_sync.repository.checks import check_key, read_records
+from akosha_sync.repository.retention import Decision, Policy, apply_policy
+from akosha_sync.repository.snapshots import Upload, scan_uploads
+from akosha_sync.sync.manifest import CLAIM_NAME, MANIFEST_NAME, MEMORIES_NAME
+
+if TYPE_CHECKING:
+    from obstore.store import ObjectStore
+
+__all__ = ["INDEX_NAME", "ForgetReport", "forget", "own_small_objects"]
+
+INDEX_NAME = "index.json"
+# Deleted after the manifest, in this order; the claim last (it marks the folder ours).
+_SMALL = (INDEX_NAME, MEMORIES_NAME, CLAIM_NAME)
+
+
+class ForgetReport(msgspec.Struct, kw_only=True):
+    system_id: str
+    policy: str
+    dry_run: bool
+    decisions: list[Decision]
+    kept: list[str]
+    forgotten: list[str]
+    deleted_keys: list[str] = msgspec.field(default_factory=list)
+    errors: list[str] = msgspec.field(default_factory=list)
+
+
+def own_small_objects(upload: Upload) -> list[str]:
+    """The keys ``forget`` deletes for ``upload``, manifest first."""
+    names = [MANIFEST_NAME, *_SMALL]
+    return [upload.objects[n].key for n in names if n in upload.objects]
+
+
+def newest_verified_open(uploads: list[Upload], passed: set[str]) -> str | None:
+    complete = [u for u in uploads if u.complete and u.upload_id in passed]
+    return complete[-1].upload_id if complete else None
+
+
+async def forget(
+    store: ObjectStore,
+    system_id: str,
+    policy: Policy,
+    *,
+    dry_run: bool,
+    progress: Callable[[str, int, int], None] | None = None,
+) -> ForgetReport:
+    """Decide with ``policy`` and (unless ``dry_run``) delete what it does not keep.
+
+    Raises ``RetentionError`` for an empty or invalid policy, before touching anything.
+    """
+    if policy.empty or policy.problems():
+        apply_policy([], policy)  # raises with the reason
+    uploads = await scan_uploads(store, system_id)
+    records = await read_records(store, system_id)
+    passed = {uid for uid, record in records.items() if record.passed_open}
+    complete = [u for u in uploads if u.complete]
+    decisions = apply_policy(
+        [(u.upload_id, u.time) for u in complete],
+        policy,
+        verified_open=newest_verified_open(complete, passed),
+    )
+    by_id = {u.upload_id: u for u in complete}
+    report = ForgetReport(
+        system_id=system_id,
+        policy=policy.describe(),
+        dry_run=dry_run,
+        decisions=decisions,
+        kept=[d.upload_id for d in decisions if d.keep],
+        forgotten=[d.upload_id for d in decisions if not d.keep],
+    )
+    if dry_run:
+        return report
+    total = len(report.forgotten)
+    for done, uid in enumerate(report.forgotten):
+        if progress:
+            progress(f"forget:{uid}", done, total)
+        keys = [*own_small_objects(by_id[uid])]
+        if uid in records:
+            keys.append(check_key(system_id, uid))
+        for key in keys:
+            try:
+                await obstore.delete_async(store, key)
+            except FileNotFoundError:
+                pass
+            except Exception as exc:
+                report.errors.append(f"{uid}: could not delete {key}: {str(exc)[:200]}")
+                break
+            report.deleted_keys.append(key)
+    if progress:
+        progress("forget", total, total)
+    return report

@@ -1,0 +1,272 @@
+"""MCP tools over the bucket as a repository: list, verify, restore, forget.
+
+Each returns a structured result; long ones report progress like ``sync_to_akosha``.
+``akosha_restore`` and ``akosha_forget`` are destructive and plan first: restore
+returns a plan and a one-time ``confirm_token`` (valid for :data:`TOKEN_TTL` seconds,
+in this server process only) and restores only when called again with it; forget
+deletes only with ``dry_run=False``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import secrets
+import time
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import anyio
+import msgspec
+from mcp.server.mcpserver import Context, MCPServer
+from mcp.server.mcpserver.exceptions import ToolError
+from mcp.types import ToolAnnotations
+
+from akosha_sync.config import AkoshaSyncConfig
+
+__all__ = ["DESTRUCTIVE", "READ_ONLY", "TOKEN_TTL", "add_repository_tools"]
+
+T = TypeVar("T")
+TOKEN_TTL = 600.0
+
+# Shared with app.py's own tools. Every tool here reaches the bucket: open world.
+READ_ONLY = ToolAnnotations(read_only_hint=True, destructive_hint=False, open_world_hint=True)
+DESTRUCTIVE = ToolAnnotations(read_only_hint=False, destructive_hint=True, open_world_hint=True)
+
+Level = Literal["structure", "read-data", "open"]
+Progress = Callable[[str, int, int], None]
+
+
+async def _with_progress(ctx: Context, work: Callable[[Progress], Awaitable[T]]) -> T:
+    """Run ``work(progress)``, forwarding its progress as MCP notifications."""
+    send, receive = anyio.create_memory_object_stream[tuple[str, int, int]](64)
+
+    def on_progress(phase: str, done: int, total: int) -> None:
+        # Dropped when the client reads slowly: progress is advisory.
+        with contextlib.suppress(anyio.WouldBlock, anyio.ClosedResourceError):
+            send.send_nowait((phase, done, total))
+
+    async def forward() -> None:
+        async with receive:
+            async for phase, done, total in receive:
+                await ctx.report_progress(done, total or None, phase)
+
+    failure: Exception | None = None
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(forward)
+        try:
+            result = await work(on_progress)
+        except Exception as exc:  # raised after the group, not wrapped in an ExceptionGroup
+            failure = exc
+        finally:
+            send.close()
+    if failure is not None:
+        raise failure
+    return result
+
+
+def _fail(exc: Exception) -> ToolError:
+    return ToolError(str(exc))
+
+
+def add_repository_tools(server: MCPServer, config: AkoshaSyncConfig) -> None:
+    """Register the repository tools on ``server``."""
+    pending: dict[str, tuple[float, dict[str, Any], dict[str, Any]]] = {}
+
+    @server.tool(annotations=READ_ONLY)
+    async def akosha_list_snapshots(
+        system_id: str | None = None, limit: int | None = 20
+    ) -> dict[str, Any]:
+        """The uploads in the bucket, newest last: id, time, files, logical size, bytes
+        new, conversations, complete or not (a sync that never committed is listed as
+        incomplete), and the last verification. Reads the bucket, not local state.
+
+        system_id: another machine's uploads (default: this one's).
+        limit: at most this many of the newest (default 20; null for all).
+        """
+        from akosha_sync.repository.service import snapshots
+
+        try:
+            infos = await snapshots(config, system_id=system_id, limit=limit)
+        except Exception as exc:
+            raise _fail(exc) from exc
+        return {"system_id": system_id or config.system_id_resolved, "count": len(infos),
+                "snapshots": msgspec.to_builtins(infos)}
+
+    @server.tool(annotations=READ_ONLY)
+    async def akosha_verify(
+        ctx: Context, upload_id: str | None = None, level: Level = "structure",
+        all_uploads: bool = False,
+    ) -> dict[str, Any]:
+        """Check uploads in the bucket. level "structure": every object each needs exists
+        with the right size; "read-data": also download and check the SHA-256 of every
+        piece; "open": also restore into a temporary folder and compare DuckDB row counts
+        with the manifest. upload_id: one upload (default: the newest); all_uploads: all.
+        ok is false when any problem was found; each problem names upload and object.
+        """
+        from akosha_sync.repository.service import verify_uploads
+
+        async def work(progress: Progress) -> Any:
+            return await verify_uploads(
+                config, upload_id=upload_id, all_uploads=all_uploads,
+                read_data="100%" if level in ("read-data", "open") else None,
+                open_databases=level == "open", progress=progress,
+            )
+
+        try:
+            report = await _with_progress(ctx, work)
+        except Exception as exc:
+            raise _fail(exc) from exc
+        return dict(msgspec.to_builtins(report))
+
+    @server.tool(annotations=DESTRUCTIVE)
+    async def akosha_restore(
+        ctx: Context,
+        upload_id: str | None = None,
+        system_id: str | None = None,
+        at: str | None = None,
+        to: str | None = None,
+        confirm_token: str | None = None,
+    ) -> dict[str, Any]:
+        """Restore Session-Buddy's databases from an upload in the bucket.
+
+        Without confirm_token: nothing is written; returns the plan (which upload, which
+        files go where, which existing files would be kept as NAME.bak-<time>) and a
+        confirm_token. Call again with the same arguments and that token to restore
+        (progress is reported). upload_id: default the newest (at or before "at", an ISO
+        time); system_id: another machine's uploads; to: target folder (default the
+        configured data_dir). Close Session-Buddy first: open databases are refused.
+        """
+        args = {"upload_id": upload_id, "system_id": system_id, "at": at, "to": to}
+        try:
+            plan = await _plan(config, args)
+        except Exception as exc:
+            raise _fail(exc) from exc
+        now = time.monotonic()
+        for token, (expires, _, _) in list(pending.items()):
+            if expires < now:
+                pending.pop(token)
+        if confirm_token is None:
+            token = secrets.token_urlsafe(16)
+            pending[token] = (now + TOKEN_TTL, args, _plan_identity(plan))
+            return {"confirmed": False, "plan": plan, "confirm_token": token,
+                    "expires_in_seconds": int(TOKEN_TTL),
+                    "next": "call akosha_restore again with the same arguments and "
+                            "confirm_token to restore"}
+        held = pending.pop(confirm_token, None)
+        if held is None or held[1] != args:
+            raise ToolError(
+                "confirm_token is unknown, expired, used, or was issued for other arguments; "
+                "call akosha_restore without it to get a fresh plan and token."
+            )
+        if held[2] != _plan_identity(plan):
+            raise ToolError(
+                "the plan changed since the token was issued (a newer upload, or the target "
+                "folder changed); nothing was restored. Review the new plan and confirm it."
+            )
+        if plan["problems"]:
+            raise ToolError("; ".join(plan["problems"]))
+
+        async def work(progress: Progress) -> Any:
+            # The upload the plan named, even if a newer one arrived meanwhile.
+            chosen = {**args, "upload_id": plan["upload_id"], "at": None}
+            return await _restore(config, chosen, progress)
+
+        try:
+            result = await _with_progress(ctx, work)
+        except Exception as exc:
+            raise _fail(exc) from exc
+        return {"confirmed": True, "result": msgspec.to_builtins(result)}
+
+    @server.tool(annotations=DESTRUCTIVE)
+    async def akosha_forget(
+        ctx: Context,
+        keep_last: int = 0,
+        keep_hourly: int = 0,
+        keep_daily: int = 0,
+        keep_weekly: int = 0,
+        keep_monthly: int = 0,
+        keep_yearly: int = 0,
+        keep_within: str = "",
+        system_id: str | None = None,
+        dry_run: bool = True,
+    ) -> dict[str, Any]:
+        """Apply a retention policy (restic's forget): returns each upload's decision and
+        its reasons. Deletes only with dry_run=false (manifests and the upload's small
+        objects; shared data goes at the next prune). The newest upload and the newest
+        that passed verify "open" are always kept; an empty policy is refused.
+        keep_within: e.g. "30d", "12h", "1y6m", counted from the newest upload.
+        """
+        from akosha_sync.repository.retention import Policy
+        from akosha_sync.repository.service import forget_uploads
+
+        policy = Policy(
+            keep_last=keep_last, keep_hourly=keep_hourly, keep_daily=keep_daily,
+            keep_weekly=keep_weekly, keep_monthly=keep_monthly, keep_yearly=keep_yearly,
+            keep_within=keep_within,
+        )
+
+        async def work(progress: Progress) -> Any:
+            return await forget_uploads(config, policy, system_id=system_id,
+                                        dry_run=dry_run, progress=progress)
+
+        try:
+            report = await _with_progress(ctx, work)
+        except Exception as exc:
+            raise _fail(exc) from exc
+        return dict(msgspec.to_builtins(report))
+
+
+def _plan_identity(plan: dict[str, Any]) -> dict[str, Any]:
+    """What a confirmation must match: the upload and what happens to which file."""
+    return {
+        "upload_id": plan["upload_id"],
+        "files": [(f["path"], f["sha256"], f["replaces"]) for f in plan["files"]],
+        "set_aside": [f["path"] for f in plan["set_aside"]],
+    }
+
+
+def _parse_at(at: str | None) -> datetime | None:
+    if not at:
+        return None
+    try:
+        moment = datetime.fromisoformat(at.replace("Z", "+00:00"))
+    except ValueError as exc:
+        raise ValueError(f"at {at!r} is not an ISO 8601 time like 2026-06-01T12:00:00Z") from exc
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
+async def _found(config: AkoshaSyncConfig, args: dict[str, Any]) -> tuple[Any, Any, Path]:
+    from akosha_sync.repository.restore import find_upload
+    from akosha_sync.sync.store import make_store
+
+    target = Path(args["to"]).expanduser() if args["to"] else config.data_path
+    manifest, index = await find_upload(
+        make_store(config), config, system_id=args["system_id"] or config.system_id_resolved,
+        upload_id=args["upload_id"], at=_parse_at(args["at"]),
+    )
+    return manifest, index, target
+
+
+async def _plan(config: AkoshaSyncConfig, args: dict[str, Any]) -> dict[str, Any]:
+    from akosha_sync.repository.restore import inspect_target, plan_restore, restore_names
+
+    manifest, index, target = await _found(config, args)
+    names = restore_names(manifest, index)
+    existing = await anyio.to_thread.run_sync(inspect_target, target, names)
+    plan = plan_restore(manifest, index, target=target, existing=existing, force=True,
+                        now=datetime.now(UTC))
+    return dict(msgspec.to_builtins(plan))
+
+
+async def _restore(config: AkoshaSyncConfig, args: dict[str, Any], progress: Progress) -> Any:
+    from akosha_sync.repository.restore import restore
+    from akosha_sync.sync.store import make_store
+
+    target = Path(args["to"]).expanduser() if args["to"] else config.data_path
+    return await restore(
+        make_store(config), config, system_id=args["system_id"] or config.system_id_resolved,
+        target=target, upload_id=args["upload_id"], at=_parse_at(args["at"]), force=True,
+        progress=progress,
+    )

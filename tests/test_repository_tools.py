@@ -1,0 +1,166 @@
+"""The repository MCP tools through the SDK's real client, against real SeaweedFS."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from mcp import Client
+from minio import Minio
+
+from akosha_sync.config import AkoshaSyncConfig
+from akosha_sync.sample import SampleInfo, add_conversations
+from akosha_sync.server.app import build_mcp_server
+from akosha_sync.server.daemon import SyncDaemon
+from support.verify import manifests
+
+MakeConfig = Callable[..., AkoshaSyncConfig]
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+class _Progress:
+    def __init__(self) -> None:
+        self.seen: list[tuple[float, float | None, str | None]] = []
+
+    async def __call__(self, done: float, total: float | None, message: str | None) -> None:
+        self.seen.append((done, total, message))
+
+
+async def _call(client: Client, name: str, args: dict[str, Any], **kw: Any) -> dict[str, Any]:
+    result = await client.call_tool(name, args, **kw)
+    assert not result.is_error, result.content
+    assert result.structured_content is not None
+    return result.structured_content
+
+
+@pytest.mark.anyio
+async def test_every_tool_carries_annotations(s3_config: MakeConfig) -> None:
+    daemon = SyncDaemon(s3_config())
+    async with daemon.running(), Client(build_mcp_server(daemon)) as client:
+        tools = {t.name: t.annotations for t in (await client.list_tools()).tools}
+    assert set(tools) == {"sync_to_akosha", "akosha_sync_status", "akosha_list_snapshots",
+                          "akosha_verify", "akosha_restore", "akosha_forget"}
+    hints = {name: (a.read_only_hint, a.destructive_hint, a.open_world_hint)
+             for name, a in tools.items() if a is not None}
+    assert hints == {
+        "sync_to_akosha": (False, False, True),
+        "akosha_sync_status": (True, False, False),
+        "akosha_list_snapshots": (True, False, True),
+        "akosha_verify": (True, False, True),
+        "akosha_restore": (False, True, True),
+        "akosha_forget": (False, True, True),
+    }
+
+
+@pytest.mark.anyio
+async def test_list_verify_and_forget_tools(
+    s3_config: MakeConfig, minio_client: Minio, s3_bucket: str, sample: SampleInfo,
+) -> None:
+    daemon = SyncDaemon(s3_config())
+    async with daemon.running(), Client(build_mcp_server(daemon)) as client:
+        first = await _call(client, "sync_to_akosha", {})
+        add_conversations(sample.data_dir, 2, seed=9, checkpoint=True)
+        second = await _call(client, "sync_to_akosha", {})
+        listed = await _call(client, "akosha_list_snapshots", {})
+        assert [s["upload_id"] for s in listed["snapshots"]] == [first["upload_id"],
+                                                                 second["upload_id"]]
+        assert listed["snapshots"][1]["complete"] is True
+        assert (await _call(client, "akosha_list_snapshots", {"limit": 1}))["count"] == 1
+
+        progress = _Progress()
+        report = await _call(client, "akosha_verify", {"level": "open"},
+                             progress_callback=progress)
+        assert report["ok"] is True and report["level"] == "structure+read-data+open"
+        assert report["uploads"][0]["upload_id"] == second["upload_id"]
+        assert any(m and m.startswith("verify") for _, _, m in progress.seen)
+
+        plan = await _call(client, "akosha_forget", {"keep_last": 1})
+        assert plan["dry_run"] is True and plan["forgotten"] == [first["upload_id"]]
+        assert len(manifests(minio_client, s3_bucket)) == 2
+        empty = await client.call_tool("akosha_forget", {})
+        assert empty.is_error and "empty policy" in empty.content[0].text  # type: ignore[union-attr]
+        done = await _call(client, "akosha_forget", {"keep_last": 1, "dry_run": False})
+        assert done["forgotten"] == [first["upload_id"]]
+        assert [m.split("/")[3] for m in manifests(minio_client, s3_bucket)] == [
+            second["upload_id"]]
+
+
+@pytest.mark.anyio
+async def test_restore_tool_plans_then_restores_with_the_token(
+    s3_config: MakeConfig, sample: SampleInfo,
+) -> None:
+    daemon = SyncDaemon(s3_config())
+    db = sample.reflection_path
+    async with daemon.running(), Client(build_mcp_server(daemon)) as client:
+        synced = await _call(client, "sync_to_akosha", {})
+        add_conversations(sample.data_dir, 4, seed=21, checkpoint=True)
+        changed = _sha(db)
+
+        answer = await _call(client, "akosha_restore", {})
+        assert answer["confirmed"] is False and answer["confirm_token"]
+        plan = answer["plan"]
+        assert plan["upload_id"] == synced["upload_id"] and plan["problems"] == []
+        by_name = {f["name"]: f for f in plan["files"]}
+        assert by_name["reflection.duckdb"]["path"] == str(db)
+        assert by_name["reflection.duckdb"]["replaces"] is True
+        backup = by_name["reflection.duckdb"]["backup"]
+        assert backup.startswith(f"{db}.bak-")
+        assert _sha(db) == changed  # the plan wrote nothing
+
+        wrong = await client.call_tool("akosha_restore", {"confirm_token": "nope"})
+        assert wrong.is_error and "confirm_token" in wrong.content[0].text  # type: ignore[union-attr]
+        other = await client.call_tool(
+            "akosha_restore", {"confirm_token": answer["confirm_token"], "to": "/tmp/x"})
+        assert other.is_error  # a token is for the arguments it was issued for
+        assert _sha(db) == changed
+
+        again = await _call(client, "akosha_restore", {})
+        progress = _Progress()
+        done = await _call(client, "akosha_restore", {"confirm_token": again["confirm_token"]},
+                           progress_callback=progress)
+        assert done["confirmed"] is True
+        assert done["result"]["upload_id"] == synced["upload_id"]
+        assert _sha(db) == by_name["reflection.duckdb"]["sha256"] != changed
+        backups = sorted(db.parent.glob("reflection.duckdb.bak-*"))
+        assert backups and _sha(backups[-1]) == changed
+        assert progress.seen and any(m and m.startswith("restore") for _, _, m in progress.seen)
+        reused = await client.call_tool("akosha_restore",
+                                        {"confirm_token": again["confirm_token"]})
+        assert reused.is_error  # one use only
+
+
+@pytest.mark.anyio
+async def test_daemon_applies_the_configured_retention_after_a_successful_sync(
+    s3_config: MakeConfig, minio_client: Minio, s3_bucket: str, sample: SampleInfo,
+) -> None:
+    daemon = SyncDaemon(s3_config(retention_keep_last=2))
+    async with daemon.running(), Client(build_mcp_server(daemon)) as client:
+        ids = []
+        for seed in range(3):
+            add_conversations(sample.data_dir, 1, seed=40 + seed, checkpoint=True)
+            ids.append((await _call(client, "sync_to_akosha", {}))["upload_id"])
+        # The hook runs after the waiters got their result: poll the bucket for it.
+        import anyio
+
+        with anyio.fail_after(30):
+            while len(manifests(minio_client, s3_bucket)) != 2:  # noqa: ASYNC110 - the bucket sends no event
+                await anyio.sleep(0.05)
+    assert {m.split("/")[3] for m in manifests(minio_client, s3_bucket)} == set(ids[1:])
+
+
+def test_retention_settings_are_validated(make_config: MakeConfig) -> None:
+    assert make_config(retention_keep_daily=7, retention_keep_within="30d").validate() == []
+    problems = make_config(retention_keep_last=-1, retention_keep_within="a month").validate()
+    assert any("retention_keep_last is -1" in p for p in problems)
+    assert any("retention_keep_within 'a month' is not a duration" in p for p in problems)

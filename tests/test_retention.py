@@ -1,0 +1,103 @@
+"""Retention policies (pure): restic's forget semantics over a hand-made series."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from akosha_sync.repository.retention import (
+    Policy,
+    RetentionError,
+    apply_policy,
+    subtract_duration,
+)
+
+T0 = datetime(2026, 3, 2, 9, 0, tzinfo=UTC)  # a Monday
+
+
+def _series() -> list[tuple[str, datetime]]:
+    """Uploads every 20 minutes over 3 hours today, then one a day for 20 days back."""
+    out = [(f"h{i:02d}", T0 + timedelta(minutes=20 * i)) for i in range(9)]
+    out += [(f"d{i:02d}", T0 - timedelta(days=i, hours=1)) for i in range(1, 21)]
+    return out
+
+
+def _kept(policy: Policy, **kw: str) -> list[str]:
+    return [d.upload_id for d in apply_policy(_series(), policy, **kw) if d.keep]
+
+
+def test_empty_policy_is_refused() -> None:
+    with pytest.raises(RetentionError, match="empty policy"):
+        apply_policy(_series(), Policy())
+
+
+def test_bad_duration_and_negative_counts_are_refused() -> None:
+    with pytest.raises(RetentionError, match="not a duration"):
+        apply_policy(_series(), Policy(keep_within="2 weeks"))
+    with pytest.raises(RetentionError, match="keep_last is -1"):
+        apply_policy(_series(), Policy(keep_last=-1))
+
+
+def test_keep_last() -> None:
+    assert _kept(Policy(keep_last=3)) == ["h08", "h07", "h06"]
+
+
+def test_keep_hourly_keeps_the_newest_of_each_hour_with_uploads() -> None:
+    # Hours 11 (h06..h08), 10 (h03..h05), 09 (h00..h02); then the day uploads at 08:00.
+    assert _kept(Policy(keep_hourly=4)) == ["h08", "h05", "h02", "d01"]
+
+
+def test_keep_daily_skips_days_without_uploads() -> None:
+    series = [s for s in _series() if s[0] not in ("d02", "d03")]
+    kept = [d.upload_id for d in apply_policy(series, Policy(keep_daily=3)) if d.keep]
+    assert kept == ["h08", "d01", "d04"]
+
+
+def test_keep_weekly_uses_iso_weeks() -> None:
+    # T0 is Monday 2 March: d01 (Sun 1 March) is the newest of the week before.
+    assert _kept(Policy(keep_weekly=3)) == ["h08", "d01", "d08"]
+
+
+def test_keep_monthly() -> None:
+    # d01 (1 March) shares March with h08; d02 (28 Feb) is the newest of February.
+    assert _kept(Policy(keep_monthly=2)) == ["h08", "d02"]
+
+
+def test_keep_within_counts_from_the_newest_upload_not_now() -> None:
+    # Newest is 11:40 on 2 March; 2d back is 11:40 on 28 Feb: d01 (08:00 1 Mar) is in,
+    # d02 (08:00 28 Feb) is out.
+    kept = _kept(Policy(keep_within="2d"))
+    assert kept == [f"h{i:02d}" for i in range(8, -1, -1)] + ["d01"]
+
+
+def test_rules_combine_and_every_decision_has_reasons() -> None:
+    decisions = apply_policy(_series(), Policy(keep_last=2, keep_daily=2))
+    by_id = {d.upload_id: d for d in decisions}
+    assert by_id["h08"].reasons == [
+        "newest upload (always kept)", "last 2", "daily 2026-03-02"
+    ]
+    assert by_id["h07"].reasons == ["last 2"]
+    assert by_id["d01"].reasons == ["daily 2026-03-01"]
+    assert by_id["d05"].keep is False
+    assert by_id["d05"].reasons == ["not kept by --keep-last 2 --keep-daily 2"]
+
+
+def test_newest_and_newest_verified_open_are_never_forgotten() -> None:
+    decisions = apply_policy(_series(), Policy(keep_daily=1), verified_open="d10")
+    kept = {d.upload_id: d.reasons for d in decisions if d.keep}
+    assert set(kept) == {"h08", "d10"}
+    assert kept["d10"] == ["newest upload that passed verify --open (always kept)"]
+
+
+def test_order_of_input_does_not_matter() -> None:
+    series = _series()
+    assert apply_policy(series[::-1], Policy(keep_hourly=2)) == apply_policy(
+        series, Policy(keep_hourly=2)
+    )
+
+
+def test_subtract_duration_is_calendar_aware() -> None:
+    moment = datetime(2026, 3, 31, 12, tzinfo=UTC)
+    assert subtract_duration(moment, "1m") == datetime(2026, 2, 28, 12, tzinfo=UTC)
+    assert subtract_duration(moment, "1y2w3h") == datetime(2025, 3, 17, 9, tzinfo=UTC)
