@@ -11,6 +11,8 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from akosha_sync._output import as_json, human_size
+
 if TYPE_CHECKING:
     from akosha_sync.config import AkoshaSyncConfig
 
@@ -146,7 +148,7 @@ def _cmd_sync(args: argparse.Namespace) -> int:
     if progress:
         progress.done()
     if args.json:
-        print(_json(result))
+        print(as_json(result))
     else:
         print(_describe_result(result))
     if not result.get("success"):
@@ -161,7 +163,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
     config = _load(args)
     status = local_status(config)
     if args.json:
-        print(_json(status))
+        print(as_json(status))
     else:
         print(_describe_status(status))
     return EXIT_OK if not status["validation_errors"] else EXIT_CONFIG
@@ -220,20 +222,20 @@ def _cmd_restore(args: argparse.Namespace) -> int:
     if progress:
         progress.done()
     if args.json:
-        print(_json(msgspec.to_builtins(result)))
+        print(as_json(msgspec.to_builtins(result)))
         return EXIT_FAILED if result.problems else EXIT_OK
     verb = "would restore" if result.dry_run else "restored"
     lines = [f"  [{'dry run' if result.dry_run else 'ok'}] {verb} upload {result.upload_id} "
              f"of {result.system_id} ({result.storage_layout} layout) into {result.target_dir}"]
     for f in result.files:
         kept = f" (existing kept as {Path(f.backup).name})" if f.backup else ""
-        lines.append(f"    {f.name}: {_size(f.size)} sha256 {f.sha256[:16]}{kept}")
+        lines.append(f"    {f.name}: {human_size(f.size)} sha256 {f.sha256[:16]}{kept}")
     if result.dry_run:
-        lines.append(f"    to download: {_size(result.bytes_to_download)} in "
+        lines.append(f"    to download: {human_size(result.bytes_to_download)} in "
                      f"{len(result.fetch)} object(s)")
         lines.extend(f"    problem: {p}" for p in result.problems)
     else:
-        lines.append(f"    downloaded: {_size(result.bytes_downloaded)} in "
+        lines.append(f"    downloaded: {human_size(result.bytes_downloaded)} in "
                      f"{result.duration_seconds:.2f} s")
     print("\n".join(lines))
     return EXIT_FAILED if result.problems else EXIT_OK
@@ -290,20 +292,6 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 # ------------------------------------------------------------------ output
-def _json(data: Any) -> str:
-    import msgspec
-
-    return msgspec.json.format(msgspec.json.encode(data), indent=2).decode()
-
-
-def _size(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1024 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} GB"
-
-
 def _describe_result(result: dict[str, Any]) -> str:
     mark = "ok" if result.get("success") else "FAILED"
     lines = [
@@ -313,7 +301,7 @@ def _describe_result(result: dict[str, Any]) -> str:
     uploaded = result.get("files_uploaded") or []
     if uploaded:
         lines.append(f"    sent:      {', '.join(k.rsplit('/', 1)[-1] for k in uploaded)} "
-                     f"({_size(result.get('bytes_transferred', 0))})")
+                     f"({human_size(result.get('bytes_transferred', 0))})")
     if result.get("files_unchanged"):
         lines.append(f"    unchanged: {', '.join(result['files_unchanged'])} (not sent again)")
     if result.get("files_missing"):
@@ -341,7 +329,7 @@ def _describe_status(status: dict[str, Any]) -> str:
     for name, info in status["databases"].items():
         if info["exists"]:
             lines.append(
-                f"database:         {name}: {_size(info['size'])}"
+                f"database:         {name}: {human_size(info['size'])}"
                 + (" + WAL" if info["wal"] else "")
                 + ("" if info["changed_since_last_upload"] is None else
                    ", changed since last upload" if info["changed_since_last_upload"]
@@ -381,7 +369,7 @@ class _ProgressPrinter:
         if not self.tty:
             return
         pct = f" {100 * done // total:3d}%" if total else ""
-        line = f"\r  {phase}{pct} {_size(done) if done else ''}"
+        line = f"\r  {phase}{pct} {human_size(done) if done else ''}"
         if line != self.last:
             sys.stderr.write(line.ljust(60))
             sys.stderr.flush()

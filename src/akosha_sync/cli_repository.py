@@ -9,6 +9,8 @@ import argparse
 import sys
 from typing import Any
 
+from akosha_sync._output import as_json, human_size
+
 __all__ = ["COMMANDS", "add_commands", "run"]
 
 COMMANDS = frozenset({"snapshots", "forget", "verify", "prune"})
@@ -105,26 +107,12 @@ def _exit_now(code: int) -> None:
     os._exit(code)
 
 
-def _json(data: Any) -> str:
-    import msgspec
-
-    return msgspec.json.format(msgspec.json.encode(data), indent=2).decode()
-
-
-def _size(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1024 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} GB"
-
-
 async def _cmd_snapshots(config: Any, args: argparse.Namespace) -> int:
     from akosha_sync.repository.service import snapshots
 
     infos = await snapshots(config, system_id=args.system, all_systems=args.all_systems)
     if args.json:
-        print(_json(infos))
+        print(as_json(infos))
         return EXIT_OK
     if not infos:
         print("no uploads in the bucket for this system")
@@ -140,7 +128,8 @@ async def _cmd_snapshots(config: Any, args: argparse.Namespace) -> int:
         state = "complete" if info.complete else f"INCOMPLETE ({info.problem})"
         print(
             f"{info.upload_id:<40} {info.time[:19].replace('T', ' '):<20} "
-            f"{len(info.files):>5} {_size(info.logical_size):>9} {_size(info.bytes_new):>9} "
+            f"{len(info.files):>5} {human_size(info.logical_size):>9} "
+            f"{human_size(info.bytes_new):>9} "
             f"{'' if info.conversation_count is None else info.conversation_count:>6}  "
             f"{state}; {checked}"
         )
@@ -173,7 +162,7 @@ async def _cmd_forget(config: Any, args: argparse.Namespace) -> int:
 
         pruned = await prune_unused(config, system_id=args.system, dry_run=False)
     if args.json:
-        print(_json({"forget": report, "prune": pruned} if args.prune else report))
+        print(as_json({"forget": report, "prune": pruned} if args.prune else report))
     else:
         verb = "would forget" if args.dry_run else "forgot"
         for decision in report.decisions:
@@ -202,7 +191,7 @@ async def _cmd_verify(config: Any, args: argparse.Namespace) -> int:
         open_databases=args.open,
     )
     if args.json:
-        print(_json(report))
+        print(as_json(report))
     else:
         for upload in report.uploads:
             print(f"{'ok    ' if upload.ok else 'FAILED'} {upload.upload_id} "
@@ -216,7 +205,7 @@ async def _cmd_verify(config: Any, args: argparse.Namespace) -> int:
 
 def _print_prune(report: Any) -> None:
     verb = "would delete" if report.dry_run else "deleted"
-    print(f"prune: {verb} {len(report.deleted)} objects ({_size(report.bytes_freed)}); "
+    print(f"prune: {verb} {len(report.deleted)} objects ({human_size(report.bytes_freed)}); "
           f"repacked {len(report.repacked)} packs into {len(report.new_packs)}")
     for note in report.notes:
         print(f"  note: {note}")
@@ -229,7 +218,7 @@ async def _cmd_prune(config: Any, args: argparse.Namespace) -> int:
 
     report = await prune_unused(config, system_id=args.system, dry_run=args.dry_run)
     if args.json:
-        print(_json(report))
+        print(as_json(report))
     else:
         _print_prune(report)
     return EXIT_FAILED if report.errors else EXIT_OK

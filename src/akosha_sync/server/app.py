@@ -6,16 +6,15 @@ daemon's task group, so it outlives the call (and the connection) that asked for
 
 from __future__ import annotations
 
-import contextlib
 from typing import Annotated, Any, Literal
 
-import anyio
 from mcp.server.mcpserver import Context, MCPServer
 from mcp.types import ToolAnnotations
 from pydantic import WithJsonSchema
 
 from akosha_sync import __version__
 from akosha_sync.server.daemon import SyncDaemon
+from akosha_sync.server.progress import with_progress
 from akosha_sync.server.repository_tools import add_repository_tools
 
 # A sync writes new objects (never deletes or overwrites one): not read-only, not
@@ -61,24 +60,7 @@ def build_mcp_server(daemon: SyncDaemon) -> MCPServer:
         Waits for the sync and returns its result; a failure is success=false with an error.
         """
         request_id = await daemon.submit("manual", method=method, enable_fallback=enable_fallback)
-        send, receive = anyio.create_memory_object_stream[tuple[str, int, int]](64)
-
-        def on_progress(phase: str, done: int, total: int) -> None:
-            # Dropped when the client reads slowly: progress is advisory.
-            with contextlib.suppress(anyio.WouldBlock, anyio.ClosedResourceError):
-                send.send_nowait((phase, done, total))
-
-        async def forward() -> None:
-            async with receive:
-                async for phase, done, total in receive:
-                    await ctx.report_progress(done, total or None, phase)
-
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(forward)
-            try:
-                result = await daemon.wait_for(request_id, on_progress)
-            finally:
-                send.close()
+        result = await with_progress(ctx, lambda progress: daemon.wait_for(request_id, progress))
         return {**result, "triggered_by": "manual"}
 
     @server.tool(annotations=_STATUS)

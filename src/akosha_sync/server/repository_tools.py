@@ -9,10 +9,8 @@ deletes only with ``dry_run=False``.
 
 from __future__ import annotations
 
-import contextlib
 import secrets
 import time
-from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -24,6 +22,7 @@ from mcp.server.mcpserver.exceptions import ToolError
 from mcp.types import ToolAnnotations
 
 from akosha_sync.config import AkoshaSyncConfig
+from akosha_sync.server.progress import Progress, with_progress
 
 __all__ = ["DESTRUCTIVE", "READ_ONLY", "TOKEN_TTL", "add_repository_tools"]
 
@@ -35,35 +34,6 @@ READ_ONLY = ToolAnnotations(read_only_hint=True, destructive_hint=False, open_wo
 DESTRUCTIVE = ToolAnnotations(read_only_hint=False, destructive_hint=True, open_world_hint=True)
 
 Level = Literal["structure", "read-data", "open"]
-Progress = Callable[[str, int, int], None]
-
-
-async def _with_progress(ctx: Context, work: Callable[[Progress], Awaitable[T]]) -> T:
-    """Run ``work(progress)``, forwarding its progress as MCP notifications."""
-    send, receive = anyio.create_memory_object_stream[tuple[str, int, int]](64)
-
-    def on_progress(phase: str, done: int, total: int) -> None:
-        # Dropped when the client reads slowly: progress is advisory.
-        with contextlib.suppress(anyio.WouldBlock, anyio.ClosedResourceError):
-            send.send_nowait((phase, done, total))
-
-    async def forward() -> None:
-        async with receive:
-            async for phase, done, total in receive:
-                await ctx.report_progress(done, total or None, phase)
-
-    failure: Exception | None = None
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(forward)
-        try:
-            result = await work(on_progress)
-        except Exception as exc:  # raised after the group, not wrapped in an ExceptionGroup
-            failure = exc
-        finally:
-            send.close()
-    if failure is not None:
-        raise failure
-    return result
 
 
 def _fail(exc: Exception) -> ToolError:
@@ -115,7 +85,7 @@ def add_repository_tools(server: MCPServer, config: AkoshaSyncConfig) -> None:
             )
 
         try:
-            report = await _with_progress(ctx, work)
+            report = await with_progress(ctx, work)
         except Exception as exc:
             raise _fail(exc) from exc
         return dict(msgspec.to_builtins(report))
@@ -174,7 +144,7 @@ def add_repository_tools(server: MCPServer, config: AkoshaSyncConfig) -> None:
             return await _restore(config, chosen, progress)
 
         try:
-            result = await _with_progress(ctx, work)
+            result = await with_progress(ctx, work)
         except Exception as exc:
             raise _fail(exc) from exc
         return {"confirmed": True, "result": msgspec.to_builtins(result)}
@@ -212,7 +182,7 @@ def add_repository_tools(server: MCPServer, config: AkoshaSyncConfig) -> None:
                                         dry_run=dry_run, progress=progress)
 
         try:
-            report = await _with_progress(ctx, work)
+            report = await with_progress(ctx, work)
         except Exception as exc:
             raise _fail(exc) from exc
         return dict(msgspec.to_builtins(report))
