@@ -223,8 +223,8 @@ class _TimedCompressor:
 def _read_manifest(config: Any, key: str) -> dict[str, dict[str, int]]:
     import obstore
 
-    from akosha_sync.sync.manifest import decode_manifest
-    from akosha_sync.sync.store import make_store
+    from akosha_sync.repository.manifest import decode_manifest
+    from akosha_sync.repository.store import make_store
 
     data = obstore.get(make_store(config), key).bytes()
     manifest = decode_manifest(bytes(data))

@@ -20,9 +20,9 @@ import zstandard
 from minio import Minio
 
 from akosha_sync.config import AkoshaSyncConfig
+from akosha_sync.repository.manifest import akosha_manifest_problems
 from akosha_sync.sample import SampleInfo, add_conversations, grow_to_size
 from akosha_sync.sync.cloud import CloudSyncMethod
-from akosha_sync.sync.manifest import akosha_manifest_problems
 from akosha_sync.sync.protocol import CloudUploadError
 from support.verify import get_object, manifests
 

@@ -20,9 +20,9 @@ import zstandard
 from minio import Minio
 
 from akosha_sync.config import AkoshaSyncConfig
+from akosha_sync.repository.manifest import akosha_manifest_problems
 from akosha_sync.sample import SampleInfo
 from akosha_sync.sync.cloud import CloudSyncMethod
-from akosha_sync.sync.manifest import akosha_manifest_problems
 from akosha_sync.sync.protocol import CloudUploadError
 from support.verify import get_object, manifests
 
@@ -160,7 +160,7 @@ def test_timeout_just_after_the_manifest_committed_deletes_nothing(
 def test_commit_manifest_is_idempotent_for_the_same_bytes(
     s3_config: MakeConfig, minio_client: Minio, s3_bucket: str,
 ) -> None:
-    from akosha_sync.sync.store import ManifestConflictError, commit_manifest, make_store
+    from akosha_sync.repository.store import ManifestConflictError, commit_manifest, make_store
 
     config = s3_config()
     store = make_store(config)
@@ -383,7 +383,7 @@ def test_the_fallback_reserve_policy() -> None:
 
 
 def test_request_timeout_scales_with_the_part_size(make_config: MakeConfig) -> None:
-    from akosha_sync.sync.store import make_store, request_timeout_seconds
+    from akosha_sync.repository.store import make_store, request_timeout_seconds
 
     small = make_config(cloud_bucket="b", cloud_endpoint="http://127.0.0.1:9", chunk_size_mb=5)
     large = make_config(cloud_bucket="b", cloud_endpoint="http://127.0.0.1:9", chunk_size_mb=100)

@@ -6,7 +6,7 @@ from datetime import UTC, datetime, timedelta
 
 import msgspec
 
-from akosha_sync.sync.manifest import (
+from akosha_sync.repository.manifest import (
     FileEntry,
     akosha_manifest_problems,
     build_manifest,

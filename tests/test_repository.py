@@ -17,11 +17,11 @@ import pytest
 from minio import Minio
 
 from akosha_sync.config import AkoshaSyncConfig
+from akosha_sync.repository.manifest import FileEntry, build_manifest, encode_manifest
 from akosha_sync.repository.retention import Policy, RetentionError
 from akosha_sync.repository.service import forget_uploads, snapshots
 from akosha_sync.sample import SampleInfo, add_conversations
 from akosha_sync.sync.cloud import CloudSyncMethod
-from akosha_sync.sync.manifest import FileEntry, build_manifest, encode_manifest
 from support.verify import get_object, manifests
 
 MakeConfig = Callable[..., AkoshaSyncConfig]
@@ -290,7 +290,7 @@ def _index_of(client: Minio, bucket: str, manifest_key: str) -> dict[str, Any]:
 
 def _prune(config: AkoshaSyncConfig, **kwargs: Any) -> Any:
     from akosha_sync.repository.prune import prune
-    from akosha_sync.sync.store import make_store
+    from akosha_sync.repository.store import make_store
 
     store = make_store(config)
     kwargs.setdefault("dry_run", False)
@@ -364,7 +364,7 @@ def test_prune_leaves_the_plan_while_an_older_upload_is_in_flight(
     s3_config: MakeConfig, minio_client: Minio, s3_bucket: str, sample: SampleInfo,
 ) -> None:
     from akosha_sync.repository.prune import plan_key, read_condemned
-    from akosha_sync.sync.store import make_store
+    from akosha_sync.repository.store import make_store
 
     config = s3_config()
     _sync(config)

@@ -26,10 +26,10 @@ from akosha_sync.repository.format import (
     pack_id_from_key,
     pack_key,
 )
+from akosha_sync.repository.manifest import FileEntry, Manifest, decode_manifest
 from akosha_sync.repository.packs import PackBuilder, PieceError, extract_piece
 from akosha_sync.repository.pieces import FileDigest, iter_pieces
 from akosha_sync.repository.restore import TargetFile, plan_restore
-from akosha_sync.sync.manifest import FileEntry, Manifest, decode_manifest
 
 
 def _duckdb_file(path: Path, rows: int = 300_000) -> Path:

@@ -21,11 +21,11 @@ import duckdb
 from minio import Minio
 
 from akosha_sync.config import AkoshaSyncConfig
+from akosha_sync.repository.manifest import akosha_manifest_problems
 from akosha_sync.repository.restore import restore
+from akosha_sync.repository.store import make_store
 from akosha_sync.sample import SampleInfo, add_conversations, grow_to_size
 from akosha_sync.sync.cloud import CloudSyncMethod
-from akosha_sync.sync.manifest import akosha_manifest_problems
-from akosha_sync.sync.store import make_store
 from support.verify import get_object
 
 MakeConfig = Callable[..., AkoshaSyncConfig]

@@ -19,9 +19,9 @@ from minio import Minio
 
 from akosha_sync.config import AkoshaSyncConfig
 from akosha_sync.repository.restore import RestoreError, RestoreResult, restore
+from akosha_sync.repository.store import make_store
 from akosha_sync.sample import SampleInfo, add_conversations
 from akosha_sync.sync.cloud import CloudSyncMethod
-from akosha_sync.sync.store import make_store
 from support.verify import get_object
 
 MakeConfig = Callable[..., AkoshaSyncConfig]

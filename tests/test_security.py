@@ -35,9 +35,9 @@ from mcp.shared._httpx_utils import create_mcp_http_client
 from akosha_sync.config import AkoshaSyncConfig
 from akosha_sync.logs import configure_logging
 from akosha_sync.redact import REDACTED, Scrubber
+from akosha_sync.repository.store import RetryPolicy, with_retries
 from akosha_sync.sync.protocol import CloudUploadError
 from akosha_sync.sync.runner import run_sync
-from akosha_sync.sync.store import RetryPolicy, with_retries
 from support.akosha import AkoshaServer
 from support.seaweedfs import SeaweedFS
 from test_server import EXE, ROOT, Daemon, _session_end, _toml, _until, daemon_factory

@@ -9,8 +9,8 @@ import pytest
 from obstore.exceptions import GenericError, PermissionDeniedError
 
 from akosha_sync.config import AkoshaSyncConfig
+from akosha_sync.repository.store import Failure, RetryPolicy, classify, with_retries
 from akosha_sync.sync.protocol import CloudUploadError
-from akosha_sync.sync.store import Failure, RetryPolicy, classify, with_retries
 
 CONFIG = AkoshaSyncConfig(cloud_bucket="bucket", cloud_endpoint="http://127.0.0.1:9000",
                           max_retries=3, retry_backoff_seconds=0.1)

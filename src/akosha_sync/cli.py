@@ -182,8 +182,8 @@ def _cmd_restore(args: argparse.Namespace) -> int:
 
     from akosha_sync.logs import configure_logging
     from akosha_sync.repository.restore import RestoreError, restore
+    from akosha_sync.repository.store import make_store
     from akosha_sync.sync.protocol import CloudUploadError
-    from akosha_sync.sync.store import make_store
 
     config = _load(args)
     problems = config.validate()

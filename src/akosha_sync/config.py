@@ -26,8 +26,6 @@ from urllib.parse import urlsplit, urlunsplit
 
 import msgspec
 
-from akosha_sync.redact import REDACTED
-
 __all__ = [
     "DEFAULT_CONFIG_PATH",
     "ENV_PREFIXES",
@@ -41,6 +39,7 @@ __all__ = [
 
 ForceMethod = Literal["auto", "cloud", "http"]
 
+REDACTED = "***redacted***"
 SECRET_FIELDS = frozenset({"secret_access_key", "akosha_token", "daemon_token", "session_token"})
 # Earlier prefixes win: our own names, then Session-Buddy's flat names, then the
 # nested ``cloud_sync`` settings of Session-Buddy 0.32+ (``..._CLOUD_SYNC__CLOUD_BUCKET``):

@@ -1,8 +1,9 @@
 """The one secret scrubber: every text, result or log event that leaves the process
 passes through it (the store's error messages, the HTTP method, the logs).
 
-Low in the dependency order (it imports nothing of ours at run time), so the
-configuration, ``sync/`` and the server can all use it.
+Just above the configuration in the dependency order (it takes only ``REDACTED`` and
+the config's type from it), so the repository, ``sync/``, the server and the logs can
+all use it.
 """
 
 from __future__ import annotations
@@ -10,12 +11,13 @@ from __future__ import annotations
 from collections.abc import Iterable, MutableMapping
 from typing import TYPE_CHECKING, Any
 
+from akosha_sync.config import REDACTED
+
 if TYPE_CHECKING:
     from akosha_sync.config import AkoshaSyncConfig
 
 __all__ = ["REDACTED", "SECRET_KEYS", "Scrubber", "scrub", "scrubber_for"]
 
-REDACTED = "***redacted***"
 # Mapping keys whose values are secrets whatever they hold (log fields, headers, results).
 SECRET_KEYS = frozenset({
     "secret_access_key", "akosha_token", "daemon_token", "session_token",

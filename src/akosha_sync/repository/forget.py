@@ -17,9 +17,9 @@ import msgspec
 import obstore
 
 from akosha_sync.repository.checks import check_key, read_records
+from akosha_sync.repository.manifest import CLAIM_NAME, MANIFEST_NAME, MEMORIES_NAME
 from akosha_sync.repository.retention import Decision, Policy, apply_policy
 from akosha_sync.repository.snapshots import Upload, scan_uploads
-from akosha_sync.sync.manifest import CLAIM_NAME, MANIFEST_NAME, MEMORIES_NAME
 
 if TYPE_CHECKING:
     from obstore.store import ObjectStore

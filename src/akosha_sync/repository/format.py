@@ -13,7 +13,7 @@ Terms
 *upload*
     One sync: a snapshot of the system's databases at one moment. Its id is
     ``YYYYMMDD_HHMMSS_{sid}`` (UTC), ``.N`` appended for the N-th in one second; ids
-    sort in time order by :func:`akosha_sync.sync.manifest.upload_id_order`.
+    sort in time order by :func:`akosha_sync.repository.manifest.upload_id_order`.
 *piece*
     A run of bytes of one file, identified by the SHA-256 of its raw (uncompressed)
     bytes, written in lowercase hex. A piece is stored once per system, however many

@@ -79,8 +79,8 @@ from akosha_sync.repository.format import (
     pack_key,
     packs_prefix,
 )
+from akosha_sync.repository.manifest import CLAIM_NAME
 from akosha_sync.repository.snapshots import StoredObject, Upload, scan_uploads
-from akosha_sync.sync.manifest import CLAIM_NAME
 
 if TYPE_CHECKING:
     from obstore.store import ObjectStore

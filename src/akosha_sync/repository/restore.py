@@ -35,9 +35,9 @@ import msgspec
 import obstore
 
 from akosha_sync.config import AkoshaSyncConfig
+from akosha_sync.errors import CloudUploadError
 from akosha_sync.repository.format import LAYOUT_BLOCKS, LAYOUT_FILES, Index, Piece, decode_index
-from akosha_sync.repository.packs import PieceError, extract_piece
-from akosha_sync.sync.manifest import (
+from akosha_sync.repository.manifest import (
     MEMORIES_NAME,
     Manifest,
     decode_manifest,
@@ -45,8 +45,8 @@ from akosha_sync.sync.manifest import (
     upload_id_order,
     uploads_prefix,
 )
-from akosha_sync.sync.protocol import CloudUploadError
-from akosha_sync.sync.store import with_retries
+from akosha_sync.repository.packs import PieceError, extract_piece
+from akosha_sync.repository.store import with_retries
 
 if TYPE_CHECKING:
     from obstore.store import ObjectStore

@@ -17,8 +17,8 @@ from akosha_sync.repository.forget import ForgetReport, forget
 from akosha_sync.repository.prune import PruneReport, prune
 from akosha_sync.repository.retention import Policy, apply_policy
 from akosha_sync.repository.snapshots import UploadInfo, list_snapshots, list_system_ids
+from akosha_sync.repository.store import make_store, with_retries
 from akosha_sync.repository.verify import VerifyReport, parse_subset, verify
-from akosha_sync.sync.store import make_store, with_retries
 
 __all__ = [
     "ProgressCallback",

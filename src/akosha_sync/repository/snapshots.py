@@ -21,7 +21,7 @@ import msgspec
 import obstore
 
 from akosha_sync.repository.checks import CheckRecord, read_records
-from akosha_sync.sync.manifest import (
+from akosha_sync.repository.manifest import (
     CLAIM_NAME,
     MANIFEST_NAME,
     Manifest,

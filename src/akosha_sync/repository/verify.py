@@ -36,9 +36,9 @@ import obstore
 from akosha_sync.config import AkoshaSyncConfig
 from akosha_sync.repository.checks import LevelResult, read_records, write_record
 from akosha_sync.repository.format import LAYOUT_BLOCKS, Index, decode_index, packs_prefix
+from akosha_sync.repository.manifest import MEMORIES_NAME
 from akosha_sync.repository.packs import PieceError, extract_piece
 from akosha_sync.repository.snapshots import Upload, scan_uploads
-from akosha_sync.sync.manifest import MEMORIES_NAME
 
 if TYPE_CHECKING:
     from obstore.store import ObjectStore

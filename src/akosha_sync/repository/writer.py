@@ -20,6 +20,7 @@ import obstore
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from akosha_sync.config import AkoshaSyncConfig
+from akosha_sync.errors import CloudUploadError
 from akosha_sync.repository.format import (
     Index,
     IndexFile,
@@ -31,8 +32,7 @@ from akosha_sync.repository.format import (
 )
 from akosha_sync.repository.packs import PackBuilder, SealedPack
 from akosha_sync.repository.pieces import FileDigest, iter_pieces, piece_id
-from akosha_sync.sync.protocol import CloudUploadError
-from akosha_sync.sync.store import with_retries
+from akosha_sync.repository.store import with_retries
 
 if TYPE_CHECKING:
     from obstore.store import ObjectStore

@@ -96,8 +96,8 @@ async def _check_bucket(config: AkoshaSyncConfig) -> Check:
                      "fix the configuration first")
     import obstore
 
+    from akosha_sync.repository.store import RetryPolicy, describe_target, make_store, with_retries
     from akosha_sync.sync.protocol import CloudUploadError
-    from akosha_sync.sync.store import RetryPolicy, describe_target, make_store, with_retries
 
     store = make_store(config)
     key = f"{PROBE_PREFIX}probe-{config.system_id_resolved}-{uuid.uuid4().hex}"

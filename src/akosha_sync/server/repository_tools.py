@@ -209,7 +209,7 @@ def _parse_at(at: str | None) -> datetime | None:
 
 async def _found(config: AkoshaSyncConfig, args: dict[str, Any]) -> tuple[Any, Any, Path]:
     from akosha_sync.repository.restore import find_upload
-    from akosha_sync.sync.store import make_store
+    from akosha_sync.repository.store import make_store
 
     target = Path(args["to"]).expanduser() if args["to"] else config.data_path
     manifest, index = await find_upload(
@@ -232,7 +232,7 @@ async def _plan(config: AkoshaSyncConfig, args: dict[str, Any]) -> dict[str, Any
 
 async def _restore(config: AkoshaSyncConfig, args: dict[str, Any], progress: Progress) -> Any:
     from akosha_sync.repository.restore import restore
-    from akosha_sync.sync.store import make_store
+    from akosha_sync.repository.store import make_store
 
     target = Path(args["to"]).expanduser() if args["to"] else config.data_path
     return await restore(

@@ -26,24 +26,25 @@ from akosha_sync.repository.format import (
     encode_index,
     index_key,
 )
+from akosha_sync.repository.manifest import (
+    COMPRESSION_FORMAT,
+    FileEntry,
+    Manifest,
+    decode_manifest,
+)
+from akosha_sync.repository.prune import condemned_pack_ids
 from akosha_sync.repository.source import LockedByWriter, Source, open_copy, open_locked
+from akosha_sync.repository.store import with_retries
 from akosha_sync.repository.writer import (
     RepositoryWriter,
     list_packs,
     reusable_pieces,
     stored_size,
 )
-from akosha_sync.sync.manifest import (
-    COMPRESSION_FORMAT,
-    FileEntry,
-    Manifest,
-    decode_manifest,
-)
 from akosha_sync.sync.protocol import CloudUploadError, ProgressCallback, SnapshotError
 from akosha_sync.sync.snapshot import fingerprint as source_fingerprint
 from akosha_sync.sync.snapshot import take_snapshot
 from akosha_sync.sync.state import StoredFile, TargetState
-from akosha_sync.sync.store import with_retries
 
 if TYPE_CHECKING:
     from akosha_sync.sync.cloud import CloudSyncMethod, _Upload
@@ -98,8 +99,6 @@ async def sync_blocks(
     config = method.config
     sid = config.system_id_resolved
     previous, previous_index = await _previous_upload(method, state)
-    from akosha_sync.repository.prune import condemned_pack_ids  # see cloud.py
-
     known, known_packs = reusable_pieces(
         previous_index,
         condemned_pack_ids(method.condemned, await list_packs(method.store, config, sid)),

@@ -47,12 +47,7 @@ from akosha_sync import __version__
 from akosha_sync._fs import private_dir
 from akosha_sync.config import AkoshaSyncConfig
 from akosha_sync.repository.format import LAYOUT_BLOCKS, LAYOUT_FILES
-from akosha_sync.repository.source import Source
-from akosha_sync.sync import records
-from akosha_sync.sync.blocks import sync_blocks
-from akosha_sync.sync.deadline import Deadline
-from akosha_sync.sync.files import send, sync_database
-from akosha_sync.sync.manifest import (
+from akosha_sync.repository.manifest import (
     COMPRESSION_FORMAT,
     MEMORIES_NAME,
     FileEntry,
@@ -67,6 +62,13 @@ from akosha_sync.sync.manifest import (
     upload_id_order,
     uploads_prefix,
 )
+from akosha_sync.repository.prune import read_condemned
+from akosha_sync.repository.source import Source
+from akosha_sync.repository.store import commit_manifest, make_store, part_size, with_retries
+from akosha_sync.sync import records
+from akosha_sync.sync.blocks import sync_blocks
+from akosha_sync.sync.deadline import Deadline
+from akosha_sync.sync.files import send, sync_database
 from akosha_sync.sync.protocol import (
     CloudUploadError,
     ProgressCallback,
@@ -74,7 +76,6 @@ from akosha_sync.sync.protocol import (
 )
 from akosha_sync.sync.snapshot import Snapshot, remove_snapshot_dir
 from akosha_sync.sync.state import StoredFile, TargetState, load_state, save_state, target_id
-from akosha_sync.sync.store import commit_manifest, make_store, part_size, with_retries
 
 if TYPE_CHECKING:
     from obstore.store import ObjectStore
@@ -238,10 +239,7 @@ class CloudSyncMethod:
         snapshot_dir = config.state_path / "snapshots" / upload.upload_id
         try:
             # Prune's protocol (repository.prune): after the claim, read what a running
-            # prune condemned, and reuse none of it. (Imported here: repository.prune
-            # reads sync.manifest, whose package imports this module.)
-            from akosha_sync.repository.prune import read_condemned
-
+            # prune condemned, and reuse none of it.
             self.condemned = await with_retries(
                 lambda: read_condemned(self.store, sid), config=config,
                 what="reading the prune plan",

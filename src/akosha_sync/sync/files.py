@@ -16,12 +16,12 @@ import msgspec
 import obstore
 import structlog
 
-from akosha_sync.sync.manifest import FileEntry
+from akosha_sync.repository.manifest import FileEntry
+from akosha_sync.repository.store import with_retries
 from akosha_sync.sync.protocol import ProgressCallback, SnapshotError
 from akosha_sync.sync.snapshot import fingerprint as source_fingerprint
 from akosha_sync.sync.snapshot import take_snapshot
 from akosha_sync.sync.state import StoredFile, TargetState
-from akosha_sync.sync.store import with_retries
 
 if TYPE_CHECKING:
     from akosha_sync.sync.cloud import CloudSyncMethod, _Upload

@@ -50,13 +50,13 @@ from mcp.types import (
 from akosha_sync._fs import private_dir
 from akosha_sync.config import AkoshaSyncConfig
 from akosha_sync.redact import scrub
+from akosha_sync.repository.manifest import make_upload_id
+from akosha_sync.repository.store import RetryPolicy
 from akosha_sync.sync import records
 from akosha_sync.sync.deadline import Deadline
-from akosha_sync.sync.manifest import make_upload_id
 from akosha_sync.sync.protocol import HTTPSyncError, ProgressCallback, SnapshotError, SyncResult
 from akosha_sync.sync.snapshot import remove_snapshot_dir, take_snapshot
 from akosha_sync.sync.state import target_id
-from akosha_sync.sync.store import RetryPolicy
 
 __all__ = ["HttpSyncMethod"]
 

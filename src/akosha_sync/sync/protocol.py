@@ -7,6 +7,16 @@ from typing import Any, Protocol, runtime_checkable
 
 import msgspec
 
+# The exception hierarchy lives below every package (the repository raises these too);
+# it is re-exported here, where the seed names it.
+from akosha_sync.errors import (
+    CloudUploadError,
+    HTTPSyncError,
+    HybridSyncError,
+    SnapshotError,
+    SyncError,
+)
+
 __all__ = [
     "CloudUploadError",
     "HTTPSyncError",
@@ -67,58 +77,3 @@ class SyncResult(msgspec.Struct, kw_only=True):
 
     def to_dict(self) -> dict[str, Any]:
         return msgspec.structs.asdict(self)
-
-
-class SyncError(Exception):
-    """Base of every sync failure. ``method`` names the method that failed."""
-
-    def __init__(self, message: str, method: str = "", original: BaseException | None = None):
-        super().__init__(message)
-        self.method = method
-        self.original = original
-
-
-class CloudUploadError(SyncError):
-    """Cloud storage upload failed: bucket not accessible, auth failed, timeout.
-
-    ``connect_failed`` is True when the store could not be reached at all, so a
-    fallback can start at once instead of after a full retry ladder.
-    """
-
-    def __init__(
-        self,
-        message: str,
-        method: str = "cloud",
-        original: BaseException | None = None,
-        *,
-        connect_failed: bool = False,
-    ) -> None:
-        super().__init__(message, method, original)
-        self.connect_failed = connect_failed
-
-
-class HTTPSyncError(SyncError):
-    """HTTP sync to Akosha failed: unreachable, refused, timeout, server error."""
-
-    def __init__(
-        self, message: str, method: str = "http", original: BaseException | None = None
-    ) -> None:
-        super().__init__(message, method, original)
-
-
-class HybridSyncError(SyncError):
-    """Every sync method failed; ``errors`` holds ``{"method", "error"}`` for each."""
-
-    def __init__(
-        self, message: str, method: str = "hybrid", errors: list[dict[str, Any]] | None = None
-    ) -> None:
-        super().__init__(message, method)
-        self.errors = errors or []
-
-
-class SnapshotError(SyncError):
-    """A source database could not be copied consistently or is not a readable DuckDB."""
-
-    def __init__(self, message: str, path: str, original: BaseException | None = None) -> None:
-        super().__init__(message, "snapshot", original)
-        self.path = path

@@ -20,7 +20,7 @@ import anyio
 import msgspec
 
 from akosha_sync._fs import atomic_write, private_dir
-from akosha_sync.sync.manifest import FileEntry
+from akosha_sync.repository.manifest import FileEntry
 from akosha_sync.sync.protocol import SyncError
 from akosha_sync.sync.snapshot import SourceFingerprint
 

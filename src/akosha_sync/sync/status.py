@@ -8,11 +8,11 @@ from typing import Any
 import msgspec
 
 from akosha_sync.config import AkoshaSyncConfig
+from akosha_sync.repository.store import describe_target
 from akosha_sync.sync.cloud import cloud_target_id
 from akosha_sync.sync.records import load_undeliverable
 from akosha_sync.sync.snapshot import fingerprint
 from akosha_sync.sync.state import load_state
-from akosha_sync.sync.store import describe_target
 
 __all__ = ["local_status"]
 

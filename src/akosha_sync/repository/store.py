@@ -30,8 +30,8 @@ from obstore.exceptions import (
 from obstore.store import LocalStore, S3Store
 
 from akosha_sync.config import AkoshaSyncConfig
+from akosha_sync.errors import CloudUploadError
 from akosha_sync.redact import scrub
-from akosha_sync.sync.protocol import CloudUploadError
 
 if TYPE_CHECKING:
     from obstore.store import ObjectStore
