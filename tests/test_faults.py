@@ -131,17 +131,25 @@ def _is_part(request: ProxyRequest) -> bool:
     return request.method == "PUT" and "partNumber=" in request.query
 
 
+def _is_pack(request: ProxyRequest) -> bool:
+    return request.method == "PUT" and request.path.endswith(".pack")
+
+
 def _upload_id(request: ProxyRequest) -> str | None:
     parts = request.path.split("/")
     return parts[parts.index("uploads") + 1] if "uploads" in parts[:-1] else None
 
 
 # ------------------------------------------------------- 1. store killed mid-upload
+@pytest.mark.parametrize("layout", ["files", "blocks"])
 def test_store_killed_mid_upload(
     private_seaweedfs: SeaweedFS, make_config: MakeConfig, s3_credentials: Any,
-    tmp_path: Path,
+    tmp_path: Path, layout: str,
 ) -> None:
-    """A clear error, no manifest, no multipart upload left; the next sync succeeds."""
+    """A clear error, no manifest, no multipart upload left; the next sync succeeds.
+
+    The files layout sends a large database as a multipart upload (killed between its
+    parts); the blocks layout sends packs of ~8 MiB, one PUT each (killed during one)."""
     data = tmp_path / "big"
     grow_to_size(data, 12, 1, seed=11)  # ~9 MB stored: two 5 MiB parts
     client = private_seaweedfs.minio_client()
@@ -151,6 +159,7 @@ def test_store_killed_mid_upload(
             access_key_id=s3_credentials.access_key,
             secret_access_key=s3_credentials.secret_key,
             akosha_url="http://127.0.0.1:9/mcp", export_memories=False, chunk_size_mb=5,
+            storage_layout=layout,
         )
         toml = write_toml(config, tmp_path / "c.toml")
         started = time.monotonic()
@@ -159,7 +168,10 @@ def test_store_killed_mid_upload(
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )
         try:
-            proxy.wait_for(_is_part, timeout=60, what="a multipart part upload")
+            if layout == "files":
+                proxy.wait_for(_is_part, timeout=60, what="a multipart part upload")
+            else:
+                proxy.wait_for(_is_pack, timeout=60, what="a pack upload")
             private_seaweedfs.kill()
             killed = time.monotonic()
             out, _err = sync.communicate(timeout=BUDGET_S + 30)
@@ -192,7 +204,9 @@ def test_stalled_connection_fails_within_budget_and_daemon_answers(
 ) -> None:
     config = via_proxy(upload_timeout_seconds=BUDGET_S, max_retries=1)
     daemon = daemons(config)
-    proxy.stall(lambda r: r.method == "PUT" and ".duckdb" in r.path, after_bytes=32 * 1024)
+    # A database's bytes: a whole object (files layout) or a pack of its pieces (blocks).
+    proxy.stall(lambda r: r.method == "PUT" and (".duckdb" in r.path or r.path.endswith(".pack")),
+                after_bytes=32 * 1024)
     submitted = time.monotonic()
     assert daemon.hook().status_code == 202
     until(lambda: proxy.stalled, timeout=30, what="the upload to reach the stall")

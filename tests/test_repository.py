@@ -125,7 +125,10 @@ def test_snapshots_lists_complete_and_incomplete_uploads_from_the_bucket(
     assert one.logical_size == sample.reflection_path.stat().st_size + (
         sample.knowledge_graph_path.stat().st_size) + sum(
         p.stat().st_size for p in sample.data_dir.glob("*.wal")) or one.logical_size > 0
-    assert two.conversation_count == 3 and one.last_verification is None
+    # The snapshot's total (the manifest's conversation_count), WAL rows included.
+    assert one.conversation_count == first["conversation_count"]
+    assert two.conversation_count == one.conversation_count + 3
+    assert one.last_verification is None
 
     # The CLI, for another system and for all systems.
     path = _toml(config, tmp_path / "c.toml")

@@ -274,6 +274,8 @@ class CloudSyncMethod:
             conversations, new_conversations = await self._export_memories(
                 upload, tid, progress
             )
+            # The last read of the sources is done: let a writer in before the commit.
+            await _release_sources(upload)
             manifest = build_manifest(
                 system_id=sid,
                 upload_id=upload.upload_id,
@@ -318,11 +320,9 @@ class CloudSyncMethod:
         finally:
             # Shielded: a cancelled sync must not leave full copies of the databases.
             with anyio.CancelScope(shield=True):
-                # Only now, after the last read and the export, may a writer open the
+                # Only after the last read and the export may a writer open the
                 # databases again (see repository/source.py).
-                for source in upload.sources.values():
-                    await anyio.to_thread.run_sync(source.close)
-                upload.sources.clear()
+                await _release_sources(upload)
                 await anyio.to_thread.run_sync(remove_snapshot_dir, snapshot_dir)
 
         self._commit_state(state, tid, sid, upload, key)
@@ -610,6 +610,12 @@ class CloudSyncMethod:
                 except Exception as exc:  # the store may be the very thing that failed
                     log.debug("cleanup failed", key=key, error=str(exc)[:200])
                     return
+
+
+async def _release_sources(upload: _Upload) -> None:
+    for source in upload.sources.values():
+        await anyio.to_thread.run_sync(source.close)
+    upload.sources.clear()
 
 
 def _first_failure(group: BaseExceptionGroup[Exception]) -> Exception:
