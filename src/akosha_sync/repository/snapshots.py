@@ -162,7 +162,8 @@ async def scan_uploads(store: ObjectStore, system_id: str) -> list[Upload]:
             except (msgspec.DecodeError, msgspec.ValidationError) as exc:
                 upload.problem = f"manifest.json does not parse: {exc}"
         uploads.append(upload)
-    uploads.sort(key=lambda u: (u.time, upload_id_order(u.upload_id)))
+    # Upload ids are claim times (YYYYMMDD_HHMMSS_...), in order: a manifest's
+    # uploaded_at and an incomplete folder's LastModified are not comparable.
     return uploads
 
 
@@ -216,7 +217,9 @@ async def list_snapshots(
         records = await read_records(store, sid)
         uploads = await scan_uploads(store, sid)
         out.extend(summarize(u, records.get(u.upload_id)) for u in uploads)
-    out.sort(key=lambda info: (info.time, info.system_id, upload_id_order(info.upload_id)))
+    # Across systems by claim time (the id's first 15 characters), each system in order.
+    out.sort(key=lambda info: (info.upload_id[:15], info.system_id,
+                               upload_id_order(info.upload_id)))
     if limit is not None and limit >= 0:
         out = out[len(out) - limit:] if limit else []
     return out
