@@ -13,7 +13,6 @@ import anyio
 import structlog
 
 from akosha_sync.config import AkoshaSyncConfig
-from akosha_sync.sync.http import HttpSyncMethod
 from akosha_sync.sync.hybrid import HybridAkoshaSync
 from akosha_sync.sync.protocol import HybridSyncError, ProgressCallback, SyncError, SyncResult
 from akosha_sync.sync.state import sync_lock
@@ -44,6 +43,9 @@ async def run_sync(
         async with sync_lock(config.state_path, timeout=config.upload_timeout_seconds):
             hybrid = HybridAkoshaSync(config)
             if resend:
+                # Imported here: the HTTP method pulls in the MCP SDK.
+                from akosha_sync.sync.http import HttpSyncMethod
+
                 await anyio.to_thread.run_sync(HttpSyncMethod(config).forget_delivered)
             result = await hybrid.sync_memories(
                 force_method=method or config.force_method,  # type: ignore[arg-type]
