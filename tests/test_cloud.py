@@ -29,6 +29,17 @@ from support.verify import get_object, manifests
 MakeConfig = Callable[..., AkoshaSyncConfig]
 
 
+@pytest.fixture
+def s3_config(s3_config: MakeConfig) -> MakeConfig:
+    """These tests pin the whole-object layout (``storage_layout = "files"``); the
+    blocks layout has its own in tests/test_repository_*.py and tests/test_restore.py."""
+
+    def make(**overrides: Any) -> AkoshaSyncConfig:
+        return s3_config(**{"storage_layout": "files", **overrides})
+
+    return make
+
+
 def _sync(config: AkoshaSyncConfig, **kwargs: Any) -> dict[str, Any]:
     method = CloudSyncMethod(config, **kwargs)
     return anyio.run(method.sync)
@@ -250,6 +261,7 @@ def test_server_stopped_mid_upload_leaves_no_manifest_and_next_sync_succeeds(
 ) -> None:
     big = grow_to_size(tmp_path / "big-data", 24, 1)
     config = make_config(
+        storage_layout="files",
         cloud_bucket="private",
         cloud_endpoint=private_seaweedfs.endpoint,
         access_key_id=s3_credentials.access_key,

@@ -48,6 +48,25 @@ def _parser() -> argparse.ArgumentParser:
     status = sub.add_parser("status", help="show configuration, problems and last sync")
     status.add_argument("--json", action="store_true", help="print the status as JSON")
 
+    restore = sub.add_parser(
+        "restore", help="restore the databases of an upload from the bucket"
+    )
+    restore.add_argument("upload_id", nargs="?", default="latest", metavar="UPLOAD_ID|latest",
+                         help="the upload to restore (default: the newest)")
+    restore.add_argument("--system", metavar="ID", default=None,
+                         help="restore another machine's upload (default: this system_id)")
+    restore.add_argument("--at", metavar="TIME", default=None,
+                         help="the newest upload at or before this ISO time (UTC unless it "
+                         "names a zone), e.g. 2026-11-25T12:00")
+    restore.add_argument("--to", metavar="DIR", type=Path, default=None,
+                         help="restore into this folder (default: data_dir)")
+    restore.add_argument("--force", action="store_true",
+                         help="replace existing databases, keeping each as NAME.bak-<time>")
+    restore.add_argument("--dry-run", action="store_true",
+                         help="print what would be fetched and written; change nothing")
+    restore.add_argument("--json", action="store_true", help="print the result as JSON")
+    restore.add_argument("--quiet", "-q", action="store_true", help="no progress on stderr")
+
     demo = sub.add_parser(
         "demo", help="sync sample databases to a local folder, no server needed"
     )
@@ -75,6 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         handler = {
             "sync": _cmd_sync,
             "status": _cmd_status,
+            "restore": _cmd_restore,
             "demo": _cmd_demo,
         }.get(args.command)
         if handler is None:
@@ -138,6 +158,78 @@ def _cmd_status(args: argparse.Namespace) -> int:
     else:
         print(_describe_status(status))
     return EXIT_OK if not status["validation_errors"] else EXIT_CONFIG
+
+
+def _parse_time(text: str) -> Any:
+    from datetime import UTC, datetime
+
+    moment = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
+def _cmd_restore(args: argparse.Namespace) -> int:
+    import anyio
+    import msgspec
+
+    from akosha_sync.logs import configure_logging
+    from akosha_sync.repository.restore import RestoreError, restore
+    from akosha_sync.sync.protocol import CloudUploadError
+    from akosha_sync.sync.store import make_store
+
+    config = _load(args)
+    problems = config.validate()
+    if not config.cloud_configured:
+        problems.append("cloud_bucket is not set: restore reads the bucket uploads went to.")
+    if problems:
+        print("akosha-sync: the configuration has problems:", file=sys.stderr)
+        for problem in problems:
+            print(f"  - {problem}", file=sys.stderr)
+        return EXIT_CONFIG
+    try:
+        at = _parse_time(args.at) if args.at else None
+    except ValueError:
+        print(f"akosha-sync: --at {args.at!r} is not an ISO time; use e.g. "
+              "2026-11-25T12:00 or 2026-11-25T12:00+01:00.", file=sys.stderr)
+        return EXIT_CONFIG
+    configure_logging(config, stderr_level=None)
+    progress = None if (args.quiet or args.json) else _ProgressPrinter()
+    target = (args.to or config.data_path).expanduser().resolve()
+    try:
+        result = anyio.run(lambda: restore(
+            make_store(config), config,
+            system_id=args.system or config.system_id_resolved,
+            target=target,
+            upload_id=args.upload_id,
+            at=at,
+            force=args.force,
+            dry_run=args.dry_run,
+            progress=progress,
+        ))
+    except (RestoreError, CloudUploadError) as exc:
+        if progress:
+            progress.done()
+        print(f"akosha-sync: restore failed: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    if progress:
+        progress.done()
+    if args.json:
+        print(_json(msgspec.to_builtins(result)))
+        return EXIT_FAILED if result.problems else EXIT_OK
+    verb = "would restore" if result.dry_run else "restored"
+    lines = [f"  [{'dry run' if result.dry_run else 'ok'}] {verb} upload {result.upload_id} "
+             f"of {result.system_id} ({result.storage_layout} layout) into {result.target_dir}"]
+    for f in result.files:
+        kept = f" (existing kept as {Path(f.backup).name})" if f.backup else ""
+        lines.append(f"    {f.name}: {_size(f.size)} sha256 {f.sha256[:16]}{kept}")
+    if result.dry_run:
+        lines.append(f"    to download: {_size(result.bytes_to_download)} in "
+                     f"{len(result.fetch)} object(s)")
+        lines.extend(f"    problem: {p}" for p in result.problems)
+    else:
+        lines.append(f"    downloaded: {_size(result.bytes_downloaded)} in "
+                     f"{result.duration_seconds:.2f} s")
+    print("\n".join(lines))
+    return EXIT_FAILED if result.problems else EXIT_OK
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:

@@ -109,6 +109,10 @@ class AkoshaSyncConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown
     # When set, POST /hooks/session-end requires ``Authorization: Bearer <token>``.
     daemon_token: str = ""
 
+    # Storage layout in the bucket (issue 8): "blocks" stores each database as
+    # SHA-256-addressed pieces in shared packs (incremental); "files" as whole objects.
+    storage_layout: str = "blocks"
+
     # ----------------------------------------------------------------- derived
     @property
     def is_local_target(self) -> bool:
@@ -245,6 +249,11 @@ class AkoshaSyncConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown
             value = getattr(self, name)
             if not value or "/" in value or value in (".", ".."):
                 problems.append(f"{name} {value!r} must be a bare file name inside data_dir.")
+        if self.storage_layout not in ("blocks", "files"):
+            problems.append(
+                f"storage_layout is {self.storage_layout!r}; use 'blocks' (incremental pieces "
+                "in packs) or 'files' (whole database objects)."
+            )
         return problems
 
     def _endpoint_problems(self) -> list[str]:

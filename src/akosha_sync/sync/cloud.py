@@ -12,6 +12,12 @@ One sync, in order:
 3. write ``memories.json`` (conversations new since the last upload) for Akosha;
 4. write ``manifest.json`` with a conditional create. Until then the upload is
    invisible to Akosha; on failure the objects written so far are removed.
+
+That is the ``files`` layout. With ``storage_layout = "blocks"`` (the default) step 2
+is the repository's (:mod:`akosha_sync.repository`): each database is held still
+under DuckDB's shared lock (or copied when a writer holds it, see
+``repository/source.py``), read once and cut into pieces; only pieces no stored pack
+holds are compressed into new packs, and ``index.json`` lists where every piece is.
 """
 
 from __future__ import annotations
@@ -32,11 +38,27 @@ from obstore.exceptions import AlreadyExistsError
 
 from akosha_sync import __version__
 from akosha_sync.config import AkoshaSyncConfig
+from akosha_sync.repository.format import (
+    LAYOUT_BLOCKS,
+    LAYOUT_FILES,
+    Index,
+    decode_index,
+    encode_index,
+    index_key,
+)
+from akosha_sync.repository.source import LockedByWriter, Source, open_copy, open_locked
+from akosha_sync.repository.writer import (
+    RepositoryWriter,
+    list_packs,
+    reusable_pieces,
+    stored_size,
+)
 from akosha_sync.sync import records
 from akosha_sync.sync.manifest import (
     COMPRESSION_FORMAT,
     MEMORIES_NAME,
     FileEntry,
+    Manifest,
     build_manifest,
     claim_key,
     decode_manifest,
@@ -73,6 +95,8 @@ _BLOCK = 1024 * 1024
 # Parts in flight per object (objects upload side by side): keeps 250 MB under 150 MB RSS.
 _MAX_CONCURRENCY = 2
 _MAX_ID_ATTEMPTS = 50
+# How long to wait for a writer to let go of a database before copying it instead.
+_LOCK_WAIT_SECONDS = 1.0
 
 
 def _no_progress(phase: str, done: int, total: int) -> None:
@@ -107,6 +131,16 @@ class _Upload:
         self.new_state: dict[str, StoredFile] = {}
         self.exported_ids: list[str] = []  # marked delivered once the manifest is written
         self.bytes_sent = 0
+        # Blocks layout: memories.json written while its database was held still; the
+        # index key, new bytes, and per-file manifest fields known from the source.
+        self.memories_path: Path | None = None
+        self.index_key: str | None = None
+        self.bytes_new = 0
+        self.extra: dict[str, dict[str, Any]] = {}
+        self.fingerprints: dict[str, Any] = {}
+        # Per database read: "locked" (the live files under DuckDB's shared lock) or
+        # "copy" (a writer held it: a verified private copy).
+        self.how_read: dict[str, str] = {}
 
 
 def cloud_target_id(config: AkoshaSyncConfig) -> str:
@@ -215,15 +249,19 @@ class CloudSyncMethod:
                 )
                 if keep
             ]
+            blocks = config.storage_layout == LAYOUT_BLOCKS
             try:
-                # A database's uploads start as soon as its snapshot is taken, so the
-                # next snapshot's copying overlaps them.
-                async with anyio.create_task_group() as tg:
-                    for name, path in wanted:
-                        for item in await self._sync_database(
-                            upload, state, name, path, snapshot_dir, progress
-                        ):
-                            tg.start_soon(self._send, upload, item, progress)
+                if blocks:
+                    await self._sync_blocks(upload, state, wanted, snapshot_dir, progress)
+                else:
+                    # A database's uploads start as soon as its snapshot is taken, so the
+                    # next snapshot's copying overlaps them.
+                    async with anyio.create_task_group() as tg:
+                        for name, path in wanted:
+                            for item in await self._sync_database(
+                                upload, state, name, path, snapshot_dir, progress
+                            ):
+                                tg.start_soon(self._send, upload, item, progress)
             except ExceptionGroup as group:
                 # One failed upload cancels the others; report the failure, not the group.
                 raise _first_failure(group) from None
@@ -243,6 +281,9 @@ class CloudSyncMethod:
                     "missing_databases": upload.missing,
                     "failed_databases": upload.errors,
                 },
+                storage_layout=LAYOUT_BLOCKS if blocks else LAYOUT_FILES,
+                index=upload.index_key,
+                bytes_new=upload.bytes_new if blocks else upload.bytes_sent,
             )
             key = manifest_key(sid, upload.upload_id)
             progress("manifest", 0, 0)
@@ -286,6 +327,7 @@ class CloudSyncMethod:
             bytes_stored=manifest.total_size_bytes,
             manifest_key=key,
             conversation_count=manifest.conversation_count,
+            details={"snapshots": upload.how_read} if upload.how_read else {},
         )
 
     async def _claim_upload_id(self) -> _Upload:
@@ -538,7 +580,9 @@ class CloudSyncMethod:
         out = config.state_path / "snapshots" / upload.upload_id / MEMORIES_NAME
         progress("export:memories", 0, 0)
         ids: list[str] = []
-        if snap is not None:
+        if upload.memories_path is not None:
+            ids = upload.exported_ids  # written while the database was held still
+        elif snap is not None:
             ids = await anyio.to_thread.run_sync(self._write_memories, Path(snap.path), out, tid)
         else:
             out.parent.mkdir(parents=True, exist_ok=True)
@@ -548,6 +592,7 @@ class CloudSyncMethod:
             out, key, upload, compress=False, progress=progress, phase="upload:memories"
         )
         upload.files[MEMORIES_NAME] = msgspec.structs.replace(entry, conversation_count=len(ids))
+        upload.bytes_new += entry.stored_size
         upload.uploaded_keys.append(key)
         upload.exported_ids = ids
         return len(ids)
@@ -560,6 +605,238 @@ class CloudSyncMethod:
             )
         finally:
             con.close()
+
+    def _write_memories_from(self, source: Source, out: Path, tid: str) -> list[str]:
+        """Export from the held source's own connection: the same state as its bytes."""
+        records.open_progress(source.con, self._progress_db)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        return records.write_memories_json(
+            source.con, out, system_id=self.config.system_id_resolved, channel=tid
+        )
+
+    # ------------------------------------------------------- blocks layout
+    async def _previous_upload(
+        self, state: TargetState | None
+    ) -> tuple[Manifest | None, Index | None]:
+        """The last upload's manifest and index (blocks layout): what can be reused."""
+        key = state.last_manifest_key if state else None
+        if key is None or not self.config.enable_deduplication:
+            return None, None
+
+        async def get(key: str) -> bytes | None:
+            try:
+                return bytes(await (await obstore.get_async(self.store, key)).bytes_async())
+            except FileNotFoundError:
+                return None
+
+        async def both() -> tuple[Manifest | None, Index | None]:
+            data = await get(key)
+            if data is None:
+                return None, None
+            try:
+                manifest = decode_manifest(data)
+                if manifest.storage_layout != LAYOUT_BLOCKS or not manifest.index:
+                    return manifest, None
+                raw = await get(manifest.index)
+                return manifest, decode_index(raw) if raw is not None else None
+            except (msgspec.DecodeError, msgspec.ValidationError):
+                return None, None  # a damaged earlier upload: store everything anew
+
+        return await with_retries(both, config=self.config, what="reading the last upload")
+
+    async def _sync_blocks(
+        self,
+        upload: _Upload,
+        state: TargetState | None,
+        wanted: list[tuple[str, Path]],
+        snapshot_dir: Path,
+        progress: ProgressCallback,
+    ) -> None:
+        """Store the databases as pieces in packs and write the upload's index."""
+        config = self.config
+        sid = config.system_id_resolved
+        previous, previous_index = await self._previous_upload(state)
+        known, known_packs = reusable_pieces(
+            previous_index, await list_packs(self.store, config, sid)
+        )
+        writer = RepositoryWriter(
+            self.store, config, system_id=sid, upload_id=upload.upload_id, known=known,
+            known_packs=known_packs, compress=config.enable_compression,
+            on_written=upload.written.append,
+        )
+        async with writer.running():
+            for name, path in wanted:
+                await self._blocks_database(
+                    upload, state, writer, previous, previous_index, name, path,
+                    snapshot_dir, progress,
+                )
+        index = writer.index()
+        upload.bytes_sent += writer.bytes_new
+        upload.bytes_new += writer.bytes_new
+        upload.uploaded_keys.extend(
+            ref.key for pid, ref in index.packs.items() if pid not in known_packs
+        )
+        reused = {pid for pid in index.packs if pid in known_packs}
+        if reused:
+            # Checked again right before the commit: a prune may have run meanwhile.
+            listed = await list_packs(self.store, config, sid)
+            gone = sorted(
+                index.packs[p].key for p in reused if listed.get(p) != index.packs[p].size
+            )
+            if gone:
+                raise CloudUploadError(
+                    f"{len(gone)} pack(s) this upload reuses left the bucket during the sync "
+                    f"(e.g. {gone[0]}; did a prune run?); nothing was committed. Sync again."
+                )
+        if not index.files:
+            return
+        key = index_key(sid, upload.upload_id)
+        body = encode_index(index)
+        await self._put_small(key, body, upload, create=False)
+        upload.uploaded_keys.append(key)
+        upload.index_key = key
+        upload.bytes_new += len(body)
+        compressed = COMPRESSION_FORMAT if config.enable_compression else None
+        for name, entry in index.files.items():
+            extra = upload.extra.get(name, {})
+            new_pieces = int(extra.pop("new_pieces", 0))
+            file_entry = FileEntry(
+                key=key, original_size=entry.size, stored_size=stored_size(entry),
+                sha256=entry.sha256, stored_sha256=entry.sha256, compression=compressed,
+                pieces=len(entry.pieces), new_pieces=new_pieces, **extra,
+            )
+            upload.files[name] = file_entry
+            upload.new_state[name] = StoredFile(
+                fingerprint=upload.fingerprints.get(name), entry=file_entry
+            )
+            if new_pieces == 0 and name not in upload.unchanged:
+                upload.unchanged.append(name)
+
+    async def _blocks_database(
+        self,
+        upload: _Upload,
+        state: TargetState | None,
+        writer: RepositoryWriter,
+        previous: Manifest | None,
+        previous_index: Index | None,
+        name: str,
+        path: Path,
+        snapshot_dir: Path,
+        progress: ProgressCallback,
+    ) -> None:
+        config = self.config
+        fp = source_fingerprint(path)
+        if fp is None:
+            upload.missing.append(name)
+            log.info("database missing; skipped", database=str(path))
+            return
+        wal_name = name + _WAL_SUFFIX
+        names = [name, wal_name] if fp.wal is not None else [name]
+        stored = state.files.get(name) if state and config.enable_deduplication else None
+        if (
+            stored is not None
+            and stored.fingerprint == fp
+            and previous is not None
+            and previous_index is not None
+            and all(
+                n in previous_index.files and writer.can_reuse(previous_index.files[n])
+                for n in names
+            )
+        ):
+            # Not even re-read: size, mtime and inode of both files are unchanged.
+            for n in names:
+                writer.reuse_file(n, previous_index.files[n])
+                old = previous.file_details.get(n)
+                upload.extra[n] = {
+                    "conversation_count": old.conversation_count if old else None,
+                    "wal": old.wal if old else None,
+                    "row_counts": old.row_counts if old else None,
+                }
+                upload.unchanged.append(n)
+            upload.fingerprints[name] = fp
+            log.info("unchanged; reusing the stored pieces", file=name)
+            return
+        progress(f"snapshot:{name}", 0, fp.db.size + (fp.wal.size if fp.wal else 0))
+        opened = await self._open_source(upload, name, path, snapshot_dir)
+        if opened is None:
+            return
+        source, held_fp = opened
+        upload.how_read[name] = "locked" if source.locked else "copy"
+        phase = f"upload:{name}"
+        try:
+            total = source.db_size + source.wal_size
+            db = await writer.add_file(
+                name, source.db_fd, database=True, size=source.db_size,
+                on_progress=lambda n: progress(phase, n, total),
+            )
+            upload.extra[name] = {
+                "new_pieces": db.new_pieces,
+                "conversation_count": source.conversation_count,
+                "row_counts": source.row_counts,
+                "wal": wal_name if source.wal_fd is not None else None,
+            }
+            if source.wal_fd is not None:
+                wal = await writer.add_file(
+                    wal_name, source.wal_fd, database=False, size=source.wal_size,
+                    block_size=db.file.block_size,
+                    on_progress=lambda n: progress(phase, source.db_size + n, total),
+                )
+                upload.extra[wal_name] = {"new_pieces": wal.new_pieces}
+            if name == config.reflection_db and config.export_memories:
+                out = snapshot_dir / MEMORIES_NAME
+                progress("export:memories", 0, 0)
+                upload.exported_ids = await anyio.to_thread.run_sync(
+                    self._write_memories_from, source, out, self.target_id
+                )
+                upload.memories_path = out
+        finally:
+            # Only now, after the last read, may a writer open the database again.
+            await anyio.to_thread.run_sync(source.close)
+        upload.fingerprints[name] = held_fp
+
+    async def _open_source(
+        self, upload: _Upload, name: str, path: Path, snapshot_dir: Path
+    ) -> tuple[Source, Any] | None:
+        """Hold the live database still under DuckDB's shared lock; when a writer holds
+        it, copy it (sync/snapshot.py) and read the copy. None: missing or unreadable."""
+        temp = snapshot_dir / ".duckdb-tmp"
+
+        def open_it() -> tuple[Source, Any]:
+            import duckdb
+
+            deadline = time.monotonic() + _LOCK_WAIT_SECONDS
+            delay = 0.005
+            try:
+                while True:
+                    try:
+                        source = open_locked(path, temp)
+                        return source, source_fingerprint(path)
+                    except LockedByWriter:
+                        if time.monotonic() >= deadline:
+                            break
+                        # A writer that opens and closes (a session ending) leaves gaps.
+                        time.sleep(delay)
+                        delay = min(delay * 2, 0.05)
+                log.info("database open for writing; taking a copy", database=str(path))
+            except duckdb.Error as exc:
+                raise SnapshotError(
+                    f"{path} is not a readable DuckDB database ({exc}). Check that it is a "
+                    "Session-Buddy database written by DuckDB >= 2.0; it was not uploaded.",
+                    str(path),
+                    exc,
+                ) from exc
+            snap = take_snapshot(name, path, snapshot_dir)
+            return open_copy(Path(snap.path), temp), snap.fingerprint
+
+        try:
+            return await anyio.to_thread.run_sync(open_it)
+        except FileNotFoundError:
+            upload.missing.append(name)
+            return None
+        except SnapshotError as exc:
+            upload.errors.append(str(exc))
+            log.error("database not readable; skipped", database=str(path), error=str(exc))
+            return None
 
     @property
     def _progress_db(self) -> Path:

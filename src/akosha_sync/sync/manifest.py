@@ -113,6 +113,11 @@ class FileEntry(msgspec.Struct, frozen=True, kw_only=True):
     # file in this upload, if it had one; restore by putting both side by side.
     conversation_count: int | None = None
     wal: str | None = None
+    # Blocks layout (see akosha_sync.repository.format): pieces of the file and how many
+    # of them this upload stored first; on a database, rows of its main tables.
+    pieces: int | None = None
+    new_pieces: int | None = None
+    row_counts: dict[str, int] | None = None
 
 
 class Manifest(msgspec.Struct, kw_only=True):
@@ -132,6 +137,10 @@ class Manifest(msgspec.Struct, kw_only=True):
     system_id: str = ""
     timestamp: str = ""
     file_details: dict[str, FileEntry] = msgspec.field(default_factory=dict)
+    # Manifests written before the blocks layout have none of these: "files" layout.
+    storage_layout: str = "files"
+    index: str | None = None
+    bytes_new: int | None = None
 
 
 def _iso(moment: datetime) -> str:
@@ -146,6 +155,9 @@ def build_manifest(
     files: dict[str, FileEntry],
     conversation_count: int,
     metadata: dict[str, Any] | None = None,
+    storage_layout: str = "files",
+    index: str | None = None,
+    bytes_new: int | None = None,
 ) -> Manifest:
     """The manifest of a complete upload, its checksum filled in."""
     compressed = any(entry.compression for entry in files.values())
@@ -161,6 +173,9 @@ def build_manifest(
         system_id=system_id,
         timestamp=_iso(uploaded_at),
         file_details=dict(files),
+        storage_layout=storage_layout,
+        index=index,
+        bytes_new=bytes_new,
     )
     manifest.checksum = manifest_checksum(manifest)
     return manifest

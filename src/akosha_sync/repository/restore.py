@@ -1,0 +1,612 @@
+"""Restore an upload's databases from the bucket: find, plan (pure), execute.
+
+* :func:`find_upload` picks the upload (``latest``, an id, or the newest at or before
+  a time) and reads its manifest and, for the blocks layout, its index.
+* :func:`inspect_target` looks at the target folder: which files exist, which a
+  running process holds open (DuckDB's lock).
+* :func:`plan_restore` is pure: from those two it says what would be fetched and
+  written, or why not (an existing database without ``force``, a locked one always).
+* :func:`execute` fetches whole packs (or whole objects, files layout) a few at a
+  time, checks every piece against its SHA-256, writes it at its offsets into a
+  temporary file beside the target, fsyncs, checks every whole file's size and
+  SHA-256, and only then moves any existing database aside (``NAME.bak-<time>``)
+  and renames the new files into place. Any failure before that leaves the target
+  exactly as it was.
+
+Reads the blocks layout, the files layout and uploads made before either existed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import hashlib
+import os
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import anyio
+import msgspec
+import obstore
+
+from akosha_sync.config import AkoshaSyncConfig
+from akosha_sync.repository.format import LAYOUT_BLOCKS, LAYOUT_FILES, Index, Piece, decode_index
+from akosha_sync.repository.packs import PieceError, extract_piece
+from akosha_sync.sync.manifest import (
+    MEMORIES_NAME,
+    Manifest,
+    decode_manifest,
+    manifest_key,
+    upload_id_order,
+    uploads_prefix,
+)
+from akosha_sync.sync.protocol import CloudUploadError
+from akosha_sync.sync.store import with_retries
+
+if TYPE_CHECKING:
+    from obstore.store import ObjectStore
+
+__all__ = [
+    "Fetch",
+    "PlannedFile",
+    "RestoreError",
+    "RestorePlan",
+    "RestoreResult",
+    "TargetFile",
+    "execute",
+    "find_upload",
+    "inspect_target",
+    "plan_restore",
+    "restore",
+    "upload_time",
+]
+
+ProgressCallback = Callable[[str, int, int], None]
+# Packs in flight: 3 x 16 MiB keeps a 250 MB restore well under 150 MB of memory.
+_FETCH_CONCURRENCY = 3
+_READ = 1024 * 1024
+
+
+class RestoreError(Exception):
+    """The restore cannot be done; the message names the object or file and why."""
+
+
+class TargetFile(msgspec.Struct, frozen=True):
+    """What :func:`inspect_target` found at one name in the target folder."""
+
+    exists: bool
+    locked_by_other: bool = False
+
+
+class PlannedFile(msgspec.Struct, frozen=True):
+    name: str
+    path: str
+    size: int
+    sha256: str
+    replaces: bool  # a file of this name is there and will be kept as ``backup``
+    backup: str | None = None
+
+
+class Fetch(msgspec.Struct, frozen=True):
+    key: str
+    size: int
+
+
+class RestorePlan(msgspec.Struct, frozen=True, kw_only=True):
+    upload_id: str
+    system_id: str
+    uploaded_at: str
+    storage_layout: str
+    target_dir: str
+    files: list[PlannedFile]
+    # Files in the target that the restore moves aside without replacing them (a WAL
+    # of the old database when the upload has none: DuckDB would replay it).
+    set_aside: list[PlannedFile]
+    fetch: list[Fetch]
+    bytes_to_download: int
+    problems: list[str]
+
+
+class RestoreResult(msgspec.Struct, kw_only=True):
+    upload_id: str
+    system_id: str
+    storage_layout: str
+    target_dir: str
+    files: list[PlannedFile]
+    bytes_downloaded: int
+    duration_seconds: float
+    dry_run: bool = False
+    bytes_to_download: int = 0
+    fetch: list[Fetch] = msgspec.field(default_factory=list)
+    problems: list[str] = msgspec.field(default_factory=list)  # dry run: why it would fail
+
+
+# ------------------------------------------------------------------- finding
+def upload_time(upload_id: str) -> datetime | None:
+    """The UTC time an upload id names (``YYYYMMDD_HHMMSS_...``), None if it names none."""
+    try:
+        return datetime.strptime(upload_id[:15], "%Y%m%d_%H%M%S").replace(tzinfo=UTC)
+    except ValueError:
+        return None
+
+
+async def _get(store: ObjectStore, config: AkoshaSyncConfig, key: str) -> bytes | None:
+    async def get() -> bytes | None:
+        try:
+            return bytes(await (await obstore.get_async(store, key)).bytes_async())
+        except FileNotFoundError:
+            return None
+
+    return await with_retries(get, config=config, what=f"reading {key}")
+
+
+async def find_upload(
+    store: ObjectStore,
+    config: AkoshaSyncConfig,
+    *,
+    system_id: str,
+    upload_id: str | None = None,
+    at: datetime | None = None,
+) -> tuple[Manifest, Index | None]:
+    """The chosen upload's manifest and (blocks layout) index.
+
+    ``upload_id`` None or ``"latest"``: the newest committed upload, at or before
+    ``at`` when given.
+    """
+    if upload_id and upload_id != "latest":
+        candidates = [upload_id]
+    else:
+
+        async def listing() -> list[str]:
+            found = await obstore.list_with_delimiter_async(
+                store, prefix=uploads_prefix(system_id)
+            )
+            return [p.rstrip("/").rsplit("/", 1)[-1] for p in found["common_prefixes"]]
+
+        ids = await with_retries(listing, config=config, what="listing the uploads")
+        if at is not None:
+            cutoff = at.astimezone(UTC)
+            ids = [i for i in ids if (t := upload_time(i)) is not None and t <= cutoff]
+        candidates = sorted(ids, key=upload_id_order, reverse=True)
+        if not candidates:
+            when = f" at or before {at.isoformat()}" if at else ""
+            raise RestoreError(
+                f"no upload of system {system_id!r}{when} in the bucket; check --system "
+                "(or system_id) and --at."
+            )
+    for uid in candidates:
+        key = manifest_key(system_id, uid)
+        data = await _get(store, config, key)
+        if data is None:
+            continue  # an interrupted sync: no manifest, not an upload
+        try:
+            manifest = decode_manifest(data)
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            raise RestoreError(f"{key} is damaged ({exc}); pick another upload id.") from exc
+        index: Index | None = None
+        if manifest.storage_layout == LAYOUT_BLOCKS:
+            if not manifest.index:
+                raise RestoreError(f"{key} has the blocks layout but names no index.")
+            raw = await _get(store, config, manifest.index)
+            if raw is None:
+                raise RestoreError(
+                    f"the index {manifest.index} of upload {uid} is missing from the bucket; "
+                    "this upload cannot be restored, pick an earlier one."
+                )
+            try:
+                index = decode_index(raw)
+            except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+                raise RestoreError(f"the index {manifest.index} is damaged: {exc}") from exc
+        return manifest, index
+    if upload_id and upload_id != "latest":
+        raise RestoreError(
+            f"upload {upload_id} of system {system_id!r} has no manifest in the bucket "
+            "(it does not exist or never finished); list the uploads and pick another."
+        )
+    raise RestoreError(f"no committed upload of system {system_id!r} in the bucket.")
+
+
+# ------------------------------------------------------------------- target
+def _locked_by_other(path: Path) -> bool:
+    """True when another process holds a POSIX lock on ``path`` (DuckDB does, while open)."""
+    try:
+        fd = os.open(path, os.O_RDWR)
+    except OSError:
+        return False
+    try:
+        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        return exc.errno in (errno.EACCES, errno.EAGAIN)
+    finally:
+        os.close(fd)  # also drops the probe lock
+    return False
+
+
+def restore_names(manifest: Manifest, index: Index | None) -> list[str]:
+    """The files an upload restores: its databases and WALs (not Akosha's memories)."""
+    if index is not None:
+        return sorted(index.files)
+    return sorted(n for n in manifest.file_details if n != MEMORIES_NAME)
+
+
+def _wal_names(names: list[str]) -> list[str]:
+    return [n + ".wal" for n in names if n.endswith(".duckdb")]
+
+
+def inspect_target(target: Path, names: list[str]) -> dict[str, TargetFile]:
+    """Existence and lock state of each name (and each database's WAL) in ``target``."""
+    found: dict[str, TargetFile] = {}
+    for name in sorted(set(names) | set(_wal_names(names))):
+        path = target / name
+        exists = path.exists()
+        found[name] = TargetFile(exists=exists, locked_by_other=exists and _locked_by_other(path))
+    return found
+
+
+# --------------------------------------------------------------------- plan
+def _stamp(now: datetime) -> str:
+    return now.astimezone(UTC).strftime("%Y%m%dT%H%M%SZ")
+
+
+def plan_restore(
+    manifest: Manifest,
+    index: Index | None,
+    *,
+    target: Path,
+    existing: dict[str, TargetFile],
+    force: bool,
+    now: datetime,
+) -> RestorePlan:
+    """What a restore would fetch and write, and the problems that forbid it. Pure."""
+    names = restore_names(manifest, index)
+    problems: list[str] = []
+    stamp = _stamp(now)
+    files: list[PlannedFile] = []
+    fetch: dict[str, int] = {}
+    for name in names:
+        if index is not None:
+            entry = index.files[name]
+            size, sha = entry.size, entry.sha256
+            for piece in entry.pieces:
+                ref = index.packs.get(piece.pack_id)
+                if ref is None:
+                    problems.append(
+                        f"the index of {manifest.upload_id} names pack {piece.pack_id} for "
+                        f"{name} but does not list it; the index is damaged"
+                    )
+                    break
+                fetch[ref.key] = ref.size
+        else:
+            detail = manifest.file_details[name]
+            size, sha = detail.original_size, detail.sha256
+            fetch[detail.key] = detail.stored_size
+        here = existing.get(name, TargetFile(exists=False))
+        files.append(PlannedFile(
+            name=name, path=str(target / name), size=size, sha256=sha, replaces=here.exists,
+            backup=str(target / f"{name}.bak-{stamp}") if here.exists and force else None,
+        ))
+    restored = set(names)
+    set_aside = [
+        PlannedFile(name=n, path=str(target / n), size=0, sha256="", replaces=True,
+                    backup=str(target / f"{n}.bak-{stamp}"))
+        for n in _wal_names(names)
+        if n not in restored and existing.get(n, TargetFile(exists=False)).exists
+    ]
+    for name, state in sorted(existing.items()):
+        if state.locked_by_other:
+            problems.append(
+                f"{target / name} is open in a running process (it holds DuckDB's lock: "
+                "Session-Buddy or another DuckDB client); close it and try again. "
+                "--force does not override this."
+            )
+    if not force:
+        taken = [f.path for f in files if f.replaces] + [f.path for f in set_aside]
+        if taken:
+            problems.append(
+                f"{', '.join(taken)} already exist{'s' if len(taken) == 1 else ''}; "
+                "restore with --force to keep them as NAME.bak-<time> and put the upload "
+                "in place, or --to another folder."
+            )
+    return RestorePlan(
+        upload_id=manifest.upload_id,
+        system_id=manifest.system_id,
+        uploaded_at=manifest.uploaded_at,
+        storage_layout=LAYOUT_BLOCKS if index is not None else LAYOUT_FILES,
+        target_dir=str(target),
+        files=files,
+        set_aside=set_aside,
+        fetch=[Fetch(k, s) for k, s in fetch.items()],
+        bytes_to_download=sum(fetch.values()),
+        problems=problems,
+    )
+
+
+# ------------------------------------------------------------------ execute
+def _temp_path(final: Path) -> Path:
+    return final.with_name(f".{final.name}.restore-{os.getpid()}.tmp")
+
+
+class _Progress:
+    def __init__(self, progress: ProgressCallback, total: int) -> None:
+        self.progress = progress
+        self.total = total
+        self.done = 0
+
+    def add(self, n: int) -> None:
+        self.done += n
+        self.progress("restore:download", self.done, self.total)
+
+
+async def _fetch_bytes(store: ObjectStore, config: AkoshaSyncConfig, key: str) -> Any:
+    async def get() -> Any:
+        try:
+            return await (await obstore.get_async(store, key)).bytes_async()
+        except FileNotFoundError:
+            return None
+
+    data = await with_retries(get, config=config, what=f"reading {key}")
+    if data is None:
+        raise RestoreError(
+            f"{key} is missing from the bucket; this upload cannot be restored "
+            "(pick an earlier one with --at or an upload id). Nothing was changed."
+        )
+    return data
+
+
+async def _restore_blocks(
+    store: ObjectStore,
+    config: AkoshaSyncConfig,
+    plan: RestorePlan,
+    index: Index,
+    fds: dict[str, int],
+    meter: _Progress,
+) -> int:
+    # pack id -> [(piece, file name, offset in the file)]
+    wanted: dict[str, list[tuple[Piece, str, int]]] = {}
+    for planned in plan.files:
+        offset = 0
+        for piece in index.files[planned.name].pieces:
+            wanted.setdefault(piece.pack_id, []).append((piece, planned.name, offset))
+            offset += piece.length
+    downloaded = 0
+    limiter = anyio.CapacityLimiter(_FETCH_CONCURRENCY)
+
+    async def one(pack_id: str, uses: list[tuple[Piece, str, int]]) -> None:
+        nonlocal downloaded
+        ref = index.packs[pack_id]
+        async with limiter:
+            data = await _fetch_bytes(store, config, ref.key)
+            view = memoryview(data)
+            downloaded += len(view)
+
+            def write() -> None:
+                cache: dict[str, bytes] = {}
+                for piece, name, offset in uses:
+                    raw = cache.get(piece.sha256)
+                    if raw is None:
+                        try:
+                            raw = extract_piece(view, piece, where=ref.key)
+                        except PieceError as exc:
+                            raise RestoreError(f"{exc}. Nothing was changed.") from exc
+                        cache[piece.sha256] = raw
+                    os.pwrite(fds[name], raw, offset)
+
+            await anyio.to_thread.run_sync(write)
+            meter.add(len(view))
+
+    async with anyio.create_task_group() as tg:
+        for pack_id, uses in wanted.items():
+            tg.start_soon(one, pack_id, uses)
+    return downloaded
+
+
+async def _restore_object(
+    store: ObjectStore,
+    config: AkoshaSyncConfig,
+    manifest: Manifest,
+    name: str,
+    fd: int,
+    meter: _Progress,
+) -> int:
+    detail = manifest.file_details[name]
+
+    async def attempt() -> int | str:
+        """Bytes read, or why the object cannot be used (not retried)."""
+        os.ftruncate(fd, 0)
+        try:
+            result = await obstore.get_async(store, detail.key)
+        except FileNotFoundError:
+            return "is missing from the bucket"
+        stored = hashlib.sha256()
+        count = 0
+        position = 0
+        decompress: Any = None
+        if detail.compression:
+            import zstandard
+
+            decompress = zstandard.ZstdDecompressor().decompressobj()
+        async for chunk in result.stream(min_chunk_size=_READ):
+            stored.update(chunk)
+            count += len(chunk)
+            try:
+                out = decompress.decompress(bytes(chunk)) if decompress else bytes(chunk)
+            except Exception:  # zstandard.ZstdError: damaged frame
+                return "does not decompress: the object is damaged"
+            os.pwrite(fd, out, position)
+            position += len(out)
+            meter.add(len(chunk))
+        if count != detail.stored_size or stored.hexdigest() != detail.stored_sha256:
+            return "does not match its SHA-256 or size in the manifest: the object is damaged"
+        return count
+
+    try:
+        outcome = await with_retries(attempt, config=config, what=f"reading {detail.key}")
+    except CloudUploadError as exc:
+        raise RestoreError(str(exc).replace("cloud upload failed", "restore failed")) from exc
+    if isinstance(outcome, str):
+        raise RestoreError(
+            f"{detail.key} {outcome}; this upload cannot be restored. Nothing was changed."
+        )
+    return outcome
+
+
+def _check_whole(path: Path, planned: PlannedFile) -> None:
+    digest = hashlib.sha256()
+    size = 0
+    with path.open("rb") as fh:
+        while chunk := fh.read(_READ * 4):
+            digest.update(chunk)
+            size += len(chunk)
+    if size != planned.size or digest.hexdigest() != planned.sha256:
+        raise RestoreError(
+            f"{planned.name} as restored ({size} bytes) does not match the upload's size "
+            f"{planned.size} and SHA-256; the upload is damaged. Nothing was changed."
+        )
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+async def execute(
+    store: ObjectStore,
+    config: AkoshaSyncConfig,
+    plan: RestorePlan,
+    manifest: Manifest,
+    index: Index | None,
+    *,
+    progress: ProgressCallback | None = None,
+) -> RestoreResult:
+    """Carry out a plan without problems; see the module docstring for the order."""
+    if plan.problems:
+        raise RestoreError("; ".join(plan.problems))
+    started = time.monotonic()
+    target = Path(plan.target_dir)
+    target.mkdir(parents=True, exist_ok=True)
+    meter = _Progress(progress or (lambda phase, done, total: None), plan.bytes_to_download)
+    temps = {f.name: _temp_path(Path(f.path)) for f in plan.files}
+    fds: dict[str, int] = {}
+    downloaded = 0
+    try:
+        for planned in plan.files:
+            fd = os.open(temps[planned.name], os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+            fds[planned.name] = fd
+            os.ftruncate(fd, planned.size)
+        try:
+            if index is not None:
+                downloaded = await _restore_blocks(store, config, plan, index, fds, meter)
+            else:
+                for planned in plan.files:
+                    downloaded += await _restore_object(
+                        store, config, manifest, planned.name, fds[planned.name], meter
+                    )
+        except BaseExceptionGroup as group:
+            raise _first(group) from None
+        except CloudUploadError as exc:
+            raise RestoreError(str(exc).replace("cloud upload failed", "restore failed")) from exc
+
+        def finish() -> None:
+            for planned in plan.files:
+                fd = fds.pop(planned.name)
+                os.fsync(fd)
+                os.close(fd)
+                _check_whole(temps[planned.name], planned)
+
+        await anyio.to_thread.run_sync(finish)
+        meter.progress("restore:install", 0, 0)
+        # Everything is fetched and checked: now, and only now, touch the target.
+        for planned in [*plan.set_aside, *plan.files]:
+            if planned.replaces and planned.backup and Path(planned.path).exists():
+                os.replace(planned.path, planned.backup)
+        for planned in plan.files:
+            os.replace(temps[planned.name], planned.path)
+        _fsync_dir(target)
+    finally:
+        for fd in fds.values():
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        for tmp in temps.values():
+            tmp.unlink(missing_ok=True)
+    return RestoreResult(
+        upload_id=plan.upload_id,
+        system_id=plan.system_id,
+        storage_layout=plan.storage_layout,
+        target_dir=plan.target_dir,
+        files=plan.files,
+        bytes_downloaded=downloaded,
+        duration_seconds=round(time.monotonic() - started, 3),
+        bytes_to_download=plan.bytes_to_download,
+    )
+
+
+def _first(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    leaves: list[BaseException] = []
+
+    def walk(exc: BaseException) -> None:
+        if isinstance(exc, BaseExceptionGroup):
+            for inner in exc.exceptions:
+                walk(inner)
+        else:
+            leaves.append(exc)
+
+    walk(group)
+    for leaf in leaves:
+        if isinstance(leaf, RestoreError):
+            return leaf
+    for leaf in leaves:
+        if isinstance(leaf, CloudUploadError):
+            return RestoreError(str(leaf).replace("cloud upload failed", "restore failed"))
+    return leaves[0]
+
+
+async def restore(
+    store: ObjectStore,
+    config: AkoshaSyncConfig,
+    *,
+    system_id: str,
+    target: Path,
+    upload_id: str | None = None,
+    at: datetime | None = None,
+    force: bool = False,
+    dry_run: bool = False,
+    progress: ProgressCallback | None = None,
+    now: datetime | None = None,
+) -> RestoreResult:
+    """Find, plan and (unless ``dry_run``) carry out a restore; raises ``RestoreError``."""
+    started = time.monotonic()
+    manifest, index = await find_upload(
+        store, config, system_id=system_id, upload_id=upload_id, at=at
+    )
+    names = restore_names(manifest, index)
+    existing = await anyio.to_thread.run_sync(inspect_target, target, names)
+    plan = plan_restore(
+        manifest, index, target=target, existing=existing, force=force,
+        now=now or datetime.now(UTC),
+    )
+    if plan.problems and not dry_run:
+        raise RestoreError("; ".join(plan.problems))
+    if dry_run:
+        return RestoreResult(
+            upload_id=plan.upload_id,
+            system_id=plan.system_id,
+            storage_layout=plan.storage_layout,
+            target_dir=plan.target_dir,
+            files=plan.files,
+            bytes_downloaded=0,
+            duration_seconds=round(time.monotonic() - started, 3),
+            dry_run=True,
+            bytes_to_download=plan.bytes_to_download,
+            fetch=plan.fetch,
+            problems=plan.problems,
+        )
+    result = await execute(store, config, plan, manifest, index, progress=progress)
+    result.duration_seconds = round(time.monotonic() - started, 3)
+    return result

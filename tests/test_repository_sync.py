@@ -1,0 +1,285 @@
+"""The blocks layout as a sync writes it, against a real SeaweedFS checked with minio:
+pieces are stored once, a small change sends only new pieces, reused packs are
+checked against the bucket, and a writer in another process never yields a mixed
+snapshot."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import anyio
+import duckdb
+from minio import Minio
+
+from akosha_sync.config import AkoshaSyncConfig
+from akosha_sync.repository.restore import restore
+from akosha_sync.sample import SampleInfo, add_conversations, grow_to_size
+from akosha_sync.sync.cloud import CloudSyncMethod
+from akosha_sync.sync.manifest import akosha_manifest_problems
+from akosha_sync.sync.store import make_store
+from support.verify import get_object
+
+MakeConfig = Callable[..., AkoshaSyncConfig]
+
+
+def _sync(config: AkoshaSyncConfig) -> dict[str, Any]:
+    result: dict[str, Any] = anyio.run(CloudSyncMethod(config).sync)
+    assert result["success"], result["error"]
+    return result
+
+
+def _json(client: Minio, bucket: str, key: str) -> dict[str, Any]:
+    data: dict[str, Any] = json.loads(get_object(client, bucket, key))
+    return data
+
+
+def _packs(client: Minio, bucket: str) -> dict[str, int]:
+    return {
+        str(o.object_name): int(o.size or 0)
+        for o in client.list_objects(bucket, prefix="systems/test-host/packs/", recursive=True)
+    }
+
+
+def test_manifest_records_the_blocks_fields_and_passes_akoshas_check(
+    s3_config: MakeConfig, minio_client: Minio, s3_bucket: str, sample: SampleInfo,
+    akosha_python: Path, tmp_path: Path,
+) -> None:
+    result = _sync(s3_config())
+    manifest = _json(minio_client, s3_bucket, result["manifest_key"])
+    assert akosha_manifest_problems(manifest) == []
+    uid = result["upload_id"]
+    assert manifest["storage_layout"] == "blocks"
+    assert manifest["index"] == f"systems/test-host/uploads/{uid}/index.json"
+    packs = _packs(minio_client, s3_bucket)
+    memories = len(get_object(minio_client, s3_bucket, manifest["file_details"]["memories.json"][
+        "key"]))
+    index_size = len(get_object(minio_client, s3_bucket, manifest["index"]))
+    assert manifest["bytes_new"] == sum(packs.values()) + index_size + memories
+    db = manifest["file_details"]["reflection.duckdb"]
+    assert db["row_counts"] == {t: sample.row_counts[t] for t in db["row_counts"]}
+    assert set(db["row_counts"]) >= {"conversations_v2", "reflections_v2"}
+    assert db["wal"] == "reflection.duckdb.wal" and db["pieces"] == db["new_pieces"] > 1
+    kg = manifest["file_details"]["knowledge_graph.duckdb"]
+    assert set(kg["row_counts"]) == {"kg_entities", "kg_relationships"}
+    assert manifest["file_details"]["reflection.duckdb.wal"]["row_counts"] is None
+    path = tmp_path / "manifest.json"
+    path.write_text(json.dumps(manifest))
+    check = ("import json, sys\nfrom akosha.models.schemas import SystemMemoryUploadManifest "
+             "as M\nM.model_validate(json.load(open(sys.argv[1])))\n")
+    out = subprocess.run([str(akosha_python), "-c", check, str(path)], capture_output=True,
+                         text=True, timeout=120, check=False)
+    assert out.returncode == 0, out.stderr[-2000:]
+
+
+def test_pieces_are_stored_once_across_uploads_and_databases(
+    s3_config: MakeConfig, minio_client: Minio, s3_bucket: str, tmp_path: Path,
+    sample: SampleInfo,
+) -> None:
+    # The knowledge graph is a byte copy of the reflection database: it adds no piece.
+    data = tmp_path / "twins"
+    data.mkdir()
+    shutil.copyfile(sample.reflection_path, data / "reflection.duckdb")
+    shutil.copyfile(sample.reflection_path, data / "knowledge_graph.duckdb")
+    config = s3_config(data_dir=str(data), export_memories=False)
+    first = _sync(config)
+    manifest = _json(minio_client, s3_bucket, first["manifest_key"])
+    details = manifest["file_details"]
+    assert details["reflection.duckdb"]["new_pieces"] == details["reflection.duckdb"]["pieces"]
+    assert details["knowledge_graph.duckdb"]["new_pieces"] == 0
+    index = _json(minio_client, s3_bucket, manifest["index"])
+    files = index["files"]
+    assert files["knowledge_graph.duckdb"]["pieces"] == files["reflection.duckdb"]["pieces"]
+    stored = {tuple(p[:4]) for p in files["reflection.duckdb"]["pieces"]}
+    assert sum(p[3] for p in stored) == sum(_packs(minio_client, s3_bucket).values())
+
+    # Across uploads, even with the local state gone: nothing is stored again.
+    shutil.rmtree(config.state_path)
+    before = _packs(minio_client, s3_bucket)
+    second = _sync(config)
+    assert _packs(minio_client, s3_bucket) == before
+    again = _json(minio_client, s3_bucket, second["manifest_key"])
+    assert again["bytes_new"] == len(get_object(minio_client, s3_bucket, again["index"]))
+    assert sorted(second["files_unchanged"]) == ["knowledge_graph.duckdb", "reflection.duckdb"]
+    assert _json(minio_client, s3_bucket, again["index"])["files"] == files
+
+
+def test_a_small_change_sends_only_the_new_pieces(
+    s3_config: MakeConfig, minio_client: Minio, s3_bucket: str, sample: SampleInfo,
+) -> None:
+    config = s3_config(export_memories=False)
+    first = _sync(config)
+    old = _json(minio_client, s3_bucket, _json(minio_client, s3_bucket, first["manifest_key"])[
+        "index"])
+    old_ids = {p[0] for f in old["files"].values() for p in f["pieces"]}
+    packs_before = _packs(minio_client, s3_bucket)
+
+    add_conversations(sample.data_dir, 3, seed=7, checkpoint=True)
+    second = _sync(config)
+    manifest = _json(minio_client, s3_bucket, second["manifest_key"])
+    new = _json(minio_client, s3_bucket, manifest["index"])
+    pieces = new["files"]["reflection.duckdb"]["pieces"]
+    fresh = {p[0]: p for p in pieces if p[0] not in old_ids}
+    assert 0 < len(fresh) < len(pieces)
+    assert manifest["file_details"]["reflection.duckdb"]["new_pieces"] == len(fresh)
+    # Exactly the new pieces went, in new packs; the old pieces keep their old packs.
+    new_packs = {k: v for k, v in _packs(minio_client, s3_bucket).items()
+                 if k not in packs_before}
+    assert sum(new_packs.values()) == sum(p[3] for p in fresh.values())
+    assert manifest["bytes_new"] == sum(new_packs.values()) + len(
+        get_object(minio_client, s3_bucket, manifest["index"]))
+    assert second["bytes_transferred"] < first["bytes_transferred"] / 2
+    assert "knowledge_graph.duckdb" in second["files_unchanged"]
+
+
+def test_reused_pack_missing_from_the_bucket_is_stored_again(
+    s3_config: MakeConfig, minio_client: Minio, s3_bucket: str, sample: SampleInfo,
+    tmp_path: Path,
+) -> None:
+    """Local state says everything is stored; the bucket disagrees and wins."""
+    config = s3_config(export_memories=False)
+    first = _sync(config)
+    index = _json(minio_client, s3_bucket, _json(minio_client, s3_bucket, first["manifest_key"])[
+        "index"])
+    lost = next(iter(index["packs"].values()))["key"]
+    minio_client.remove_object(s3_bucket, lost)
+    second = _sync(config)
+    new_index = _json(minio_client, s3_bucket, _json(
+        minio_client, s3_bucket, second["manifest_key"])["index"])
+    # Its pieces were stored again (same pieces, same order: the same content-addressed pack).
+    assert lost in second["files_uploaded"]
+    for ref in new_index["packs"].values():
+        minio_client.stat_object(s3_bucket, ref["key"])
+    target = tmp_path / "back"
+    anyio.run(lambda: restore(make_store(config), config, system_id="test-host", target=target))
+    assert (target / "reflection.duckdb").read_bytes() == sample.reflection_path.read_bytes()
+
+
+def _poll(condition: Callable[[], bool], timeout: float = 30.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+_WRITER = textwrap.dedent("""
+    import os, random, sys, time, duckdb
+    path, stop, done = sys.argv[1], sys.argv[2], sys.argv[3]
+    rng = random.Random(1)
+    n = 0
+    while not os.path.exists(stop):
+        try:
+            con = duckdb.connect(path)
+        except duckdb.IOException as exc:  # our sync holds the shared lock: try again
+            if "lock" not in str(exc).lower():
+                raise
+            time.sleep(0.002)
+            continue
+        try:
+            if n % 3 == 2:  # leave some rows only in the WAL
+                con.execute("PRAGMA disable_checkpoint_on_shutdown")
+            for _ in range(2):
+                rows = [(f"w{n}-{i}", "x" * rng.randint(50, 2000), "writer",
+                         [rng.random() for _ in range(384)]) for i in range(20)]
+                con.executemany(
+                    "INSERT INTO conversations_v2 (id, content, category, embedding) "
+                    "VALUES (?, ?, ?, ?)", rows)
+                # Rewrites many blocks at each checkpoint, so freed blocks get reused.
+                con.execute("UPDATE conversations_v2 SET access_count = access_count + 1 "
+                            "WHERE hash(id) % 4 = ?", [n % 4])
+                n += 1
+                con.execute("CHECKPOINT")
+                with open(done + ".tmp", "w") as fh:  # tell the test: one more checkpoint
+                    fh.write(str(n))
+                os.replace(done + ".tmp", done)
+        finally:
+            con.close()
+        time.sleep(0.1)  # between sessions the database is closed, as Session-Buddy's is
+    print(n, flush=True)
+""")
+
+
+def test_a_writer_process_never_yields_a_mixed_snapshot(
+    s3_config: MakeConfig, sample: SampleInfo, minio_client: Minio, s3_bucket: str,
+    tmp_path: Path,
+) -> None:
+    """Another process inserts and checkpoints in a loop during the syncs; every upload
+    restores to a database DuckDB opens, with a row count between before and after."""
+    data = grow_to_size(tmp_path / "big", 8, 1)
+    config = s3_config(export_memories=False, data_dir=str(data.data_dir))
+    db = data.reflection_path
+
+    def count(path: Path) -> int:
+        con = duckdb.connect(str(path), read_only=True)
+        try:
+            row = con.execute("SELECT count(*) FROM conversations_v2").fetchone()
+            return int(row[0]) if row else -1
+        finally:
+            con.close()
+
+    before = count(db)
+    stop, done = tmp_path / "stop", tmp_path / "checkpoints"
+    writer = subprocess.Popen([sys.executable, "-c", _WRITER, str(db), str(stop), str(done)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def checkpoints() -> int:
+        try:
+            return int(done.read_text() or 0)
+        except (FileNotFoundError, ValueError):
+            return 0
+
+    def writer_waits(phase: str, read: int, total: int, advanced: list[bool]) -> None:
+        """Probe at the progress seam: once per sync, in the middle of reading the
+        database, give the writer up to 1 s to checkpoint. While we read under the lock
+        it cannot; a copy being read may change underneath freely."""
+        if phase == "upload:reflection.duckdb" and read > 12288 and not advanced:
+            start, deadline = checkpoints(), time.monotonic() + 1.0
+            while checkpoints() == start and time.monotonic() < deadline:
+                time.sleep(0.01)
+            advanced.append(checkpoints() != start)
+
+    results: list[dict[str, Any]] = []
+    try:
+        assert _poll(lambda: checkpoints() > 0), "the writer never checkpointed"
+        for _ in range(4):
+            advanced: list[bool] = []
+            result = anyio.run(lambda a=advanced: CloudSyncMethod(config).sync(
+                progress=lambda p, d, t: writer_waits(p, d, t, a)))
+            results.append(result)
+            if result["details"].get("snapshots", {}).get("reflection.duckdb") == "locked":
+                assert advanced == [False], "the writer checkpointed while we held the lock"
+    finally:
+        stop.touch()
+        out, err = writer.communicate(timeout=60)
+    assert writer.returncode == 0, err[-2000:]
+    assert int(out.strip()) > 0  # the writer really wrote during the syncs
+    after = count(db)
+    assert after > before
+    seen: set[int] = set()
+    for i, result in enumerate(results):
+        manifest = _json(minio_client, s3_bucket, result["manifest_key"])
+        if "reflection.duckdb" not in manifest["file_details"]:
+            continue  # that sync could not take a snapshot; it says so in its error
+        target = tmp_path / f"restored-{i}"
+        anyio.run(lambda r=result, t=target: restore(
+            make_store(config), config, system_id="test-host", target=t,
+            upload_id=r["upload_id"]))
+        rows = count(target / "reflection.duckdb")
+        assert before <= rows <= after, (i, before, rows, after)
+        assert rows == manifest["file_details"]["reflection.duckdb"]["row_counts"][
+            "conversations_v2"]
+        restored = (target / "reflection.duckdb").read_bytes()
+        assert hashlib.sha256(restored).hexdigest() == manifest["file_details"][
+            "reflection.duckdb"]["sha256"]
+        seen.add(rows)
+    assert len(seen) >= 2, "the uploads did not see the writer's progress"

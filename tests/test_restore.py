@@ -1,0 +1,298 @@
+"""Restore from a real SeaweedFS: blocks layout, files layout, old uploads; failures
+leave the target as it was. Bucket contents are checked and damaged with minio."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import anyio
+import duckdb
+import pytest
+from minio import Minio
+
+from akosha_sync.config import AkoshaSyncConfig
+from akosha_sync.repository.restore import RestoreError, RestoreResult, restore
+from akosha_sync.sample import SampleInfo, add_conversations
+from akosha_sync.sync.cloud import CloudSyncMethod
+from akosha_sync.sync.store import make_store
+from support.verify import get_object
+
+MakeConfig = Callable[..., AkoshaSyncConfig]
+_EXE = str(Path(sys.executable).with_name("akosha-sync"))
+
+
+def _sync(config: AkoshaSyncConfig, **kwargs: Any) -> dict[str, Any]:
+    result: dict[str, Any] = anyio.run(CloudSyncMethod(config, **kwargs).sync)
+    assert result["success"], result["error"]
+    return result
+
+
+def _restore(config: AkoshaSyncConfig, target: Path, **kwargs: Any) -> RestoreResult:
+    kwargs.setdefault("system_id", config.system_id_resolved)
+    return anyio.run(lambda: restore(make_store(config), config, target=target, **kwargs))
+
+
+def _toml(config: AkoshaSyncConfig, path: Path) -> Path:
+    keys = ("cloud_bucket", "cloud_endpoint", "system_id", "data_dir", "state_dir", "log_file",
+            "access_key_id", "secret_access_key", "storage_layout")
+    path.write_text("".join(f'{k} = "{getattr(config, k)}"\n' for k in keys) + "max_retries = 1\n")
+    return path
+
+
+def _cli(toml: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([_EXE, "--config", str(toml), "restore", *args], capture_output=True,
+                          text=True, timeout=120, check=False, env={"PATH": "/usr/bin:/bin"})
+
+
+def _snapshot_of(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+def _manifest(client: Minio, bucket: str, result: dict[str, Any]) -> dict[str, Any]:
+    data: dict[str, Any] = json.loads(get_object(client, bucket, result["manifest_key"]))
+    return data
+
+
+def _index(client: Minio, bucket: str, result: dict[str, Any]) -> dict[str, Any]:
+    data: dict[str, Any] = json.loads(
+        get_object(client, bucket, _manifest(client, bucket, result)["index"]))
+    return data
+
+
+def _rows(path: Path, table: str = "conversations_v2") -> int:
+    con = duckdb.connect(str(path), read_only=True)
+    try:
+        row = con.execute(f"SELECT count(*) FROM {table}").fetchone()
+        return int(row[0]) if row else -1
+    finally:
+        con.close()
+
+
+def test_cli_round_trip_is_byte_identical_database_and_wal(
+    s3_config: MakeConfig, sample: SampleInfo, tmp_path: Path, minio_client: Minio,
+    s3_bucket: str,
+) -> None:
+    config = s3_config()
+    result = _sync(config)
+    manifest = _manifest(minio_client, s3_bucket, result)
+    assert manifest["storage_layout"] == "blocks"
+    index = _index(minio_client, s3_bucket, result)
+    assert sorted(index["files"]) == ["knowledge_graph.duckdb", "reflection.duckdb",
+                                      "reflection.duckdb.wal"]
+    for pack_id, ref in index["packs"].items():  # every pack is there and is its own id
+        assert hashlib.sha256(get_object(minio_client, s3_bucket, ref["key"])).hexdigest() == (
+            pack_id)
+    target = tmp_path / "restored"
+    out = _cli(_toml(config, tmp_path / "c.toml"), "--to", str(target), "--json")
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout)
+    assert report["upload_id"] == result["upload_id"] and report["system_id"] == "test-host"
+    assert report["bytes_downloaded"] == sum(r["size"] for r in index["packs"].values())
+    assert report["duration_seconds"] >= 0
+    for name in ("reflection.duckdb", "reflection.duckdb.wal", "knowledge_graph.duckdb"):
+        restored = (target / name).read_bytes()
+        assert restored == (sample.data_dir / name).read_bytes(), name
+        entry = next(f for f in report["files"] if f["name"] == name)
+        assert entry["size"] == len(restored)
+        assert entry["sha256"] == hashlib.sha256(restored).hexdigest()
+    assert sorted(p.name for p in target.iterdir()) == [
+        "knowledge_graph.duckdb", "reflection.duckdb", "reflection.duckdb.wal"]  # no temp left
+    # The WAL-only rows come back: DuckDB replays the restored WAL.
+    assert _rows(target / "reflection.duckdb") == sample.row_counts["conversations_v2"]
+
+
+def test_dry_run_prints_the_plan_and_changes_nothing(
+    s3_config: MakeConfig, tmp_path: Path
+) -> None:
+    config = s3_config()
+    _sync(config)
+    target = tmp_path / "dry"
+    out = _cli(_toml(config, tmp_path / "c.toml"), "--to", str(target), "--dry-run")
+    assert out.returncode == 0, out.stderr
+    assert "would restore" in out.stdout and "reflection.duckdb.wal" in out.stdout
+    assert "to download:" in out.stdout
+    assert not target.exists()
+
+
+def test_point_in_time_restore_picks_the_newest_at_or_before(
+    s3_config: MakeConfig, sample: SampleInfo, tmp_path: Path
+) -> None:
+    config = s3_config(export_memories=False)
+    base = datetime(2026, 11, 25, 12, 0, 0, tzinfo=UTC)
+    states: list[bytes] = []
+    for hour in range(3):
+        if hour:
+            add_conversations(sample.data_dir, 5, seed=hour, checkpoint=True)
+        _sync(config, clock=lambda h=hour: base + timedelta(hours=h))
+        states.append(sample.reflection_path.read_bytes())
+    assert len(set(states)) == 3
+    got = _restore(config, tmp_path / "t1", at=base + timedelta(hours=1, minutes=30))
+    assert got.upload_id == "20261125_130000_test-host"
+    assert (tmp_path / "t1" / "reflection.duckdb").read_bytes() == states[1]
+    first = _restore(config, tmp_path / "t0", upload_id="20261125_120000_test-host")
+    assert (tmp_path / "t0" / "reflection.duckdb").read_bytes() == states[0]
+    assert first.upload_id == "20261125_120000_test-host"
+    with pytest.raises(RestoreError, match="no upload"):
+        _restore(config, tmp_path / "none", at=base - timedelta(days=1))
+
+
+def test_restore_another_systems_upload(
+    s3_config: MakeConfig, sample: SampleInfo, tmp_path: Path
+) -> None:
+    _sync(s3_config(system_id="old-laptop", export_memories=False))
+    new_laptop = s3_config(system_id="new-laptop", data_dir=str(tmp_path / "fresh"))
+    out = _cli(_toml(new_laptop, tmp_path / "c.toml"), "--system", "old-laptop", "--json")
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["system_id"] == "old-laptop"
+    # Default target: the new machine's data_dir.
+    assert (tmp_path / "fresh" / "reflection.duckdb").read_bytes() == (
+        sample.reflection_path.read_bytes())
+
+
+def _existing_target(tmp_path: Path) -> tuple[Path, dict[str, bytes]]:
+    target = tmp_path / "target"
+    target.mkdir()
+    (target / "reflection.duckdb").write_bytes(b"the user's own database")
+    (target / "notes.txt").write_text("unrelated")
+    return target, _snapshot_of(target)
+
+
+def test_corrupted_piece_fails_naming_the_pack_and_leaves_target(
+    s3_config: MakeConfig, minio_client: Minio, s3_bucket: str, tmp_path: Path
+) -> None:
+    config = s3_config(export_memories=False)
+    result = _sync(config)
+    index = _index(minio_client, s3_bucket, result)
+    piece = index["files"]["reflection.duckdb"]["pieces"][3]
+    key = index["packs"][piece[1]]["key"]
+    data = bytearray(get_object(minio_client, s3_bucket, key))
+    data[piece[2] + piece[3] // 2] ^= 0xFF  # one flipped byte inside that piece
+    import io
+
+    minio_client.put_object(s3_bucket, key, io.BytesIO(bytes(data)), len(data))
+    target, before = _existing_target(tmp_path)
+    with pytest.raises(RestoreError) as info:
+        _restore(config, target, force=True)
+    assert key in str(info.value)
+    assert _snapshot_of(target) == before and sorted(p.name for p in target.iterdir()) == [
+        "notes.txt", "reflection.duckdb"]
+
+
+def test_deleted_pack_fails_naming_it_and_leaves_target(
+    s3_config: MakeConfig, minio_client: Minio, s3_bucket: str, tmp_path: Path
+) -> None:
+    config = s3_config(export_memories=False)
+    result = _sync(config)
+    index = _index(minio_client, s3_bucket, result)
+    key = next(iter(index["packs"].values()))["key"]
+    minio_client.remove_object(s3_bucket, key)
+    target, before = _existing_target(tmp_path)
+    out = _cli(_toml(config, tmp_path / "c.toml"), "--to", str(target), "--force")
+    assert out.returncode == 1
+    assert key in out.stderr and "missing" in out.stderr
+    assert _snapshot_of(target) == before and len(list(target.iterdir())) == 2
+
+
+def test_existing_database_refused_without_force_kept_as_bak_with_it(
+    s3_config: MakeConfig, sample: SampleInfo, tmp_path: Path
+) -> None:
+    config = s3_config(export_memories=False)
+    _sync(config)
+    target, before = _existing_target(tmp_path)
+    (target / "reflection.duckdb.wal").write_bytes(b"an old WAL")
+    with pytest.raises(RestoreError, match="--force"):
+        _restore(config, target)
+    assert _snapshot_of(target) == {**before, "reflection.duckdb.wal": b"an old WAL"}
+    now = datetime(2026, 11, 30, 8, 0, 0, tzinfo=UTC)
+    result = _restore(config, target, force=True, now=now)
+    bak = target / "reflection.duckdb.bak-20261130T080000Z"
+    assert bak.read_bytes() == b"the user's own database"
+    assert (target / "reflection.duckdb.wal.bak-20261130T080000Z").read_bytes() == b"an old WAL"
+    assert (target / "reflection.duckdb").read_bytes() == sample.reflection_path.read_bytes()
+    assert (target / "reflection.duckdb.wal").read_bytes() == (
+        sample.reflection_wal_path.read_bytes())
+    assert next(f for f in result.files if f.name == "reflection.duckdb").backup == str(bak)
+
+
+def test_database_open_for_writing_is_refused_even_with_force(
+    s3_config: MakeConfig, tmp_path: Path
+) -> None:
+    config = s3_config(export_memories=False)
+    _sync(config)
+    target = tmp_path / "live"
+    target.mkdir()
+    live = target / "reflection.duckdb"
+    holder = subprocess.Popen(
+        [sys.executable, "-c",
+         "import duckdb, sys\n"
+         f"con = duckdb.connect({str(live)!r})\n"
+         "con.execute('CREATE TABLE t AS SELECT 1 AS x')\n"
+         "print('open', flush=True)\n"
+         "sys.stdin.read()\n"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "open"
+        before = _snapshot_of(target)
+        with pytest.raises(RestoreError) as info:
+            _restore(config, target, force=True)
+        message = str(info.value)
+        assert str(live) in message and "running process" in message
+        assert _snapshot_of(target) == before
+    finally:
+        assert holder.stdin is not None
+        holder.stdin.close()
+        holder.wait(timeout=30)
+
+
+def test_files_layout_and_uploads_from_before_the_blocks_layout_restore(
+    s3_config: MakeConfig, sample: SampleInfo, minio_client: Minio, s3_bucket: str,
+    tmp_path: Path,
+) -> None:
+    config = s3_config(storage_layout="files")
+    result = _sync(config)
+    manifest = _manifest(minio_client, s3_bucket, result)
+    assert manifest["storage_layout"] == "files" and manifest["index"] is None
+    got = _restore(config, tmp_path / "files")
+    assert got.storage_layout == "files"
+    for name in ("reflection.duckdb", "reflection.duckdb.wal", "knowledge_graph.duckdb"):
+        assert (tmp_path / "files" / name).read_bytes() == (sample.data_dir / name).read_bytes()
+    # An upload written before this change has no storage_layout / index / bytes_new.
+    import io
+
+    for field in ("storage_layout", "index", "bytes_new"):
+        manifest.pop(field)
+    for entry in manifest["file_details"].values():
+        for field in ("pieces", "new_pieces", "row_counts"):
+            entry.pop(field)
+    body = json.dumps(manifest).encode()
+    minio_client.put_object(s3_bucket, result["manifest_key"], io.BytesIO(body), len(body))
+    old = _restore(config, tmp_path / "old")
+    assert old.storage_layout == "files"
+    assert (tmp_path / "old" / "reflection.duckdb").read_bytes() == (
+        sample.reflection_path.read_bytes())
+
+
+def test_damaged_whole_object_in_files_layout_fails_naming_it(
+    s3_config: MakeConfig, minio_client: Minio, s3_bucket: str, tmp_path: Path
+) -> None:
+    import io
+
+    config = s3_config(storage_layout="files", export_memories=False)
+    result = _sync(config)
+    key = _manifest(minio_client, s3_bucket, result)["file_details"]["reflection.duckdb"]["key"]
+    data = bytearray(get_object(minio_client, s3_bucket, key))
+    data[len(data) // 2] ^= 0x01
+    minio_client.put_object(s3_bucket, key, io.BytesIO(bytes(data)), len(data))
+    target, before = _existing_target(tmp_path)
+    with pytest.raises(RestoreError) as info:
+        _restore(config, target, force=True)
+    assert key in str(info.value)
+    assert _snapshot_of(target) == before
