@@ -12,7 +12,12 @@ advances only for records the target accepted.
 
 from __future__ import annotations
 
+import itertools
+import os
+import threading
+from collections import deque
 from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
@@ -39,7 +44,9 @@ __all__ = [
 RecordShape = Literal["ingest", "mcp"]
 
 _MEMORY_LIMIT = "128MB"
-_SLICE_ROWS = 2000
+_SLICE_ROWS = 1000
+# Slices rendered side by side (DuckDB renders without the GIL): one per core here.
+_RENDER_THREADS = max(1, min(2, os.cpu_count() or 1))
 
 
 @dataclass(frozen=True)
@@ -213,18 +220,60 @@ def iter_records(
         return
     sql = _select_sql(spec, table, columns, shape, undelivered=channel is not None)
     # The Python API materialises a whole result: read by rowid slices instead, so
-    # only one slice of documents exists at a time.
+    # only a few slices of documents exist at a time.
     sql += " AND t.rowid >= $low AND t.rowid < $high"
     params: dict[str, object] = {"system_id": system_id}
     if channel is not None:
         params["channel"] = channel
-    cursor = con.cursor()
-    row = cursor.execute(f"SELECT max(rowid) FROM {table}").fetchone()
-    last = -1 if row is None or row[0] is None else int(row[0])
-    for low in range(0, last + 1, batch):
+    row = con.cursor().execute(f"SELECT max(rowid) FROM {table}").fetchall()
+    last = -1 if not row or row[0][0] is None else int(row[0][0])
+    for docs in _render_slices(con, sql, params, range(0, last + 1, batch), batch):
+        yield from docs
+
+
+def _render_slices(
+    con: duckdb.DuckDBPyConnection,
+    sql: str,
+    params: dict[str, object],
+    starts: range,
+    batch: int,
+) -> Iterator[list[tuple[str, str]]]:
+    """Run ``sql`` per rowid slice in worker threads, yielding the slices in order.
+
+    DuckDB renders the JSON without holding the GIL, so slices render side by side on
+    every core while the caller writes the previous ones; at most a few slices are in
+    flight, which keeps memory bounded.
+    """
+    local = threading.local()
+    cursors: list[duckdb.DuckDBPyConnection] = []
+    guard = threading.Lock()
+
+    def render(low: int) -> list[tuple[str, str]]:
+        cursor = getattr(local, "cursor", None)
+        if cursor is None:
+            cursor = local.cursor = con.cursor()  # one per thread: cursors are not shared
+            with guard:
+                cursors.append(cursor)
         cursor.execute(sql, {**params, "low": low, "high": low + batch})
-        for record_id, doc in cursor.fetchall():
-            yield str(record_id), str(doc)
+        return [(str(record_id), str(doc)) for record_id, doc in cursor.fetchall()]
+
+    pending: deque[Future[list[tuple[str, str]]]] = deque()
+    lows = iter(starts)
+    try:
+        with ThreadPoolExecutor(_RENDER_THREADS, thread_name_prefix="akosha-render") as pool:
+            for low in itertools.islice(lows, _RENDER_THREADS + 1):
+                pending.append(pool.submit(render, low))
+            while pending:
+                docs = pending.popleft().result()
+                following = next(lows, None)
+                if following is not None:
+                    pending.append(pool.submit(render, following))
+                yield docs
+    finally:
+        for future in pending:
+            future.cancel()
+        for cursor in cursors:
+            cursor.close()
 
 
 def count_undeliverable(
