@@ -108,8 +108,12 @@ def test_round_trip_includes_wal_rows(
             con.close()
 
     memories = json.loads(get_object(minio_client, s3_bucket, _memories_key(uid)))
-    conversations = memories["conversations"]
-    assert manifest["conversation_count"] == len(conversations) > 0
+    # Every kind is in Akosha's one list; the conversations are marked as such.
+    conversations = [
+        c for c in memories["conversations"] if c["metadata"]["record_type"] == "conversation"
+    ]
+    assert manifest["conversation_count"] == sample.row_counts[sample.conversations_table]
+    assert result["new_conversation_count"] == len(conversations) > 0
     first = conversations[0]
     assert set(first) == {"id", "content", "embedding", "timestamp", "metadata"}
     assert len(first["embedding"]) == 384 and first["metadata"]["source"] == "test-host"
@@ -137,7 +141,9 @@ def test_resync_sends_no_database_and_changed_one_is_sent(
         assert detail["reused_from"] == first["upload_id"]
         assert first["upload_id"] in detail["key"]
         minio_client.stat_object(s3_bucket, detail["key"])  # the object really is there
-    assert manifest["conversation_count"] == 0
+    # Still the snapshot's total; none of them is new.
+    assert manifest["conversation_count"] == first["conversation_count"] > 0
+    assert second["new_conversation_count"] == 0
     memories = json.loads(get_object(minio_client, s3_bucket, _memories_key(second["upload_id"])))
     assert memories == {"conversations": []}
 

@@ -101,7 +101,8 @@ def test_sync_stores_records_then_sends_only_new_ones(
     assert details["skipped"]["relation"]["count"] == sample.row_counts["kg_relationships"]
     assert details["skipped"]["no_embedding"]["count"] == len(no_embedding)
     assert "embedding" in details["skipped"]["no_embedding"]["reason"]
-    assert first["conversation_count"] == counts["conversation"]
+    assert first["conversation_count"] == sample.row_counts["conversations_v2"]
+    assert first["new_conversation_count"] == counts["conversation"]
     assert first["bytes_transferred"] > 4000 * sum(counts.values())  # ~5 KB a memory
     assert details["akosha_url"] == akosha.url
     assert token not in json.dumps(first)

@@ -221,6 +221,28 @@ def test_existing_database_refused_without_force_kept_as_bak_with_it(
     assert next(f for f in result.files if f.name == "reflection.duckdb").backup == str(bak)
 
 
+def test_a_stale_wal_is_moved_aside_when_the_upload_has_none(
+    s3_config: MakeConfig, sample: SampleInfo, tmp_path: Path
+) -> None:
+    """DuckDB would replay a WAL left from the old database into the restored one."""
+    config = s3_config(export_memories=False)
+    _sync(config)
+    target = tmp_path / "target"
+    target.mkdir()
+    (target / "knowledge_graph.duckdb.wal").write_bytes(b"a WAL of another database")
+    with pytest.raises(RestoreError, match="knowledge_graph.duckdb.wal"):
+        _restore(config, target)
+    now = datetime(2026, 11, 30, 8, 0, 0, tzinfo=UTC)
+    _restore(config, target, force=True, now=now)
+    assert not (target / "knowledge_graph.duckdb.wal").exists()
+    assert (target / "knowledge_graph.duckdb.wal.bak-20261130T080000Z").read_bytes() == (
+        b"a WAL of another database")
+    assert (target / "knowledge_graph.duckdb").read_bytes() == (
+        sample.knowledge_graph_path.read_bytes())
+    assert _rows(target / "knowledge_graph.duckdb", "kg_entities") == sample.row_counts[
+        "kg_entities"]
+
+
 def test_database_open_for_writing_is_refused_even_with_force(
     s3_config: MakeConfig, tmp_path: Path
 ) -> None:

@@ -313,7 +313,8 @@ def _describe_result(result: dict[str, Any]) -> str:
         lines.append(f"    missing:   {', '.join(result['files_missing'])} (skipped)")
     if result.get("manifest_key"):
         lines.append(f"    manifest:  {result['manifest_key']}")
-        lines.append(f"    new conversations for Akosha: {result.get('conversation_count', 0)}")
+        lines.append(f"    conversations: {result.get('conversation_count', 0)}"
+                     f" ({result.get('new_conversation_count') or 0} new for Akosha)")
     if result.get("method_attempts"):
         for attempt in result["method_attempts"]:
             lines.append(f"    tried {attempt['method']}: {attempt['error'] or 'ok'}")
@@ -343,6 +344,11 @@ def _describe_status(status: dict[str, Any]) -> str:
             lines.append(f"database:         {name}: missing ({info['path']})")
     last = status.get("last_upload")
     lines.append(f"last upload:      {last['upload_id'] if last else 'none yet'}")
+    for method, info in sorted(status.get("undeliverable", {}).items()):
+        if info.get("count"):
+            kinds = ", ".join(f"{k} {n}" for k, n in sorted(info.get("by_kind", {}).items()))
+            lines.append(f"not deliverable:  {info['count']} records via {method} ({kinds}): "
+                         "no embedding")
     if status["validation_errors"]:
         lines.append("problems:")
         lines.extend(f"  - {p}" for p in status["validation_errors"])

@@ -2,7 +2,8 @@
 
 Values come, in rising priority, from the defaults below, a TOML file, and the
 environment (``AKOSHA_SYNC_<FIELD>``, with Session-Buddy's ``SESSION_BUDDY_AKOSHA_<FIELD>``
-honoured too). Construction never fails on a bad *value*: ``validate()`` reports every
+and, from Session-Buddy 0.32, ``SESSION_BUDDY_CLOUD_SYNC__<FIELD>`` honoured too, in
+that order of precedence). Construction never fails on a bad *value*: ``validate()`` reports every
 problem at once, so a status screen can show them all. Only a value of the wrong *type*
 (``max_retries = "lots"``) stops loading, with a ``ConfigError`` naming each such field.
 
@@ -40,8 +41,10 @@ ForceMethod = Literal["auto", "cloud", "http"]
 
 REDACTED = "***redacted***"
 SECRET_FIELDS = frozenset({"secret_access_key", "akosha_token", "daemon_token"})
-# Our own names win over Session-Buddy's when both are set.
-ENV_PREFIXES = ("AKOSHA_SYNC_", "SESSION_BUDDY_AKOSHA_")
+# Earlier prefixes win: our own names, then Session-Buddy's flat names, then the
+# nested ``cloud_sync`` settings of Session-Buddy 0.32+ (``..._CLOUD_SYNC__CLOUD_BUCKET``):
+# the more specific a name is to akosha-sync, the more deliberately it was set.
+ENV_PREFIXES = ("AKOSHA_SYNC_", "SESSION_BUDDY_AKOSHA_", "SESSION_BUDDY_CLOUD_SYNC__")
 DEFAULT_CONFIG_PATH = Path("~/.config/akosha-sync/config.toml")
 
 _SYSTEM_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,100}$")

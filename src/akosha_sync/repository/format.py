@@ -64,7 +64,9 @@ Storing a piece
 A piece is stored as the zstd frame (level 1) of its bytes, or as its raw bytes when
 compression does not make it smaller (``"zstd"`` or ``"raw"`` in its location). New
 pieces of an upload are appended, in file order, into a pack; a pack is sealed when it
-reaches :data:`PACK_TARGET_SIZE` (16 MiB) and written with ONE plain PUT (never
+reaches :data:`PACK_TARGET_SIZE` (8 MiB; the design note said ~16 MiB, halved so that
+a sync and a restore each stay under 150 MB of memory with packs in flight while a
+cold 250 MB sync is still ~32 PUTs) and written with ONE plain PUT (never
 multipart). A pack is nothing but the concatenation of its stored pieces: no header,
 no trailer; the index says where each piece starts. Pieces are never split across
 packs.
@@ -180,8 +182,9 @@ _MIN_BLOCK, _MAX_BLOCK = 16 * 1024, 16 * 1024 * 1024
 # free_list, block_count (u64 each), then block_alloc_size.
 _HEADER_ITERATION_AT = 8
 _HEADER_BLOCK_SIZE_AT = 40
-# Big enough that a cold 250 MB sync is a few dozen PUTs, small enough to hold in memory.
-PACK_TARGET_SIZE = 16 * 1024 * 1024
+# Big enough that a cold 250 MB sync is a few dozen PUTs, small enough that the four
+# packs a sync may hold (building, waiting, two uploading) stay ~32 MiB.
+PACK_TARGET_SIZE = 8 * 1024 * 1024
 
 Compression = Literal["zstd", "raw"]
 

@@ -1,4 +1,4 @@
-"""Packs: new pieces compressed and appended into ~16 MiB objects; reading them back.
+"""Packs: new pieces compressed and appended into ~8 MiB objects; reading them back.
 
 :class:`PackBuilder` is pure: it compresses pieces, appends them to a buffer and
 seals it into a :class:`SealedPack` (its id is the SHA-256 of its bytes, so a piece's
@@ -28,7 +28,7 @@ class PieceError(ValueError):
 
 class SealedPack(msgspec.Struct, frozen=True):
     pack_id: str
-    data: bytes
+    data: bytearray  # handed over, not copied: the builder starts a new buffer
     pieces: list[Piece]
 
 
@@ -65,7 +65,7 @@ class PackBuilder:
         """Close the open pack (None if it is empty)."""
         if not self._pending:
             return None
-        data = bytes(self._buffer)
+        data = self._buffer
         pack_id = hashlib.sha256(data).hexdigest()
         pieces = [Piece(sha, pack_id, off, stored, length, comp)
                   for sha, off, stored, length, comp in self._pending]

@@ -24,6 +24,7 @@ import fcntl
 import hashlib
 import os
 import time
+from collections import Counter
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -66,7 +67,7 @@ __all__ = [
 ]
 
 ProgressCallback = Callable[[str, int, int], None]
-# Packs in flight: 3 x 16 MiB keeps a 250 MB restore well under 150 MB of memory.
+# Packs in flight: 3 x 8 MiB keeps a 250 MB restore well under 150 MB of memory.
 _FETCH_CONCURRENCY = 3
 _READ = 1024 * 1024
 
@@ -384,6 +385,8 @@ async def _restore_blocks(
             downloaded += len(view)
 
             def write() -> None:
+                # Pieces used at several places are decompressed once; only those kept.
+                left = Counter(piece.sha256 for piece, _, _ in uses)
                 cache: dict[str, bytes] = {}
                 for piece, name, offset in uses:
                     raw = cache.get(piece.sha256)
@@ -392,8 +395,12 @@ async def _restore_blocks(
                             raw = extract_piece(view, piece, where=ref.key)
                         except PieceError as exc:
                             raise RestoreError(f"{exc}. Nothing was changed.") from exc
-                        cache[piece.sha256] = raw
                     os.pwrite(fds[name], raw, offset)
+                    left[piece.sha256] -= 1
+                    if left[piece.sha256]:
+                        cache[piece.sha256] = raw
+                    else:
+                        cache.pop(piece.sha256, None)
 
             await anyio.to_thread.run_sync(write)
             meter.add(len(view))

@@ -3,7 +3,7 @@
 One pass per file: a worker thread reads each piece once (``os.pread`` on a
 descriptor the caller keeps open), hashes it, and, if no stored pack holds it yet,
 compresses it into the open pack; sealed packs go to two uploader tasks through a
-channel with no buffer, so at most three packs (~48 MiB) are in memory and reading
+channel with no buffer, so at most four packs (~32 MiB) are in memory and reading
 waits for the network rather than piling up.
 """
 

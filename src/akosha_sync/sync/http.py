@@ -49,6 +49,7 @@ from mcp.types import (
 
 from akosha_sync.config import AkoshaSyncConfig
 from akosha_sync.sync import records
+from akosha_sync.sync.deadline import Deadline
 from akosha_sync.sync.manifest import make_upload_id
 from akosha_sync.sync.protocol import HTTPSyncError, ProgressCallback, SnapshotError, SyncResult
 from akosha_sync.sync.snapshot import remove_snapshot_dir, take_snapshot
@@ -239,6 +240,8 @@ class _Tally:
     bytes_sent: int = 0
     calls: int = 0
     wanted: int = 0  # databases asked for
+    read: int = 0  # databases snapshotted and read
+    conversations_total: int = 0  # in the reflection snapshot, delivered or not
     missing: list[str] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
 
@@ -304,6 +307,7 @@ class HttpSyncMethod:
         self.config = config
         self._clock = clock or (lambda: datetime.now(UTC))
         self._health: tuple[float, bool] | None = None
+        self._deadline = Deadline.for_config(config)  # replaced by each sync's share
 
     # ------------------------------------------------------------- protocol
     def get_method_name(self) -> str:
@@ -363,24 +367,29 @@ class HttpSyncMethod:
         numbers are records (total 0: not known in advance).
         """
         progress: ProgressCallback = kwargs.get("progress") or _no_progress
+        deadline: Deadline = kwargs.get("deadline") or Deadline.for_config(self.config)
+        self._deadline = deadline
         started = time.monotonic()
         if self._url_problem():
             raise HTTPSyncError(self._url_problem())
         upload_id = make_upload_id(self.config.system_id_resolved, self._clock())
         tally = _Tally()
         try:
-            with anyio.fail_after(self.config.upload_timeout_seconds):
+            with anyio.fail_after(deadline.remaining()):
                 await self._sync(
                     upload_id, tally, upload_reflections, upload_knowledge_graph, progress
                 )
         except TimeoutError as exc:
             raise HTTPSyncError(
-                f"HTTP sync to Akosha at {self._shown_url} did not finish within "
-                f"upload_timeout_seconds={self.config.upload_timeout_seconds}s; raise it for a "
+                f"HTTP sync to Akosha at {self._shown_url} did not finish within its "
+                f"{deadline.seconds:.0f}s share of the sync's budget (upload_timeout_seconds="
+                f"{self.config.upload_timeout_seconds}s); raise it for a "
                 f"large backlog or a slow link, then sync again. {self._summary(tally)}.",
                 original=exc,
             ) from exc
         result = self._result(upload_id, tally)
+        if tally.read:
+            records.save_undeliverable(self.config.state_path, "http", tally.no_embedding)
         result.duration_seconds = round(time.monotonic() - started, 3)
         log.info(
             "sync finished",
@@ -475,6 +484,9 @@ class HttpSyncMethod:
                 log.error("database not readable; skipped", database=str(source), error=str(exc))
                 continue
             plan.append((Path(snap.path), kinds))
+            tally.read += 1
+            if name == config.reflection_db:
+                tally.conversations_total += snap.conversation_count
         return plan
 
     async def _deliver(self, feed: _Feed, tally: _Tally, progress: ProgressCallback) -> None:
@@ -523,7 +535,7 @@ class HttpSyncMethod:
     @asynccontextmanager
     async def _client(self, status: _StatusLog) -> AsyncIterator[Client]:
         """One MCP session with Akosha, over our own HTTP client (headers, timeouts)."""
-        call_timeout = min(_CALL_TIMEOUT_S, float(self.config.upload_timeout_seconds))
+        call_timeout = max(1.0, min(_CALL_TIMEOUT_S, self._deadline.remaining()))
         http = httpx2.AsyncClient(
             headers=self._auth_headers(),
             timeout=httpx2.Timeout(30.0, connect=_CONNECT_TIMEOUT_S, read=call_timeout),
@@ -645,8 +657,8 @@ class HttpSyncMethod:
             upload_id=upload_id,
             error=self._scrub("; ".join(problems)) or None,
             files_missing=tally.missing,
-            conversation_count=tally.stored.get("conversation", 0)
-            + tally.duplicates.get("conversation", 0),
+            conversation_count=tally.conversations_total,
+            new_conversation_count=tally.stored.get("conversation", 0),
             details=details,
         )
 

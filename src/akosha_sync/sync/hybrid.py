@@ -4,6 +4,9 @@
 never falls back. In ``auto`` the cloud runs when configured; if it fails and
 fallback is enabled, HTTP runs and the result lists what was tried and why each
 failed. When every method fails, ``HybridSyncError.errors`` holds them all.
+
+All methods share one ``Deadline`` (see ``deadline``): a method followed by a
+fallback leaves the fallback's reserve; the last one gets all that remains.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import structlog
 
 from akosha_sync.config import AkoshaSyncConfig
 from akosha_sync.sync.cloud import CloudSyncMethod
+from akosha_sync.sync.deadline import Deadline, fallback_reserve
 from akosha_sync.sync.protocol import HybridSyncError, SyncError, SyncMethod
 
 __all__ = ["HybridAkoshaSync"]
@@ -66,16 +70,25 @@ class HybridAkoshaSync:
     ) -> dict[str, Any]:
         """Sync with the planned methods; raise ``HybridSyncError`` if all fail.
 
-        Keywords: ``enable_fallback`` (default: the configuration's) and ``progress``.
+        Keywords: ``enable_fallback`` (default: the configuration's), ``progress`` and
+        ``deadline`` (default: ``upload_timeout_seconds`` from now).
         """
+        deadline: Deadline = kwargs.pop("deadline", None) or Deadline.for_config(self.config)
         enable_fallback = kwargs.pop("enable_fallback", None)
         if enable_fallback is None:
             enable_fallback = self.config.enable_fallback
         plan = self._plan(force_method, bool(enable_fallback))
         attempts: list[dict[str, Any]] = []
-        for name in plan:
+        for index, name in enumerate(plan):
             method = self._get_method(name)
             assert method is not None
+            if deadline.expired:
+                attempts.append({
+                    "method": name,
+                    "error": f"not tried: the sync's budget of {deadline.seconds:g}s "
+                    "(upload_timeout_seconds) was used up",
+                })
+                continue
             # is_available may ask Akosha's /health (up to ~1 s): keep the loop free.
             if not await anyio.to_thread.run_sync(method.is_available):
                 reason = (
@@ -87,10 +100,13 @@ class HybridAkoshaSync:
                 log.warning("sync method not available", method=name, reason=reason)
                 continue
             started = time.monotonic()
+            last = index == len(plan) - 1
+            share = deadline if last else deadline.leaving(fallback_reserve(deadline.seconds))
             try:
                 result = await method.sync(
                     upload_reflections=upload_reflections,
                     upload_knowledge_graph=upload_knowledge_graph,
+                    deadline=share,
                     **kwargs,
                 )
             except SyncError as exc:

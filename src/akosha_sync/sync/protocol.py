@@ -59,7 +59,10 @@ class SyncResult(msgspec.Struct, kw_only=True):
     files_missing: list[str] = msgspec.field(default_factory=list)
     bytes_stored: int = 0
     manifest_key: str | None = None
+    # Conversations in the snapshot (all of them), and of those the ones delivered
+    # for the first time by this sync (None: not tracked, export_memories off).
     conversation_count: int = 0
+    new_conversation_count: int | None = None
     details: dict[str, Any] = msgspec.field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:

@@ -1,8 +1,9 @@
 """Memory records read from a snapshot, in the shapes Akosha accepts.
 
-Both ways of reaching Akosha send the same records: the cloud method writes them
-into ``memories.json`` (Akosha's ingestion file), the HTTP method passes them to
-``batch_store_memories``. DuckDB renders each record as JSON itself (fast, and the
+Both ways of reaching Akosha send the same records (conversations and reflections
+from the reflection database, entities from the knowledge graph): the cloud method
+writes them into ``memories.json`` (Akosha's ingestion file), the HTTP method passes
+them to ``batch_store_memories``. DuckDB renders each record as JSON itself (fast, and the
 embedding rounded to 7 decimals keeps a 384-float record near 4 KB).
 
 Which records were already delivered is kept per *channel* (one per target) in a
@@ -20,7 +21,9 @@ from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Literal, TextIO
+
+import msgspec
 
 if TYPE_CHECKING:
     # DuckDB (~0.1 s, ~30 MB) is imported by the functions that open a connection:
@@ -28,16 +31,23 @@ if TYPE_CHECKING:
     import duckdb
 
 __all__ = [
+    "GRAPH_KINDS",
     "KINDS",
+    "NO_EMBEDDING_REASON",
+    "PROGRESS_LOCK",
+    "REFLECTION_KINDS",
+    "MemoriesExport",
     "RecordKind",
     "RecordShape",
     "count_undeliverable",
     "forget_delivered",
     "iter_records",
+    "load_undeliverable",
     "mark_delivered",
     "memory_id",
     "open_progress",
     "open_snapshot",
+    "save_undeliverable",
     "write_memories_json",
 ]
 
@@ -89,6 +99,16 @@ ENTITY = RecordKind(
     timestamp_columns=("created_at", "updated_at"),
 )
 KINDS = {k.kind: k for k in (CONVERSATION, REFLECTION, ENTITY)}
+# Which kinds each database holds, in sending order.
+REFLECTION_KINDS: tuple[str, ...] = ("conversation", "reflection")
+GRAPH_KINDS: tuple[str, ...] = ("entity",)
+NO_EMBEDDING_REASON = (
+    "rows without an embedding: Akosha requires a 384-float embedding for every memory"
+)
+_UNDELIVERABLE_FILE = "undeliverable.json"
+# DuckDB attaches a database file once per process: two cloud syncs of one process
+# (without the sync lock, e.g. as a library) take turns with the progress store.
+PROGRESS_LOCK = threading.Lock()
 
 _PROGRESS_SCHEMA = """
 CREATE TABLE IF NOT EXISTS progress.delivered (
@@ -331,26 +351,109 @@ def forget_delivered(progress_db: Path, channel: str) -> int:
         con.close()
 
 
+class MemoriesExport(msgspec.Struct, frozen=True):
+    """What ``write_memories_json`` wrote, per kind, and what it could not."""
+
+    written: dict[str, list[str]]  # original ids
+    undeliverable: dict[str, int]  # records without an embedding (only kinds with some)
+
+
 def write_memories_json(
-    con: duckdb.DuckDBPyConnection,
     out: Path,
+    snapshots: Sequence[tuple[Path | duckdb.DuckDBPyConnection, Sequence[str]]],
     *,
+    progress_db: Path,
     system_id: str,
     channel: str | None,
-) -> list[str]:
-    """Write Akosha's ``{"conversations": [...]}`` with the undelivered conversations.
+) -> MemoriesExport:
+    """Write Akosha's ``{"conversations": [...]}`` with every undelivered record.
 
-    Streams to ``out`` (memory stays bounded) and returns the original ids written.
+    Akosha's worker reads only the ``conversations`` list, so every kind goes there
+    (conversations, reflections, entities: what the HTTP method delivers), each
+    marked by ``metadata.record_type`` / ``metadata.type``. ``snapshots`` pairs each
+    snapshot with the kinds read from it; they are opened one at a time (DuckDB
+    attaches the progress store once per process). A snapshot may also be an open
+    connection whose schema is the database (the blocks layout's held source): it is
+    used as it is and left open. Streams to ``out``, so memory
+    stays bounded.
     """
-    ids: list[str] = []
+    written: dict[str, list[str]] = {}
+    skipped: dict[str, int] = {}
     with out.open("w", encoding="utf-8") as fh:
         fh.write('{"conversations": [')
         first = True
-        for record_id, doc in iter_records(
-            con, "conversation", system_id=system_id, shape="ingest", channel=channel
-        ):
-            fh.write(doc if first else ",\n" + doc)
-            first = False
-            ids.append(record_id)
+        for path, kinds in snapshots:
+            with PROGRESS_LOCK:
+                first = _export_one(
+                    fh, path, kinds, progress_db, system_id, channel, written, skipped, first
+                )
         fh.write("]}\n")
-    return ids
+    return MemoriesExport(written=written, undeliverable=skipped)
+
+
+def _export_one(
+    fh: TextIO,
+    path: Path | duckdb.DuckDBPyConnection,
+    kinds: Sequence[str],
+    progress_db: Path,
+    system_id: str,
+    channel: str | None,
+    written: dict[str, list[str]],
+    skipped: dict[str, int],
+    first: bool,
+) -> bool:
+    """Append one snapshot's records; returns whether the list is still empty."""
+    if isinstance(path, Path):
+        con = open_snapshot(path, progress_db)
+    else:
+        con = path
+        open_progress(con, progress_db)
+    try:
+        for kind in kinds:
+            ids = written.setdefault(kind, [])
+            for record_id, doc in iter_records(
+                con, kind, system_id=system_id, shape="ingest", channel=channel
+            ):
+                fh.write(doc if first else ",\n" + doc)
+                first = False
+                ids.append(record_id)
+            if n := count_undeliverable(con, kind, channel=channel):
+                skipped[kind] = n
+    finally:
+        if isinstance(path, Path):
+            con.close()
+        else:
+            con.execute("DETACH progress")
+    return first
+
+
+def save_undeliverable(state_dir: Path, method: str, by_kind: dict[str, int]) -> None:
+    """Remember, per method, the records the last sync could not deliver (no embedding),
+    so ``status`` can show them without opening the live databases."""
+    import json
+    import os
+    from datetime import UTC, datetime
+
+    path = state_dir / _UNDELIVERABLE_FILE
+    known = load_undeliverable(state_dir)
+    known[method] = {
+        "count": sum(by_kind.values()),
+        "by_kind": {k: n for k, n in by_kind.items() if n},
+        "reason": NO_EMBEDDING_REASON,
+        "at": datetime.now(UTC).isoformat().replace("+00:00", "Z"),
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(known, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def load_undeliverable(state_dir: Path) -> dict[str, dict[str, object]]:
+    """What ``save_undeliverable`` wrote; empty when nothing (readable) is there."""
+    import json
+
+    try:
+        data = json.loads((state_dir / _UNDELIVERABLE_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}

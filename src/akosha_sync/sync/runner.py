@@ -13,8 +13,10 @@ import anyio
 import structlog
 
 from akosha_sync.config import AkoshaSyncConfig
+from akosha_sync.sync.deadline import Deadline
 from akosha_sync.sync.hybrid import HybridAkoshaSync
 from akosha_sync.sync.protocol import HybridSyncError, ProgressCallback, SyncError, SyncResult
+from akosha_sync.sync.snapshot import sweep_snapshot_dirs
 from akosha_sync.sync.state import sync_lock
 
 __all__ = ["run_sync"]
@@ -32,15 +34,24 @@ async def run_sync(
     upload_reflections: bool = True,
     upload_knowledge_graph: bool = True,
     resend: bool = False,
+    deadline: Deadline | None = None,
 ) -> dict[str, Any]:
     """Sync under the state lock; never raises for a sync failure.
 
     ``resend`` first forgets what Akosha's HTTP endpoint was sent, so everything
-    goes again (for an Akosha that lost its data).
+    goes again (for an Akosha that lost its data). ``deadline``: the whole sync's
+    budget, lock wait included (default: ``upload_timeout_seconds`` from now).
     """
     started = time.monotonic()
+    deadline = deadline or Deadline.for_config(config)
     try:
-        async with sync_lock(config.state_path, timeout=config.upload_timeout_seconds):
+        async with sync_lock(config.state_path, timeout=deadline.remaining()):
+            # Under the lock no live sync owns a snapshot folder: any there is a leftover.
+            swept = await anyio.to_thread.run_sync(
+                sweep_snapshot_dirs, config.state_path / "snapshots"
+            )
+            if swept:
+                log.warning("removed leftover snapshot folders", folders=swept)
             hybrid = HybridAkoshaSync(config)
             if resend:
                 # Imported here: the HTTP method pulls in the MCP SDK.
@@ -53,6 +64,7 @@ async def run_sync(
                 upload_knowledge_graph=upload_knowledge_graph,
                 enable_fallback=enable_fallback,
                 progress=progress,
+                deadline=deadline,
             )
     except (SyncError, ValueError) as exc:
         result = SyncResult(

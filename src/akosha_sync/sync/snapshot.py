@@ -17,6 +17,7 @@ the WAL when it opens the database.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import shutil
 import time
@@ -33,6 +34,7 @@ __all__ = [
     "count_conversations",
     "fingerprint",
     "remove_snapshot_dir",
+    "sweep_snapshot_dirs",
     "take_snapshot",
     "wal_path",
 ]
@@ -170,11 +172,7 @@ def take_snapshot(
         except FileNotFoundError:
             raise
         except OSError as exc:
-            raise SnapshotError(
-                f"cannot read {source}: {exc.strerror or exc}; check the file's permissions.",
-                str(source),
-                exc,
-            ) from exc
+            raise _copy_error(exc, source, dest) from exc
         if copied is None:
             last_error = None
             continue
@@ -211,5 +209,50 @@ def take_snapshot(
     )
 
 
+def _copy_error(exc: OSError, source: Path, dest: Path) -> SnapshotError:
+    """Say what went wrong while copying: a full disk, our folder, or the source."""
+    dest_dir = dest.parent
+    # A partial copy only takes space that is missing already.
+    for partial in (dest, wal_path(dest)):
+        partial.unlink(missing_ok=True)
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return SnapshotError(
+            f"no space left on device while copying {source} into {dest_dir} (under "
+            "state_dir); free space or move state_dir to a larger disk.",
+            str(source),
+            exc,
+        )
+    if exc.filename is not None and Path(exc.filename).parent == dest_dir:
+        return SnapshotError(
+            f"cannot write the snapshot of {source} into {dest_dir}: "
+            f"{exc.strerror or exc}; check that state_dir is writable.",
+            str(source),
+            exc,
+        )
+    return SnapshotError(
+        f"cannot read {source}: {exc.strerror or exc}; check the file's permissions.",
+        str(source),
+        exc,
+    )
+
+
 def remove_snapshot_dir(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
+
+
+def sweep_snapshot_dirs(root: Path) -> list[str]:
+    """Remove every leftover snapshot folder under ``root`` (``state_dir/snapshots``).
+
+    Call it only while holding the sync lock: then no live sync owns any of them,
+    and what is there was left by a sync that crashed or was killed.
+    """
+    try:
+        leftovers = sorted(root.iterdir())
+    except FileNotFoundError:
+        return []
+    for path in leftovers:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+    return [p.name for p in leftovers]

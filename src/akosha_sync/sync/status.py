@@ -7,6 +7,7 @@ from typing import Any
 
 from akosha_sync.config import AkoshaSyncConfig
 from akosha_sync.sync.cloud import cloud_target_id
+from akosha_sync.sync.records import load_undeliverable
 from akosha_sync.sync.snapshot import fingerprint
 from akosha_sync.sync.state import load_state
 from akosha_sync.sync.store import describe_target
@@ -44,6 +45,8 @@ def local_status(config: AkoshaSyncConfig) -> dict[str, Any]:
         "validation_errors": config.validate(),
         "target": describe_target(config) if config.cloud_configured else None,
         "databases": databases,
+        # Per method: records the last sync could not deliver (no embedding).
+        "undeliverable": load_undeliverable(config.state_path),
         "last_upload": (
             {"upload_id": state.last_upload_id, "manifest_key": state.last_manifest_key}
             if state and state.last_upload_id

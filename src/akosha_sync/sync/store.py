@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, TypeVar
 from urllib.parse import urlsplit
 
 import anyio
+import obstore
 import structlog
 from obstore.exceptions import (
     AlreadyExistsError,
@@ -34,13 +35,28 @@ from akosha_sync.sync.protocol import CloudUploadError
 if TYPE_CHECKING:
     from obstore.store import ObjectStore
 
-__all__ = ["Failure", "RetryPolicy", "classify", "describe_target", "make_store", "with_retries"]
+__all__ = [
+    "Failure",
+    "ManifestConflictError",
+    "RetryPolicy",
+    "classify",
+    "commit_manifest",
+    "describe_target",
+    "make_store",
+    "part_size",
+    "request_timeout_seconds",
+    "with_retries",
+]
 
 T = TypeVar("T")
 log = structlog.get_logger("akosha_sync.store")
 
 # An S3 multipart upload allows at most 10,000 parts of at least 5 MiB (but the last).
 MIN_PART_SIZE = 5 * 1024 * 1024
+# One request may take this long plus its part at the slowest link we still serve:
+# 5 MiB parts get 70 s, 100 MiB parts 260 s. The sync's deadline bounds the whole.
+_REQUEST_BASE_S = 60.0
+_SLOWEST_LINK_BYTES_S = 512 * 1024
 
 
 class Failure(Enum):
@@ -135,6 +151,16 @@ def explain(exc: BaseException, config: AkoshaSyncConfig, what: str) -> str:
     return message
 
 
+def part_size(config: AkoshaSyncConfig) -> int:
+    """Bytes of one multipart part (``chunk_size_mb``, at least S3's minimum)."""
+    return max(config.chunk_size_mb * 1024 * 1024, MIN_PART_SIZE)
+
+
+def request_timeout_seconds(config: AkoshaSyncConfig) -> int:
+    """The per-request timeout, scaled with the part size a request carries."""
+    return int(_REQUEST_BASE_S + part_size(config) / _SLOWEST_LINK_BYTES_S)
+
+
 def make_store(config: AkoshaSyncConfig) -> ObjectStore:
     """An obstore store for the configured target (S3-compatible or a local folder)."""
     if config.is_local_target:
@@ -158,7 +184,7 @@ def make_store(config: AkoshaSyncConfig) -> ObjectStore:
         client_options={
             "allow_http": allow_http,
             "connect_timeout": "5s",
-            "timeout": "120s",
+            "timeout": f"{request_timeout_seconds(config)}s",
         },
         retry_config={"max_retries": 0, "retry_timeout": timedelta(seconds=1)},
         **kwargs,  # type: ignore[arg-type]
@@ -233,3 +259,57 @@ async def with_retries(
             )
             attempt += 1
             await anyio.sleep(delay)
+
+
+class ManifestConflictError(CloudUploadError):
+    """Another writer's manifest is at the key: a real conflict, not our lost answer."""
+
+
+async def _read_back(store: ObjectStore, key: str) -> bytes | None:
+    try:
+        return bytes(await (await obstore.get_async(store, key)).bytes_async())
+    except FileNotFoundError:
+        return None
+
+
+async def commit_manifest(
+    store: ObjectStore, key: str, body: bytes, *, config: AkoshaSyncConfig
+) -> None:
+    """Write a manifest (the commit of an upload) with a conditional create, safely retried.
+
+    When a PUT reached the store but its answer was lost, the retry finds the key
+    taken: the manifest is read back, and our exact bytes mean the first PUT
+    committed (success). Other bytes are another writer's manifest:
+    ``ManifestConflictError``. Any other failure raises ``CloudUploadError``: the
+    manifest may then exist or not, so the caller must delete nothing of the upload.
+    """
+
+    async def attempt() -> None:
+        try:
+            await obstore.put_async(store, key, body, mode="create")
+            return
+        except (AlreadyExistsError, PreconditionError):
+            stored = await _read_back(store, key)
+        if stored == body:
+            log.info("manifest was already committed by an earlier attempt", key=key)
+            return
+        if stored is None:
+            # Reported taken yet not readable: ask again (counts as a retry).
+            raise TimeoutError(f"{key} was reported as existing but could not be read")
+        raise ManifestConflictError(
+            f"another manifest already exists at {key} (not the one this sync wrote); "
+            "another machine may use the same system_id. Nothing of that upload was "
+            f"deleted. Target: {describe_target(config)}."
+        )
+
+    try:
+        await with_retries(attempt, config=config, what=f"writing the manifest {key}")
+    except ManifestConflictError:
+        raise
+    except CloudUploadError as exc:
+        raise CloudUploadError(
+            f"{exc}. The manifest may or may not have been written, so nothing of this "
+            "upload was deleted; the next sync makes a new, complete upload.",
+            original=exc.original,
+            connect_failed=exc.connect_failed,
+        ) from exc

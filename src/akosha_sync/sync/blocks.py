@@ -1,0 +1,281 @@
+"""The blocks layout of a cloud sync: each database read once into the repository.
+
+Per database: when its stat fingerprint matches the last upload and every pack it
+used is still in the bucket, its pieces are reused without reading it; otherwise it
+is held still (:mod:`akosha_sync.repository.source`: DuckDB's shared lock, or a
+verified copy when a writer holds it), cut into pieces, and the pieces no stored pack
+holds go into new packs (:mod:`akosha_sync.repository.writer`). The held sources stay
+open until ``cloud`` has exported their records, then ``cloud`` closes them.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import anyio
+import msgspec
+import obstore
+import structlog
+
+from akosha_sync.repository.format import (
+    LAYOUT_BLOCKS,
+    Index,
+    decode_index,
+    encode_index,
+    index_key,
+)
+from akosha_sync.repository.source import LockedByWriter, Source, open_copy, open_locked
+from akosha_sync.repository.writer import (
+    RepositoryWriter,
+    list_packs,
+    reusable_pieces,
+    stored_size,
+)
+from akosha_sync.sync.manifest import (
+    COMPRESSION_FORMAT,
+    FileEntry,
+    Manifest,
+    decode_manifest,
+)
+from akosha_sync.sync.protocol import CloudUploadError, ProgressCallback, SnapshotError
+from akosha_sync.sync.snapshot import fingerprint as source_fingerprint
+from akosha_sync.sync.snapshot import take_snapshot
+from akosha_sync.sync.state import StoredFile, TargetState
+from akosha_sync.sync.store import with_retries
+
+if TYPE_CHECKING:
+    from akosha_sync.sync.cloud import CloudSyncMethod, _Upload
+
+__all__ = ["sync_blocks"]
+
+log = structlog.get_logger("akosha_sync.cloud")
+
+_WAL_SUFFIX = ".wal"
+# How long to wait for a writer to let go of a database before copying it instead.
+_LOCK_WAIT_SECONDS = 1.0
+
+
+async def _previous_upload(
+    method: CloudSyncMethod, state: TargetState | None
+) -> tuple[Manifest | None, Index | None]:
+    """The last upload's manifest and index (blocks layout): what can be reused."""
+    key = state.last_manifest_key if state else None
+    if key is None or not method.config.enable_deduplication:
+        return None, None
+
+    async def get(key: str) -> bytes | None:
+        try:
+            return bytes(await (await obstore.get_async(method.store, key)).bytes_async())
+        except FileNotFoundError:
+            return None
+
+    async def both() -> tuple[Manifest | None, Index | None]:
+        data = await get(key)
+        if data is None:
+            return None, None
+        try:
+            manifest = decode_manifest(data)
+            if manifest.storage_layout != LAYOUT_BLOCKS or not manifest.index:
+                return manifest, None
+            raw = await get(manifest.index)
+            return manifest, decode_index(raw) if raw is not None else None
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            return None, None  # a damaged earlier upload: store everything anew
+
+    return await with_retries(both, config=method.config, what="reading the last upload")
+
+async def sync_blocks(
+    method: CloudSyncMethod,
+    upload: _Upload,
+    state: TargetState | None,
+    wanted: list[tuple[str, Path]],
+    snapshot_dir: Path,
+    progress: ProgressCallback,
+) -> None:
+    """Store the databases as pieces in packs and write the upload's index."""
+    config = method.config
+    sid = config.system_id_resolved
+    previous, previous_index = await _previous_upload(method, state)
+    known, known_packs = reusable_pieces(
+        previous_index, await list_packs(method.store, config, sid)
+    )
+    writer = RepositoryWriter(
+        method.store, config, system_id=sid, upload_id=upload.upload_id, known=known,
+        known_packs=known_packs, compress=config.enable_compression,
+        on_written=upload.written.append,
+    )
+    async with writer.running():
+        for name, path in wanted:
+            await _blocks_database(
+                method, upload, state, writer, previous, previous_index, name, path,
+                snapshot_dir, progress,
+            )
+    index = writer.index()
+    upload.bytes_sent += writer.bytes_new
+    upload.bytes_new += writer.bytes_new
+    upload.uploaded_keys.extend(
+        ref.key for pid, ref in index.packs.items() if pid not in known_packs
+    )
+    reused = {pid for pid in index.packs if pid in known_packs}
+    if reused:
+        # Checked again right before the commit: a prune may have run meanwhile.
+        listed = await list_packs(method.store, config, sid)
+        gone = sorted(
+            index.packs[p].key for p in reused if listed.get(p) != index.packs[p].size
+        )
+        if gone:
+            raise CloudUploadError(
+                f"{len(gone)} pack(s) this upload reuses left the bucket during the sync "
+                f"(e.g. {gone[0]}; did a prune run?); nothing was committed. Sync again."
+            )
+    if not index.files:
+        return
+    key = index_key(sid, upload.upload_id)
+    body = encode_index(index)
+
+    async def put() -> None:
+        upload.written.append(key)
+        await obstore.put_async(method.store, key, body)
+
+    await with_retries(put, config=config, what=f"writing {key}")
+    upload.bytes_sent += len(body)
+    upload.uploaded_keys.append(key)
+    upload.index_key = key
+    upload.bytes_new += len(body)
+    compressed = COMPRESSION_FORMAT if config.enable_compression else None
+    for name, entry in index.files.items():
+        extra = upload.extra.get(name, {})
+        new_pieces = int(extra.pop("new_pieces", 0))
+        file_entry = FileEntry(
+            key=key, original_size=entry.size, stored_size=stored_size(entry),
+            sha256=entry.sha256, stored_sha256=entry.sha256, compression=compressed,
+            pieces=len(entry.pieces), new_pieces=new_pieces, **extra,
+        )
+        upload.files[name] = file_entry
+        upload.new_state[name] = StoredFile(
+            fingerprint=upload.fingerprints.get(name), entry=file_entry
+        )
+        if new_pieces == 0 and name not in upload.unchanged:
+            upload.unchanged.append(name)
+
+async def _blocks_database(
+    method: CloudSyncMethod,
+    upload: _Upload,
+    state: TargetState | None,
+    writer: RepositoryWriter,
+    previous: Manifest | None,
+    previous_index: Index | None,
+    name: str,
+    path: Path,
+    snapshot_dir: Path,
+    progress: ProgressCallback,
+) -> None:
+    config = method.config
+    fp = source_fingerprint(path)
+    if fp is None:
+        upload.missing.append(name)
+        log.info("database missing; skipped", database=str(path))
+        return
+    wal_name = name + _WAL_SUFFIX
+    names = [name, wal_name] if fp.wal is not None else [name]
+    stored = state.files.get(name) if state and config.enable_deduplication else None
+    if (
+        stored is not None
+        and stored.fingerprint == fp
+        and previous is not None
+        and previous_index is not None
+        and all(
+            n in previous_index.files and writer.can_reuse(previous_index.files[n])
+            for n in names
+        )
+    ):
+        # Not even re-read: size, mtime and inode of both files are unchanged.
+        for n in names:
+            writer.reuse_file(n, previous_index.files[n])
+            old = previous.file_details.get(n)
+            upload.extra[n] = {
+                "conversation_count": old.conversation_count if old else None,
+                "wal": old.wal if old else None,
+                "row_counts": old.row_counts if old else None,
+            }
+            upload.unchanged.append(n)
+        upload.fingerprints[name] = fp
+        log.info("unchanged; reusing the stored pieces", file=name)
+        return
+    progress(f"snapshot:{name}", 0, fp.db.size + (fp.wal.size if fp.wal else 0))
+    opened = await _open_source(method, upload, name, path, snapshot_dir)
+    if opened is None:
+        return
+    source, held_fp = opened
+    # Held (still locked) until its records are exported; _sync closes it.
+    upload.sources[name] = source
+    upload.how_read[name] = "locked" if source.locked else "copy"
+    phase = f"upload:{name}"
+    total = source.db_size + source.wal_size
+    db = await writer.add_file(
+        name, source.db_fd, database=True, size=source.db_size,
+        on_progress=lambda n: progress(phase, n, total),
+    )
+    upload.extra[name] = {
+        "new_pieces": db.new_pieces,
+        "conversation_count": source.conversation_count,
+        "row_counts": source.row_counts,
+        "wal": wal_name if source.wal_fd is not None else None,
+    }
+    if source.wal_fd is not None:
+        wal = await writer.add_file(
+            wal_name, source.wal_fd, database=False, size=source.wal_size,
+            block_size=db.file.block_size,
+            on_progress=lambda n: progress(phase, source.db_size + n, total),
+        )
+        upload.extra[wal_name] = {"new_pieces": wal.new_pieces}
+    upload.fingerprints[name] = held_fp
+    if not config.export_memories:
+        # Nothing more to read from it: let a writer in now.
+        await anyio.to_thread.run_sync(upload.sources.pop(name).close)
+
+async def _open_source(
+    method: CloudSyncMethod, upload: _Upload, name: str, path: Path, snapshot_dir: Path
+) -> tuple[Source, Any] | None:
+    """Hold the live database still under DuckDB's shared lock; when a writer holds
+    it, copy it (sync/snapshot.py) and read the copy. None: missing or unreadable."""
+    temp = snapshot_dir / ".duckdb-tmp"
+
+    def open_it() -> tuple[Source, Any]:
+        import duckdb
+
+        deadline = time.monotonic() + _LOCK_WAIT_SECONDS
+        delay = 0.005
+        try:
+            while True:
+                try:
+                    source = open_locked(path, temp)
+                    return source, source_fingerprint(path)
+                except LockedByWriter:
+                    if time.monotonic() >= deadline:
+                        break
+                    # A writer that opens and closes (a session ending) leaves gaps.
+                    time.sleep(delay)
+                    delay = min(delay * 2, 0.05)
+            log.info("database open for writing; taking a copy", database=str(path))
+        except duckdb.Error as exc:
+            raise SnapshotError(
+                f"{path} is not a readable DuckDB database ({exc}). Check that it is a "
+                "Session-Buddy database written by DuckDB >= 2.0; it was not uploaded.",
+                str(path),
+                exc,
+            ) from exc
+        snap = take_snapshot(name, path, snapshot_dir)
+        return open_copy(Path(snap.path), temp), snap.fingerprint
+
+    try:
+        return await anyio.to_thread.run_sync(open_it)
+    except FileNotFoundError:
+        upload.missing.append(name)
+        return None
+    except SnapshotError as exc:
+        upload.errors.append(str(exc))
+        log.error("database not readable; skipped", database=str(path), error=str(exc))
+        return None
