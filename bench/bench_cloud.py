@@ -99,9 +99,19 @@ TARGETS = {
 
 
 def child_generate(data_dir: Path, size_mb: float) -> int:
-    from akosha_sync.sample import grow_to_size
+    """The dataset, aged by one session like a database Session-Buddy has used.
 
-    grow_to_size(data_dir, size_mb * REFLECTION_SHARE, size_mb * (1 - REFLECTION_SHARE), seed=0)
+    ``grow_to_size`` writes each file with one bulk checkpoint under special settings;
+    the first ordinary checkpoint after it rewrites ~half of the reflection file (55 of
+    106 MB measured), which no lived-in database does. So one session (25
+    conversations and a checkpoint) runs first, then 5 conversations stay in the WAL.
+    """
+    from akosha_sync.sample import add_conversations, grow_to_size
+
+    grow_to_size(data_dir, size_mb * REFLECTION_SHARE, size_mb * (1 - REFLECTION_SHARE), seed=0,
+                 wal_conversations=0)
+    add_conversations(data_dir, NEW_CONVERSATIONS, seed=1, checkpoint=True)
+    add_conversations(data_dir, 5, seed=2, checkpoint=False)
     return 0
 
 
