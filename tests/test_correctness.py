@@ -346,26 +346,40 @@ def test_the_lock_wait_counts_against_the_budget(s3_config: MakeConfig) -> None:
 
 
 def test_fallback_gets_what_the_cloud_leaves_of_one_budget(
-    s3_config: MakeConfig, stall: Any, akosha: Any,
+    s3_config: MakeConfig, stall: Any, akosha: Any, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    """The cloud stalls until its share ends; the fallback gets the rest of the
+    same budget. The reserve is widened for the test (the policy's own numbers are
+    checked below), so Akosha has ample time even on a loaded machine."""
     import uuid
 
-    from akosha_sync.sync.deadline import Deadline, fallback_reserve
+    from akosha_sync.sync import hybrid
+    from akosha_sync.sync.deadline import Deadline
 
+    budget, reserve = 12.0, 9.0
+    monkeypatch.setattr(hybrid, "fallback_reserve", lambda seconds: reserve)
     config = s3_config(
         cloud_endpoint=stall.url, akosha_url=akosha.url, upload_timeout_seconds=30,
         system_id=f"deadline-{uuid.uuid4().hex[:8]}",
     )
-    budget = 12.0
     result, took = _timed_run_sync(config, deadline=Deadline(budget))
 
     assert result["success"] is True, result
     assert result["method"] == "http" and result["fallback_from"] == ["cloud"]
     cloud = result["method_attempts"][0]
-    share = budget - fallback_reserve(budget)
-    assert f"{share:.0f}s share" in cloud["error"]
-    assert cloud["duration_seconds"] < share + 1.0
+    assert f"{budget - reserve:.0f}s share" in cloud["error"]
+    assert cloud["duration_seconds"] < budget - reserve + 1.0
     assert took < budget + 2.0, f"a {budget:g} s budget took {took:.1f} s"
+
+
+def test_the_fallback_reserve_policy() -> None:
+    from akosha_sync.sync.deadline import Deadline, fallback_reserve
+
+    assert fallback_reserve(300) == 30.0  # the default: cloud 270 s, fallback >= 30 s
+    assert fallback_reserve(30) == 7.5
+    deadline = Deadline(100.0)
+    share = deadline.leaving(fallback_reserve(deadline.seconds))
+    assert 74.0 < share.remaining() <= 75.0 and share.end < deadline.end
 
 
 def test_request_timeout_scales_with_the_part_size(make_config: MakeConfig) -> None:
@@ -491,3 +505,37 @@ def test_session_buddy_cloud_sync_names_are_read_with_a_clear_precedence() -> No
     assert config.max_retries == 2
     assert config.enable_fallback is False
     assert load_config(environ=env, overrides={"max_retries": 1}).max_retries == 1
+
+
+def test_an_upgrade_exports_the_kinds_an_older_version_never_sent(
+    s3_config: MakeConfig, minio_client: Minio, s3_bucket: str, sample: SampleInfo,
+) -> None:
+    """State written before memories.json carried reflections and entities: the
+    unchanged databases are read again (their objects still reused) so those
+    records reach Akosha instead of waiting for the next change."""
+    import duckdb
+    import msgspec
+
+    from akosha_sync.sync.cloud import cloud_target_id
+    from akosha_sync.sync.state import load_state, save_state
+
+    config = s3_config()
+    first = anyio.run(CloudSyncMethod(config).sync)
+    assert first["success"], first["error"]
+    # Make it look like the older version's state: conversations only.
+    tid = cloud_target_id(config)
+    state = load_state(config.state_path, tid)
+    assert state is not None and state.exported_kinds
+    save_state(config.state_path, tid, msgspec.structs.replace(state, exported_kinds=[]))
+    con = duckdb.connect(str(config.state_path / "delivered.duckdb"))
+    con.execute("DELETE FROM delivered WHERE kind <> 'conversation'")
+    con.close()
+
+    second = anyio.run(CloudSyncMethod(config).sync)
+    assert second["success"], second["error"]
+    assert not [k for k in second["files_uploaded"] if k.endswith((".duckdb", ".wal"))]
+    memories = json.loads(get_object(
+        minio_client, s3_bucket, f"systems/test-host/uploads/{second['upload_id']}/memories.json"))
+    kinds = {e["metadata"]["record_type"] for e in memories["conversations"]}
+    assert kinds == {"reflection", "entity"}
+    assert second["new_conversation_count"] == 0

@@ -230,7 +230,7 @@ def test_a_stale_wal_is_moved_aside_when_the_upload_has_none(
     target = tmp_path / "target"
     target.mkdir()
     (target / "knowledge_graph.duckdb.wal").write_bytes(b"a WAL of another database")
-    with pytest.raises(RestoreError, match="knowledge_graph.duckdb.wal"):
+    with pytest.raises(RestoreError, match=r"knowledge_graph\.duckdb\.wal"):
         _restore(config, target)
     now = datetime(2026, 11, 30, 8, 0, 0, tzinfo=UTC)
     _restore(config, target, force=True, now=now)

@@ -46,7 +46,6 @@ class FileResult(msgspec.Struct, frozen=True):
     name: str
     file: IndexFile
     new_pieces: int
-    stored_size: int
 
 
 async def list_packs(
@@ -112,7 +111,8 @@ class RepositoryWriter:
         self._packs = dict(known_packs)
         self._builder = PackBuilder(compress=compress)
         self._on_written = on_written or (lambda key: None)
-        # Piece id -> piece, for pieces of this upload whose pack is still open.
+        # Pieces of this upload whose pack is still open (their location is not final).
+        # add_file calls run one at a time, so one scanning thread touches these.
         self._open: set[str] = set()
         self._files: dict[str, IndexFile] = {}
         self._send: MemoryObjectSendStream[SealedPack] | None = None
@@ -225,7 +225,7 @@ class RepositoryWriter:
             block_size=digest.block_size,
             pieces=[Piece(sha, "", 0, 0, 0, "raw") for sha in order],
         )
-        return FileResult(name, self._files[name], counts["new"], 0)
+        return FileResult(name, self._files[name], counts["new"])
 
     def index(self) -> Index:
         """The upload's index; call after ``running()`` has finished."""

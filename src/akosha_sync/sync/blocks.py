@@ -184,6 +184,7 @@ async def _blocks_database(
     if (
         stored is not None
         and stored.fingerprint == fp
+        and method._records_exported(state, name)
         and previous is not None
         and previous_index is not None
         and all(

@@ -409,6 +409,20 @@ class CloudSyncMethod:
 
         return await with_retries(newest, config=self.config, what="reading the last manifest")
 
+    def _records_exported(self, state: TargetState | None, name: str) -> bool:
+        """False when this database holds record kinds never exported to this target
+        (an upgrade added them): it must be read even though it did not change."""
+        if not self.config.export_memories or state is None:
+            return True
+        return set(self._kinds_of(name)) <= set(state.exported_kinds)
+
+    def _kinds_of(self, name: str) -> tuple[str, ...]:
+        if name == self.config.reflection_db:
+            return records.REFLECTION_KINDS
+        if name == self.config.knowledge_graph_db:
+            return records.GRAPH_KINDS
+        return ()
+
     async def _upload_file(
         self,
         path: Path,
@@ -541,6 +555,10 @@ class CloudSyncMethod:
         """After the manifest: remember what is stored and which rows were exported."""
         files = dict(state.files) if state else {}
         files.update(upload.new_state)
+        kinds = set(state.exported_kinds) if state else set()
+        if self.config.export_memories:
+            read = [*upload.snapshots, *upload.how_read]  # copies, and blocks sources
+            kinds.update(kind for name in read for kind in self._kinds_of(name))
         save_state(
             self.config.state_path,
             tid,
@@ -550,6 +568,7 @@ class CloudSyncMethod:
                 last_upload_id=upload.upload_id,
                 last_manifest_key=key,
                 files=files,
+                exported_kinds=sorted(kinds),
             ),
         )
         if (upload.snapshots or upload.how_read) and self.config.export_memories:

@@ -77,6 +77,7 @@ async def sync_database(
     if (
         stored_db is not None
         and stored_db.fingerprint == fp
+        and method._records_exported(state, name)
         and (fp.wal is None or stored_wal is not None)
         and await _object_intact(method, stored_db.entry)
         and (stored_wal is None or await _object_intact(method, stored_wal.entry))

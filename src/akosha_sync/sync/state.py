@@ -39,6 +39,9 @@ class TargetState(msgspec.Struct, kw_only=True):
     last_upload_id: str | None = None
     last_manifest_key: str | None = None
     files: dict[str, StoredFile] = msgspec.field(default_factory=dict)
+    # Record kinds whose export to memories.json this target has run at least once;
+    # a database whose kinds are missing here is read again even when unchanged.
+    exported_kinds: list[str] = msgspec.field(default_factory=list)
 
 
 def target_id(*parts: str) -> str:
