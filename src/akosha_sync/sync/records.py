@@ -54,7 +54,7 @@ __all__ = [
 RecordShape = Literal["ingest", "mcp"]
 
 _MEMORY_LIMIT = "128MB"
-_SLICE_ROWS = 500
+_SLICE_ROWS = 1000
 # Slices rendered side by side (DuckDB renders without the GIL): one per core here.
 _RENDER_THREADS = max(1, min(2, os.cpu_count() or 1))
 
