@@ -31,6 +31,11 @@ class HybridAkoshaSync:
     """Orchestrates the sync methods in priority order: cloud, then HTTP."""
 
     def __init__(self, config: AkoshaSyncConfig) -> None:
+        # Methods are built lazily, so check here what each would refuse at once (a
+        # plain-http akosha_url must be refused, not tried).
+        problems = config.validate()
+        if problems:
+            raise ValueError("invalid akosha-sync configuration: " + "; ".join(problems))
         self.config = config
         self._methods: dict[str, SyncMethod] = {}
 
