@@ -233,7 +233,8 @@ def _parse_time(text: str) -> datetime:
 
 
 def _http() -> httpx.AsyncClient:
-    return httpx.AsyncClient(timeout=_TIMEOUT, trust_env=False)
+    # Proxy and CA variables apply, as they do to obstore's client.
+    return httpx.AsyncClient(timeout=_TIMEOUT, trust_env=True)
 
 
 # ----------------------------------------------------- remembered failures
