@@ -140,3 +140,14 @@ def test_file_targets_are_a_no_op(make_config: Callable[..., AkoshaSyncConfig],
     config = make_config(cloud_endpoint=f"file://{tmp_path}", cloud_bucket="b")
     assert anyio.run(multipart.sweep, config, "x") == 0
     assert anyio.run(multipart.abort_upload, config, "x") == 0
+
+
+def test_listing_is_read_with_or_without_the_s3_namespace() -> None:
+    body = ("<ListMultipartUploadsResult{ns}><Upload><Key>k</Key><UploadId>u</UploadId>"
+            "<Initiated>2026-01-02T03:04:05.678Z</Initiated></Upload>"
+            "<IsTruncated>false</IsTruncated></ListMultipartUploadsResult>")
+    for ns in ("", ' xmlns="http://s3.amazonaws.com/doc/2006-03-01/"'):
+        root = multipart._parse_xml(body.format(ns=ns).encode())
+        assert [u.findtext("Key") for u in root.iter("Upload")] == ["k"]
+    with pytest.raises(multipart._S3Error, match="DTD"):
+        multipart._parse_xml(b'<!DOCTYPE x [<!ENTITY a "b">]><x>&a;</x>')

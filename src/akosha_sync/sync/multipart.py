@@ -60,7 +60,6 @@ __all__ = [
 log = structlog.get_logger("akosha_sync.multipart")
 
 _EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
-_S3_NS = "{http://s3.amazonaws.com/doc/2006-03-01/}"
 # Beyond upload_timeout_seconds (a sync's whole budget): room for clock steps and the
 # last requests of a sync that is just ending.
 _AGE_MARGIN = timedelta(minutes=10)
@@ -186,15 +185,15 @@ class _Client:
         for _ in range(_MAX_PAGES):
             query = f"prefix={_encode(prefix)}&uploads={markers}"
             root = _parse_xml((await self._request("GET", "", query)).content)
-            for node in root.iter(f"{_S3_NS}Upload"):
-                key, uid, at = (node.findtext(f"{_S3_NS}{n}") or "" for n in
+            for node in root.iter("Upload"):
+                key, uid, at = (node.findtext(n) or "" for n in
                                 ("Key", "UploadId", "Initiated"))
                 if key.startswith(prefix) and uid:
                     found.append(IncompleteUpload(key, uid, _parse_time(at)))
-            if (root.findtext(f"{_S3_NS}IsTruncated") or "").lower() != "true":
+            if (root.findtext("IsTruncated") or "").lower() != "true":
                 break
-            key_marker = root.findtext(f"{_S3_NS}NextKeyMarker") or ""
-            id_marker = root.findtext(f"{_S3_NS}NextUploadIdMarker") or ""
+            key_marker = root.findtext("NextKeyMarker") or ""
+            id_marker = root.findtext("NextUploadIdMarker") or ""
             if not key_marker:
                 break
             markers = (f"&key-marker={_encode(key_marker)}"
@@ -222,7 +221,10 @@ def _parse_xml(data: bytes) -> ET.Element:
     """The store's answer; one with a DTD is refused (no entity expansion, ever)."""
     if b"<!DOCTYPE" in data or b"<!ENTITY" in data:
         raise _S3Error("the store's answer declares a DTD; refused")
-    return ET.fromstring(data)  # noqa: S314 - no DTD, so no entity can expand
+    root = ET.fromstring(data)  # noqa: S314 - no DTD, so no entity can expand
+    for node in root.iter():  # AWS's namespace or none (some S3-compatible stores)
+        node.tag = node.tag.rsplit("}", 1)[-1]
+    return root
 
 
 def _parse_time(text: str) -> datetime:
