@@ -10,6 +10,8 @@ from __future__ import annotations
 import io
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
+from functools import partial
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -18,8 +20,11 @@ from minio import Minio
 
 from akosha_sync.config import AkoshaSyncConfig
 from akosha_sync.sync import multipart
+from akosha_sync.sample import grow_to_size
 from akosha_sync.sync.manifest import claim_key, make_upload_id, manifest_key, object_key
+from akosha_sync.sync.runner import run_sync
 from support.faults import incomplete_uploads
+from support.proxy import FaultProxy, ProxyRequest
 
 EMPTY = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
 S3_EXAMPLE = {"access_key": "AKIAIOSFODNN7EXAMPLE", "region": "us-east-1",
@@ -63,6 +68,10 @@ def test_query_is_decoded_before_it_is_signed() -> None:
     token = multipart.sign_request("GET", "https://h/b", {}, now=now, session_token="tok", **keys)
     assert token["x-amz-security-token"] == "tok"
     assert "x-amz-security-token" in token["authorization"]
+
+
+def _is_part(request: ProxyRequest) -> bool:
+    return request.method == "PUT" and "partNumber=" in request.query
 
 
 def _start(client: Minio, bucket: str, key: str) -> str:
@@ -151,3 +160,28 @@ def test_listing_is_read_with_or_without_the_s3_namespace() -> None:
         assert [u.findtext("Key") for u in root.iter("Upload")] == ["k"]
     with pytest.raises(multipart._S3Error, match="DTD"):
         multipart._parse_xml(b'<!DOCTYPE x [<!ENTITY a "b">]><x>&a;</x>')
+
+
+def test_a_sync_cancelled_mid_upload_aborts_its_multipart_upload(
+    s3_config: Callable[..., AkoshaSyncConfig], seaweedfs: Any, minio_client: Minio,
+    s3_bucket: str, tmp_path: Path,
+) -> None:
+    """obstore does not abort a multipart upload whose call is cancelled: we do, at once."""
+    data = tmp_path / "big"
+    grow_to_size(data, 12, 1, seed=7)  # two 5 MiB parts
+    with FaultProxy.to(seaweedfs.endpoint) as proxy:
+        config = s3_config(cloud_endpoint=proxy.endpoint, data_dir=str(data),
+                           export_memories=False, chunk_size_mb=5)
+        proxy.delay(0.2)  # the upload then lasts long enough to be cancelled in it
+
+        async def cancel_mid_upload() -> None:
+            with anyio.fail_after(60):
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(partial(run_sync, config, method="cloud"))
+                    while not proxy.seen(_is_part):
+                        await anyio.sleep(0.05)
+                    tg.cancel_scope.cancel()
+
+        anyio.run(cancel_mid_upload)
+    assert incomplete_uploads(minio_client, s3_bucket) == []
+    assert multipart._abandoned(config) == []
