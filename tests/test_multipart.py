@@ -19,8 +19,8 @@ import pytest
 from minio import Minio
 
 from akosha_sync.config import AkoshaSyncConfig
-from akosha_sync.sync import multipart
 from akosha_sync.sample import grow_to_size
+from akosha_sync.sync import multipart
 from akosha_sync.sync.manifest import claim_key, make_upload_id, manifest_key, object_key
 from akosha_sync.sync.runner import run_sync
 from support.faults import incomplete_uploads
@@ -178,8 +178,8 @@ def test_a_sync_cancelled_mid_upload_aborts_its_multipart_upload(
             with anyio.fail_after(60):
                 async with anyio.create_task_group() as tg:
                     tg.start_soon(partial(run_sync, config, method="cloud"))
-                    while not proxy.seen(_is_part):
-                        await anyio.sleep(0.05)
+                    await anyio.to_thread.run_sync(
+                        partial(proxy.wait_for, _is_part, timeout=60, what="a part upload"))
                     tg.cancel_scope.cancel()
 
         anyio.run(cancel_mid_upload)
