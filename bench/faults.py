@@ -211,8 +211,9 @@ def s1_store_killed(b: Bench) -> Row:
         row.check("cloud upload failed" in str(result.get("error")), "the error is unclear")
         server.start()
         row.check(manifests(client, "private") == [], "a manifest for the failed upload")
+        # Nothing can abort on a dead store: what it left is aborted by the next sync.
         left = incomplete_uploads(client, "private")
-        row.check(not left, f"{len(left)} multipart upload(s) left after the failure")
+        row.notes.append(f"{len(left)} multipart upload(s) left while the store was down")
         code, again, _ = _cli_sync(config, where, "--method", "cloud")
         row.check(code == 0 and again.get("success"), "the next sync failed")
         left = incomplete_uploads(client, "private")

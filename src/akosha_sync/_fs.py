@@ -81,3 +81,24 @@ def _chmod(path: Path, mode: int) -> None:
     # Not ours to change (another user's folder) or gone meanwhile: nothing to do.
     with contextlib.suppress(OSError):
         os.chmod(path, mode)
+
+
+# Recovery of damaged state files (issue 9, fault scenario 8).
+def set_aside(path: Path, *siblings: str) -> Path:
+    """Move a damaged file out of the way as ``NAME.corrupt-<UTC time>``; never delete
+    it (it may hold the user's data). ``siblings`` are suffixes of companion files
+    (a database's ``-wal``/``.wal``) moved with it. Returns the new path."""
+    import time
+
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    target = path.with_name(f"{path.name}.corrupt-{stamp}")
+    n = 1
+    while target.exists():  # twice in one second: keep both
+        n += 1
+        target = path.with_name(f"{path.name}.corrupt-{stamp}.{n}")
+    os.replace(path, target)
+    for suffix in siblings:
+        companion = path.with_name(path.name + suffix)
+        with contextlib.suppress(FileNotFoundError):
+            os.replace(companion, target.with_name(target.name + suffix))
+    return target

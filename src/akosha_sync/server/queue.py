@@ -16,7 +16,9 @@ module directly when the daemon is not running, and must start fast.
 
 from __future__ import annotations
 
+import fcntl
 import json
+import logging
 import os
 import sqlite3
 import subprocess
@@ -28,7 +30,7 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
-from akosha_sync._fs import private_dir, private_file
+from akosha_sync._fs import private_dir, private_file, set_aside
 
 __all__ = [
     "KEEP_DONE_REQUESTS",
@@ -96,6 +98,17 @@ class RequestState:
 
 
 _HAVE_PROC = Path("/proc/self/stat").exists()
+_log = logging.getLogger("akosha_sync.queue")
+# SQLite's codes for a file that is not (or no longer) a whole database.
+_DAMAGE_CODES = {getattr(sqlite3, "SQLITE_CORRUPT", 11), getattr(sqlite3, "SQLITE_NOTADB", 26)}
+
+
+def _damaged(exc: sqlite3.DatabaseError) -> bool:
+    code = getattr(exc, "sqlite_errorcode", None)
+    if code is not None:
+        return int(code) & 0xFF in _DAMAGE_CODES  # extended codes keep the primary low
+    text = str(exc).lower()
+    return "not a database" in text or "malformed" in text
 
 
 def _boot_id() -> str:
@@ -159,8 +172,47 @@ class JobQueue:
     def __init__(self, state_dir: Path) -> None:
         private_dir(state_dir)
         self.path = private_file(state_dir / QUEUE_FILE)  # its -wal/-shm inherit 0600
+        try:
+            self._open()
+        except sqlite3.DatabaseError as exc:
+            if not _damaged(exc):
+                raise  # locked, read-only, full disk: not the file's fault
+            self._recover(exc)
+
+    def _open(self) -> None:
         with self._connect() as con:
+            check = con.execute("PRAGMA quick_check").fetchone()
+            if not check or check[0] != "ok":
+                raise sqlite3.DatabaseError(f"database disk image is malformed: {check}")
             con.executescript(_SCHEMA)
+
+    def _recover(self, exc: sqlite3.DatabaseError) -> None:
+        """Move a damaged queue file aside (never delete it) and start a new one.
+
+        Under a lock, checked again first: several processes may find it damaged at
+        once, and only the first may move it (a later one would move the new queue).
+        """
+        lock = os.open(self.path.with_name(QUEUE_FILE + ".recovery-lock"),
+                       os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                self._open()
+                return  # another process recovered it meanwhile
+            except sqlite3.DatabaseError as again:
+                if not _damaged(again):
+                    raise
+            moved = set_aside(self.path, "-wal", "-shm")
+            private_file(self.path)
+            self._open()
+        finally:
+            os.close(lock)  # releases the lock
+        _log.warning(
+            "the queue database %s is damaged (%s) and was moved aside to %s; a new, empty "
+            "queue was created: session ends it held and the sync history are not in the new "
+            "one (the next session end or `akosha-sync sync` uploads everything anyway)",
+            self.path.name, exc, moved.name,
+        )
 
     @contextmanager
     def _connect(self) -> Iterator[sqlite3.Connection]:

@@ -46,6 +46,7 @@ from obstore.exceptions import AlreadyExistsError
 from akosha_sync import __version__
 from akosha_sync._fs import private_dir
 from akosha_sync.config import AkoshaSyncConfig
+from akosha_sync.repository import multipart
 from akosha_sync.repository.format import LAYOUT_BLOCKS, LAYOUT_FILES
 from akosha_sync.repository.manifest import (
     COMPRESSION_FORMAT,
@@ -236,6 +237,8 @@ class CloudSyncMethod:
         state = load_state(config.state_path, tid)
         upload = self._upload = await self._claim_upload_id()
         log.info("sync started", method="cloud", upload_id=upload.upload_id)
+        with anyio.move_on_after(5):  # best effort: what failed syncs left in the store
+            await multipart.sweep(config, upload.upload_id)
         snapshot_dir = config.state_path / "snapshots" / upload.upload_id
         try:
             # Prune's protocol (repository.prune): after the claim, read what a running
@@ -604,6 +607,7 @@ class CloudSyncMethod:
             )
             return
         with anyio.CancelScope(shield=True), anyio.move_on_after(10):
+            await multipart.abort_upload(self.config, upload.upload_id)
             for key in reversed(upload.written):
                 try:
                     await obstore.delete_async(self.store, key)

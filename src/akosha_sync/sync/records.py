@@ -13,8 +13,10 @@ advances only for records the target accepted.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
+import re
 import threading
 from collections import deque
 from collections.abc import Iterator, Sequence
@@ -24,8 +26,9 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING, Literal
 
 import msgspec
+import structlog
 
-from akosha_sync._fs import atomic_write, private_dir, private_file, private_open
+from akosha_sync._fs import atomic_write, private_dir, private_file, private_open, set_aside
 
 if TYPE_CHECKING:
     # DuckDB (~0.1 s, ~30 MB) is imported by the functions that open a connection:
@@ -52,6 +55,8 @@ __all__ = [
     "save_undeliverable",
     "write_memories_json",
 ]
+
+log = structlog.get_logger("akosha_sync.records")
 
 RecordShape = Literal["ingest", "mcp"]
 
@@ -149,11 +154,42 @@ def open_snapshot(snapshot: Path, progress_db: Path) -> duckdb.DuckDBPyConnectio
 
 
 def open_progress(con: duckdb.DuckDBPyConnection, progress_db: Path) -> None:
-    """Attach the delivered-ids store to a connection as ``progress``."""
+    """Attach the delivered-ids store to a connection as ``progress``.
+
+    A damaged store (truncated, not DuckDB) is moved aside with a warning and
+    recreated: only delivery progress is lost, so records are sent again.
+    """
     private_dir(progress_db.parent)
+    try:
+        _attach_progress(con, progress_db)
+    except duckdb.Error as exc:
+        if not _DAMAGED_DUCKDB.search(str(exc)):
+            raise  # a lock held by another process, a permission: not damage
+        with contextlib.suppress(duckdb.Error):
+            con.execute("DETACH progress")
+        moved = set_aside(progress_db, ".wal")
+        log.warning(
+            f"the delivered-records store {progress_db.name} is damaged and was moved "
+            f"aside to {moved.name}; the delivery progress of every channel (HTTP and "
+            "the cloud's memories.json) was reset: the next sync sends every record "
+            "again and Akosha will answer duplicates for records it holds",
+            file=str(progress_db), moved_to=str(moved), error=str(exc)[:300],
+        )
+        _attach_progress(con, progress_db)
+
+
+# DuckDB's words for a file that is not (or no longer) a whole database.
+_DAMAGED_DUCKDB = re.compile(
+    r"not a valid DuckDB database|could not read enough bytes|corrupt|checksum",
+    re.IGNORECASE,
+)
+
+
+def _attach_progress(con: duckdb.DuckDBPyConnection, progress_db: Path) -> None:
     con.execute(f"ATTACH '{_sql_str(str(progress_db))}' AS progress")
     private_file(progress_db)  # DuckDB creates it with the umask's mode
     con.execute(_PROGRESS_SCHEMA)
+    con.execute("SELECT count(*) FROM progress.delivered").fetchone()  # damage shows here
 
 
 def _sql_str(value: str) -> str:

@@ -76,6 +76,17 @@ async def run_sync(
         ).to_dict()
         if isinstance(exc, HybridSyncError):
             result["method_attempts"] = exc.errors
+    except Exception as exc:  # OSError, DuckDB, SQLite, a bug: a failed result, not a crash
+        # (Cancellation is a BaseException and passes.)
+        log.exception("sync failed with an unexpected error", trigger=trigger)
+        result = SyncResult(
+            method=method or config.force_method,
+            success=False,
+            duration_seconds=round(time.monotonic() - started, 3),
+            error=f"the sync failed with an unexpected {type(exc).__name__}: {exc}. The "
+            f"traceback is in the log ({config.log_path}). Try again; if it recurs, "
+            "report it with that log.",
+        ).to_dict()
     result["triggered_by"] = trigger
     result = dict(scrubber_for(config).clean(result))  # the one exit: no secret in a result
     log.info(

@@ -18,13 +18,16 @@ from pathlib import Path
 
 import anyio
 import msgspec
+import structlog
 
-from akosha_sync._fs import atomic_write, private_dir
+from akosha_sync._fs import atomic_write, private_dir, set_aside
 from akosha_sync.repository.manifest import FileEntry
 from akosha_sync.sync.protocol import SyncError
 from akosha_sync.sync.snapshot import SourceFingerprint
 
 __all__ = ["StoredFile", "TargetState", "load_state", "save_state", "sync_lock", "target_id"]
+
+log = structlog.get_logger("akosha_sync.state")
 
 
 class StoredFile(msgspec.Struct, kw_only=True):
@@ -55,10 +58,27 @@ def _state_file(state_dir: Path, tid: str) -> Path:
 
 
 def load_state(state_dir: Path, tid: str) -> TargetState | None:
-    """The saved state, or None if absent or unreadable (it is only a cache)."""
+    """The saved state, or None if absent or damaged (it is only a cache).
+
+    A damaged file (truncated, not JSON, wrong shape) is moved aside with a warning,
+    so the user can see what happened and it is not read again.
+    """
+    path = _state_file(state_dir, tid)
     try:
-        return msgspec.json.decode(_state_file(state_dir, tid).read_bytes(), type=TargetState)
-    except (FileNotFoundError, msgspec.DecodeError, msgspec.ValidationError):
+        return msgspec.json.decode(path.read_bytes(), type=TargetState)
+    except FileNotFoundError:
+        return None
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        try:
+            moved: str = str(set_aside(path))
+        except OSError as move_error:
+            moved = f"(could not move it aside: {move_error})"
+        log.warning(
+            f"the upload state file {path.name} is damaged and was moved aside; the "
+            "record of what is stored on this target was reset, so the next sync reads "
+            "the newest manifest in the bucket (or uploads every database again)",
+            file=str(path), moved_to=moved, error=str(exc),
+        )
         return None
 
 
