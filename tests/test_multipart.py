@@ -171,7 +171,8 @@ def test_a_sync_cancelled_mid_upload_aborts_its_multipart_upload(
     grow_to_size(data, 12, 1, seed=7)  # two 5 MiB parts
     with FaultProxy.to(seaweedfs.endpoint) as proxy:
         config = s3_config(cloud_endpoint=proxy.endpoint, data_dir=str(data),
-                           export_memories=False, chunk_size_mb=5)
+                           export_memories=False, chunk_size_mb=5,
+                           storage_layout="files")  # blocks packs are single PUTs
         proxy.delay(0.2)  # the upload then lasts long enough to be cancelled in it
 
         async def cancel_mid_upload() -> None:

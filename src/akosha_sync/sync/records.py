@@ -159,6 +159,8 @@ def open_progress(con: duckdb.DuckDBPyConnection, progress_db: Path) -> None:
     A damaged store (truncated, not DuckDB) is moved aside with a warning and
     recreated: only delivery progress is lost, so records are sent again.
     """
+    import duckdb
+
     private_dir(progress_db.parent)
     try:
         _attach_progress(con, progress_db)
