@@ -121,8 +121,13 @@ def test_sweep_aborts_only_what_no_live_sync_can_own(
     # Initiated longer ago than any sync may last (by the store's clock): aborted even
     # though claimed. A margin of -60 s puts a 30 s budget's limit before "now".
     monkeypatch.setattr(multipart, "_AGE_MARGIN", timedelta(seconds=-60))
-    assert anyio.run(multipart.sweep, s3_config(system_id="me", upload_timeout_seconds=30),
-                     current) == 2
+    short = s3_config(system_id="me", upload_timeout_seconds=30)
+    # A sweep that found all settled is not repeated within SWEEP_INTERVAL (nothing new
+    # was remembered): the next sync does not even ask the store.
+    assert anyio.run(multipart.sweep, short, current) == 0
+    assert len(incomplete_uploads(minio_client, s3_bucket)) == len(keep)
+    monkeypatch.setattr(multipart, "SWEEP_INTERVAL", timedelta(0))
+    assert anyio.run(multipart.sweep, short, current) == 2
     assert sorted(incomplete_uploads(minio_client, s3_bucket)) == sorted(
         keep - {object_key("reflection.duckdb", u, sid) for u in (old, live)}
     )

@@ -18,6 +18,10 @@ What may be aborted (never another system's keys, never a committed upload's):
   longer ago, by the store's clock, than any sync may last (``upload_timeout_seconds``
   plus a margin).
 
+A sweep that found nothing to abort is not repeated for :data:`SWEEP_INTERVAL` (an hour)
+unless this machine remembered an abandoned upload since: an unchanged re-sync stays a
+few hundred milliseconds, and an upload left by another machine waits at most that long.
+
 Every error is best effort: logged with secrets scrubbed, never raised to the sync.
 ``file://`` targets have no multipart uploads: every call is a no-op.
 """
@@ -32,9 +36,9 @@ import xml.etree.ElementTree as ET
 from datetime import UTC, datetime, timedelta
 from email.utils import parsedate_to_datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
-import httpx
 import msgspec
 import structlog
 
@@ -48,6 +52,9 @@ from akosha_sync.repository.manifest import (
     upload_id_order,
     uploads_prefix,
 )
+
+if TYPE_CHECKING:
+    import httpx  # ~0.1 s: loaded only when a sweep or an abort really talks to the store
 
 __all__ = [
     "IncompleteUpload",
@@ -63,7 +70,8 @@ _EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
 # Beyond upload_timeout_seconds (a sync's whole budget): room for clock steps and the
 # last requests of a sync that is just ending.
 _AGE_MARGIN = timedelta(minutes=10)
-_TIMEOUT = httpx.Timeout(10.0, connect=3.0)
+_TIMEOUT_S, _CONNECT_TIMEOUT_S = 10.0, 3.0
+SWEEP_INTERVAL = timedelta(hours=1)
 _MAX_PAGES = 20
 _MAX_REMEMBERED = 100
 
@@ -236,7 +244,11 @@ def _parse_time(text: str) -> datetime:
 
 def _http() -> httpx.AsyncClient:
     # Proxy and CA variables apply, as they do to obstore's client.
-    return httpx.AsyncClient(timeout=_TIMEOUT, trust_env=True)
+    import httpx
+
+    return httpx.AsyncClient(
+        timeout=httpx.Timeout(_TIMEOUT_S, connect=_CONNECT_TIMEOUT_S), trust_env=True
+    )
 
 
 # ----------------------------------------------------- remembered failures
@@ -250,6 +262,23 @@ def _abandoned(config: AkoshaSyncConfig) -> list[str]:
     except (OSError, ValueError):
         return []  # absent or unreadable: the age rule still sweeps them later
     return [i for i in ids if isinstance(i, str)] if isinstance(ids, list) else []
+
+
+def _swept_file(config: AkoshaSyncConfig) -> Path:
+    return config.state_path / "multipart" / f"{config.system_id_resolved}.swept"
+
+
+def _swept_recently(config: AkoshaSyncConfig) -> bool:
+    try:
+        swept = datetime.fromtimestamp(_swept_file(config).stat().st_mtime, UTC)
+    except OSError:
+        return False
+    return datetime.now(UTC) - swept < SWEEP_INTERVAL
+
+
+def _mark_swept(config: AkoshaSyncConfig) -> None:
+    with contextlib.suppress(OSError):
+        atomic_write(_swept_file(config), b"")
 
 
 def _remember(config: AkoshaSyncConfig, ids: list[str]) -> None:
@@ -312,6 +341,8 @@ async def sweep(config: AkoshaSyncConfig, current_upload_id: str) -> int:
     sid = config.system_id_resolved
     prefix = uploads_prefix(sid)
     remembered = set(_abandoned(config))
+    if not remembered and _swept_recently(config):
+        return 0
     max_age = timedelta(seconds=config.upload_timeout_seconds) + _AGE_MARGIN
     aborted = 0
     try:
@@ -337,6 +368,7 @@ async def sweep(config: AkoshaSyncConfig, current_upload_id: str) -> int:
         return aborted
     # Remembered ids are settled once a sweep got through (aborted, or nothing left).
     _remember(config, [i for i in _abandoned(config) if i not in remembered])
+    _mark_swept(config)
     if aborted:
         log.info("aborted incomplete multipart uploads left by earlier syncs", count=aborted)
     return aborted
