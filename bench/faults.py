@@ -185,8 +185,18 @@ def _is_part(request: ProxyRequest) -> bool:
 
 
 # ------------------------------------------------------------------ scenarios
-def s1_store_killed(b: Bench) -> Row:
-    row = Row(f"1. S3 server killed mid-upload ({b.size_mb} MB)",
+def _is_pack(request: ProxyRequest) -> bool:
+    return request.method == "PUT" and request.path.endswith(".pack")
+
+
+def s1_store_killed(b: Bench) -> list[Row]:
+    # files: a database is a multipart upload (killed between parts); blocks (the
+    # default): packs of ~8 MiB, one PUT each (killed during one).
+    return [_store_killed(b, "files"), _store_killed(b, "blocks")]
+
+
+def _store_killed(b: Bench, layout: str) -> Row:
+    row = Row(f"1. S3 server killed mid-upload ({b.size_mb} MB, {layout} layout)",
               "clear error; no manifest; multipart aborted; next sync after restart succeeds; "
               "every manifest restores")
     where = b.folder()
@@ -196,12 +206,13 @@ def s1_store_killed(b: Bench) -> Row:
     with server, FaultProxy.to(server.endpoint) as proxy:
         client = server.minio_client()
         config = b.config(where, endpoint=proxy.endpoint, bucket="private", data_dir=str(data),
-                          export_memories=False)
+                          export_memories=False, storage_layout=layout)
         toml = write_toml(config, where / "cli.toml")
         sync = subprocess.Popen([EXE, "--config", str(toml), "sync", "--json", "--method",
                                  "cloud"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 text=True)
-        proxy.wait_for(_is_part, timeout=120, what="a part upload")
+        proxy.wait_for(_is_part if layout == "files" else _is_pack, timeout=120,
+                       what="a part upload" if layout == "files" else "a pack upload")
         server.kill()
         killed = time.monotonic()
         out, _ = sync.communicate(timeout=BUDGET_S + 60)
@@ -231,7 +242,8 @@ def s2_stall(b: Bench) -> Row:
         config = b.config(where, endpoint=proxy.endpoint)
         daemon = b.daemon(config, where)
         try:
-            proxy.stall(lambda r: r.method == "PUT" and ".duckdb" in r.path, after_bytes=32768)
+            proxy.stall(lambda r: r.method == "PUT" and (
+                ".duckdb" in r.path or r.path.endswith(".pack")), after_bytes=32768)
             submitted = time.monotonic()
             daemon.hook()
             until(lambda: proxy.stalled, timeout=60, what="the stall")
