@@ -29,14 +29,14 @@ from akosha_sync.server.app import build_mcp_server
 from akosha_sync.server.daemon import SyncDaemon
 from akosha_sync.server.queue import JobQueue, RequestState
 from support.akosha import AkoshaServer
+from support.configfile import write_toml
 from support.verify import manifests
+from support.wait import until
 from test_server import (
     EXE,
     Daemon,
     _holding_sync_lock,
     _session_end,
-    _toml,
-    _until,
     daemon_factory,
 )
 
@@ -78,7 +78,7 @@ def test_configured_force_method_is_the_default_and_an_argument_overrides_it(
     assert manifests(minio_client, s3_bucket) == []  # the cloud was not used
     hook = httpx.post(f"{daemon.url}/hooks/session-end", json=_session_end(), timeout=5)
     assert hook.status_code == 202
-    served = _until(lambda: _state(config, hook.json()["request_id"]).result,
+    served = until(lambda: _state(config, hook.json()["request_id"]).result,
                     what="the hook's sync")
     assert served["method"] == "http" and served["success"], served["error"]
     explicit = _call(daemon.url, {"method": "cloud"})
@@ -113,7 +113,7 @@ def test_a_tool_call_gets_the_result_when_another_process_ran_its_request(
 ) -> None:
     """A stdio server's second call is claimed and run by a `drain` process."""
     config = s3_config()
-    toml = _toml(config, tmp_path / "stdio.toml")
+    toml = write_toml(config, tmp_path / "stdio.toml")
     queue = JobQueue(config.state_path)
     params = StdioServerParameters(
         command=EXE, args=["--config", str(toml), "serve", "--transport", "stdio"],
@@ -126,23 +126,23 @@ def test_a_tool_call_gets_the_result_when_another_process_ran_its_request(
         assert result.structured_content is not None
         results[n] = result.structured_content
 
-    async def until(check: Callable[[], Any], what: str) -> Any:
-        return await anyio.to_thread.run_sync(lambda: _until(check, timeout=30, what=what))
+    async def eventually(check: Callable[[], Any], what: str) -> Any:
+        return await anyio.to_thread.run_sync(lambda: until(check, timeout=30, what=what))
 
     async def scenario() -> tuple[str, str, int]:
         with anyio.fail_after(90):
             async with Client(params) as client, anyio.create_task_group() as tg:
                 with _holding_sync_lock(config):
                     tg.start_soon(call, client, 1)
-                    first = await until(
+                    first = await eventually(
                         lambda: (s := queue.state_of(1)).status == "running" and s,
                         "the server to claim request 1")
                     tg.start_soon(call, client, 2)  # its worker is busy: 2 stays pending
-                    await until(lambda: queue.state_of(2).status == "pending", "request 2")
+                    await eventually(lambda: queue.state_of(2).status == "pending", "request 2")
                     drain = await anyio.open_process(
                         [EXE, "--config", str(toml), "drain"],
                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-                    second = await until(
+                    second = await eventually(
                         lambda: (s := queue.state_of(2)).status == "running" and s,
                         "drain to claim request 2")
                     assert queue.state_of(1).owner == first.owner  # not taken from the server
@@ -165,7 +165,7 @@ def test_a_second_daemon_leaves_a_live_daemons_request_and_recovers_a_dead_ones(
     with _holding_sync_lock(config):
         hook = httpx.post(f"{first.url}/hooks/session-end", json=_session_end(), timeout=5)
         request_id = hook.json()["request_id"]
-        owner = _until(lambda: (s := _state(config, request_id)).status == "running"
+        owner = until(lambda: (s := _state(config, request_id)).status == "running"
                        and s.owner, what="the first daemon to claim it")
         assert first.proc is not None and owner.startswith(f"{first.proc.pid}:")
         second = daemon_factory(config)  # recovers at start, before it listens
@@ -177,7 +177,7 @@ def test_a_second_daemon_leaves_a_live_daemons_request_and_recovers_a_dead_ones(
     done = subprocess.run([EXE, "--config", str(second.toml), "drain"],
                           capture_output=True, text=True, timeout=120, check=False)
     assert done.returncode == 0, done.stderr
-    state = _until(lambda: (s := _state(config, request_id)).status == "done" and s,
+    state = until(lambda: (s := _state(config, request_id)).status == "done" and s,
                    what="the recovered request to finish")
     assert state.result is not None and state.result["success"]
     assert len(manifests(minio_client, s3_bucket)) == 1

@@ -17,8 +17,9 @@ from minio import Minio
 from akosha_sync.config import AkoshaSyncConfig
 from akosha_sync.server.doctor import Check, run_checks
 from support.akosha import AkoshaServer
+from support.configfile import write_toml
 from support.process import pick_free_port
-from test_server import EXE, Daemon, _toml, daemon_factory
+from test_server import EXE, Daemon, daemon_factory
 
 __all__ = ["daemon_factory"]  # the fixture, re-used from test_server
 
@@ -30,14 +31,14 @@ def _env(tmp_path: Path) -> dict[str, str]:
 
 
 def _install_claude(config: AkoshaSyncConfig, tmp_path: Path, *args: str) -> None:
-    toml = _toml(config, tmp_path / "install.toml")
+    toml = write_toml(config, tmp_path / "install.toml")
     subprocess.run([EXE, "--config", str(toml), "install", "claude", "--write", *args],
                    env=_env(tmp_path), cwd=tmp_path, capture_output=True, check=True)
 
 
 def _doctor(config: AkoshaSyncConfig, tmp_path: Path, *args: str
             ) -> subprocess.CompletedProcess[str]:
-    toml = _toml(config, tmp_path / "doctor.toml")
+    toml = write_toml(config, tmp_path / "doctor.toml")
     return subprocess.run([EXE, "--config", str(toml), "doctor", *args], env=_env(tmp_path),
                           cwd=tmp_path, capture_output=True, text=True, timeout=60,
                           check=False)

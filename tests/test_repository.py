@@ -22,6 +22,7 @@ from akosha_sync.repository.retention import Policy, RetentionError
 from akosha_sync.repository.service import forget_uploads, snapshots
 from akosha_sync.sample import SampleInfo, add_conversations
 from akosha_sync.sync.cloud import CloudSyncMethod
+from support.configfile import write_toml
 from support.verify import get_object, manifests
 
 MakeConfig = Callable[..., AkoshaSyncConfig]
@@ -74,20 +75,6 @@ def _cli(config_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-def _toml(config: AkoshaSyncConfig, path: Path) -> Path:
-    lines = []
-    for key in config.__struct_fields__:
-        real = getattr(config, key)
-        if isinstance(real, bool):
-            lines.append(f"{key} = {'true' if real else 'false'}")
-        elif isinstance(real, int | float):
-            lines.append(f"{key} = {real}")
-        else:
-            lines.append(f"{key} = {json.dumps(real)}")
-    path.write_text("\n".join(lines) + "\n")
-    return path
-
-
 # ------------------------------------------------------------------ snapshots
 def test_snapshots_lists_complete_and_incomplete_uploads_from_the_bucket(
     s3_config: MakeConfig, minio_client: Minio, s3_bucket: str, sample: SampleInfo,
@@ -131,7 +118,7 @@ def test_snapshots_lists_complete_and_incomplete_uploads_from_the_bucket(
     assert one.last_verification is None
 
     # The CLI, for another system and for all systems.
-    path = _toml(config, tmp_path / "c.toml")
+    path = write_toml(config, tmp_path / "c.toml")
     _hand_made_upload(minio_client, s3_bucket, "other-host", datetime(2026, 1, 1, tzinfo=UTC))
     out = _cli(path, "snapshots")
     assert out.returncode == 0, out.stderr
@@ -170,7 +157,7 @@ def test_forget_against_the_bucket_removes_manifests_and_small_objects_only(
     assert set(plan.kept) == expected_kept
     assert set(plan.forgotten) == set(uids) - expected_kept
 
-    path = _toml(config, tmp_path / "c.toml")
+    path = write_toml(config, tmp_path / "c.toml")
     out = _cli(path, "forget", "--keep-daily", "2", "--json")
     assert out.returncode == 0, out.stderr
     report = json.loads(out.stdout)
@@ -208,7 +195,7 @@ def test_verify_passes_then_catches_a_missing_pack_a_corrupt_piece_and_wrong_row
     add_conversations(sample.data_dir, 3, seed=11, checkpoint=True)
     second = _sync(config)
     assert first["success"] and second["success"]
-    path = _toml(config, tmp_path / "c.toml")
+    path = write_toml(config, tmp_path / "c.toml")
 
     out = _cli(path, "verify", "--all", "--read-data", "--open", "--json")
     assert out.returncode == 0, out.stdout + out.stderr
@@ -356,7 +343,7 @@ def test_prune_refuses_when_a_kept_upload_already_lacks_an_object(
                      .values()))["key"]
     minio_client.remove_object(s3_bucket, pack)
     before = _keys(minio_client, s3_bucket)
-    out = _cli(_toml(config, tmp_path / "c.toml"), "prune")
+    out = _cli(write_toml(config, tmp_path / "c.toml"), "prune")
     assert out.returncode == 1
     assert "refusing to prune" in out.stderr
     assert f"upload {result['upload_id']} needs {pack}" in out.stderr
@@ -524,7 +511,7 @@ def test_forget_prune_files_layout_keeps_objects_later_uploads_reuse(
     folder = f"systems/test-host/uploads/{first['upload_id']}/"
     assert needed & _keys(minio_client, s3_bucket, folder), "the second reuses the first's"
     before = _keys(minio_client, s3_bucket)
-    out = _cli(_toml(config, tmp_path / "c.toml"), "forget", "--keep-last", "1", "--prune",
+    out = _cli(write_toml(config, tmp_path / "c.toml"), "forget", "--keep-last", "1", "--prune",
                "--json")
     assert out.returncode == 0, out.stderr
     report = json.loads(out.stdout)

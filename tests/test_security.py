@@ -39,8 +39,10 @@ from akosha_sync.repository.store import RetryPolicy, with_retries
 from akosha_sync.sync.protocol import CloudUploadError
 from akosha_sync.sync.runner import run_sync
 from support.akosha import AkoshaServer
+from support.configfile import write_toml
 from support.seaweedfs import SeaweedFS
-from test_server import EXE, ROOT, Daemon, _session_end, _toml, _until, daemon_factory
+from support.wait import until
+from test_server import EXE, ROOT, Daemon, _session_end, daemon_factory
 
 __all__ = ["daemon_factory"]  # the fixture, re-used from test_server
 
@@ -112,7 +114,7 @@ def test_hook_command_forwards_with_the_token(
                           input=json.dumps(_session_end("forwarded")), text=True,
                           capture_output=True, timeout=30, check=False)
     assert done.returncode == 0 and "answered" not in done.stderr, done.stderr
-    history = _until(lambda: _status_via_mcp_with_token(daemon.url)["history"],
+    history = until(lambda: _status_via_mcp_with_token(daemon.url)["history"],
                      what="the forwarded request's sync")
     assert "session-end" in history[0]["triggered_by"]
 
@@ -197,7 +199,7 @@ def test_serve_refuses_a_public_address_without_a_token(
     daemon_factory: Callable[[AkoshaSyncConfig], Daemon],
 ) -> None:
     config = s3_config()
-    toml = _toml(config, tmp_path / "public.toml")
+    toml = write_toml(config, tmp_path / "public.toml")
     env = {**os.environ, "HOME": str(tmp_path / "home")}
     done = subprocess.run(
         [EXE, "--config", str(toml), "serve", "--transport", "http", "--host", "0.0.0.0",  # noqa: S104
@@ -294,7 +296,7 @@ def test_everything_we_create_is_private(
     daemon = daemon_factory(config)
     answer = httpx.post(f"{daemon.url}/hooks/session-end", json=_session_end(), timeout=5)
     assert answer.status_code == 202
-    _until(lambda: daemon.status()["queued"] == 0 and not daemon.status()["running"],
+    until(lambda: daemon.status()["queued"] == 0 and not daemon.status()["running"],
            what="the hook's sync")
     seen.update(_modes(config.state_path, config.log_path.parent))
     assert daemon.stop() == 0

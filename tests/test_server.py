@@ -25,7 +25,9 @@ from minio import Minio
 from akosha_sync.config import AkoshaSyncConfig
 from akosha_sync.server.app import build_mcp_server
 from akosha_sync.server.daemon import SyncDaemon
+from support.configfile import write_toml
 from support.verify import manifests
+from support.wait import until
 
 MakeConfig = Callable[..., AkoshaSyncConfig]
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,20 +41,6 @@ def anyio_backend() -> str:
 
 
 
-def _toml(config: AkoshaSyncConfig, path: Path) -> Path:
-    lines = []
-    for key in config.__struct_fields__:
-        real = getattr(config, key)
-        if isinstance(real, bool):
-            lines.append(f"{key} = {'true' if real else 'false'}")
-        elif isinstance(real, int | float):
-            lines.append(f"{key} = {real}")
-        else:
-            lines.append(f"{key} = {json.dumps(real)}")
-    path.write_text("\n".join(lines) + "\n")
-    return path
-
-
 @contextmanager
 def _holding_sync_lock(config: AkoshaSyncConfig) -> Iterator[None]:
     """The seam: while the test holds the state lock, the daemon's sync cannot proceed."""
@@ -64,16 +52,6 @@ def _holding_sync_lock(config: AkoshaSyncConfig) -> Iterator[None]:
     finally:
         fcntl.flock(fd, fcntl.LOCK_UN)
         os.close(fd)
-
-
-def _until(check: Callable[[], Any], *, timeout: float = 60, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 class Daemon:
@@ -104,7 +82,7 @@ class Daemon:
                 return None
             return str(data["url"]) if data.get("pid") == proc.pid else None
 
-        self.url = _until(ready, what="daemon start")
+        self.url = until(ready, what="daemon start")
         return self
 
     def status(self) -> dict[str, Any]:
@@ -126,7 +104,7 @@ def daemon_factory(tmp_path: Path) -> Iterator[Callable[[AkoshaSyncConfig], Daem
     started: list[Daemon] = []
 
     def make(config: AkoshaSyncConfig) -> Daemon:
-        d = Daemon(config, _toml(config, tmp_path / f"daemon-{len(started)}.toml")).start()
+        d = Daemon(config, write_toml(config, tmp_path / f"daemon-{len(started)}.toml")).start()
         started.append(d)
         return d
 
@@ -205,7 +183,7 @@ def test_stdio_subprocess(s3_config: MakeConfig, tmp_path: Path) -> None:
     import anyio
 
     config = s3_config()
-    toml = _toml(config, tmp_path / "stdio.toml")
+    toml = write_toml(config, tmp_path / "stdio.toml")
 
     async def talk() -> dict[str, Any]:
         params = StdioServerParameters(
@@ -254,14 +232,14 @@ def test_hook_route_answers_fast_and_collapses_triggers(
     with httpx.Client(base_url=daemon.url, timeout=5) as http, _holding_sync_lock(config):
         first = http.post("/hooks/session-end", json=_session_end("first"))
         assert first.status_code == 202 and first.json()["accepted"] is True
-        _until(lambda: daemon.status()["running"], what="the first sync to start")
+        until(lambda: daemon.status()["running"], what="the first sync to start")
         for i in range(20):
             started = time.monotonic()
             answer = http.post("/hooks/session-end", json=_session_end(f"s-{i}"))
             assert answer.status_code == 202
             assert time.monotonic() - started < 1.0  # a sync is running, we still answer
         assert daemon.status()["queued"] == 20
-    _until(lambda: not daemon.status()["running"] and daemon.status()["queued"] == 0,
+    until(lambda: not daemon.status()["running"] and daemon.status()["queued"] == 0,
            what="the queue to drain")
     history = _status_via_mcp(daemon.url)["history"]
     served = sum(h["requests_served"] for h in history)
@@ -338,8 +316,8 @@ def test_killed_after_ack_completes_after_restart(
         daemon.kill()  # acknowledged, not yet uploaded
     assert manifests(minio_client, s3_bucket) == []
     again = daemon_factory(config)
-    _until(lambda: manifests(minio_client, s3_bucket), what="the resumed upload")
-    history = _until(lambda: _status_via_mcp(again.url)["history"], what="history")
+    until(lambda: manifests(minio_client, s3_bucket), what="the resumed upload")
+    history = until(lambda: _status_via_mcp(again.url)["history"], what="history")
     assert "session-end" in history[0]["triggered_by"] and history[0]["success"]
 
 
@@ -352,17 +330,17 @@ def test_sigterm_mid_sync_keeps_the_request_for_the_next_start(
     with _holding_sync_lock(config):
         answer = httpx.post(f"{daemon.url}/hooks/session-end", json=_session_end(), timeout=5)
         assert answer.status_code == 202
-        _until(lambda: daemon.status()["running"], what="the sync to start")
+        until(lambda: daemon.status()["running"], what="the sync to start")
         started = time.monotonic()
         # As Claude Code does: SIGINT, then SIGTERM while the daemon is shutting down.
         assert daemon.proc is not None
         daemon.proc.send_signal(signal.SIGINT)
-        _until(lambda: _refused(daemon.url), what="the HTTP server to stop")
+        until(lambda: _refused(daemon.url), what="the HTTP server to stop")
         assert daemon.stop() == 0  # not killed by the second signal: 1 s grace, then exit
         assert time.monotonic() - started < 15
     assert manifests(minio_client, s3_bucket) == []
     again = daemon_factory(config)
-    _until(lambda: manifests(minio_client, s3_bucket), what="the resumed upload")
+    until(lambda: manifests(minio_client, s3_bucket), what="the resumed upload")
     assert again.stop() == 0
 
 
@@ -370,7 +348,7 @@ def test_hook_command_without_daemon_records_and_drains(
     s3_config: MakeConfig, tmp_path: Path, minio_client: Minio, s3_bucket: str
 ) -> None:
     config = s3_config(daemon_port=9)  # nothing listens there
-    toml = _toml(config, tmp_path / "hook.toml")
+    toml = write_toml(config, tmp_path / "hook.toml")
     started = time.monotonic()
     done = subprocess.run([EXE, "--config", str(toml), "hook", "session-end"],
                           input=json.dumps(_session_end()), text=True, capture_output=True,
@@ -378,7 +356,7 @@ def test_hook_command_without_daemon_records_and_drains(
     assert done.returncode == 0, done.stderr
     assert time.monotonic() - started < 5
     # The detached drain uploads it.
-    _until(lambda: manifests(minio_client, s3_bucket), what="the drained upload")
+    until(lambda: manifests(minio_client, s3_bucket), what="the drained upload")
 
 
 def test_hook_command_forwards_to_a_running_daemon(
@@ -391,14 +369,14 @@ def test_hook_command_forwards_to_a_running_daemon(
                               input=json.dumps(_session_end()), text=True,
                               capture_output=True, timeout=30, check=False)
         assert done.returncode == 0, done.stderr
-        status = _until(lambda: daemon.status()["running"] and daemon.status(),
+        status = until(lambda: daemon.status()["running"] and daemon.status(),
                         what="the forwarded request")
         assert status["running"]
 
 
 def test_install_claude_prints_and_writes(tmp_path: Path, make_config: MakeConfig) -> None:
     config = make_config()
-    toml = _toml(config, tmp_path / "c.toml")
+    toml = write_toml(config, tmp_path / "c.toml")
     env = {**os.environ, "HOME": str(tmp_path / "home")}
     shown = subprocess.run([EXE, "--config", str(toml), "install", "claude", "--mode", "http"],
                            env=env, capture_output=True, text=True, check=True)

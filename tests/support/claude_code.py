@@ -8,18 +8,17 @@ servers and runs the SessionEnd hooks, which is all these tests need.
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from akosha_sync.config import AkoshaSyncConfig
+
+from .configfile import write_toml
+from .wait import until
 
 __all__ = ["ROOT", "ClaudeSandbox", "claude_executable", "until", "write_toml"]
 
@@ -39,33 +38,6 @@ def claude_executable() -> Path:
     if not exe.is_file():
         pytest.fail(f"{_BUILD} named {exe}, which does not exist")
     return exe
-
-
-def until(check: Callable[[], Any], *, timeout: float = 60, what: str = "condition") -> Any:
-    """Poll ``check`` until it returns something truthy, or fail after ``timeout`` s."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-
-
-def write_toml(config: AkoshaSyncConfig, path: Path) -> Path:
-    """``config`` as an akosha-sync TOML file."""
-    lines = []
-    for key in config.__struct_fields__:
-        value = getattr(config, key)
-        if isinstance(value, bool):
-            lines.append(f"{key} = {'true' if value else 'false'}")
-        elif isinstance(value, int | float):
-            lines.append(f"{key} = {value}")
-        else:
-            lines.append(f"{key} = {json.dumps(value)}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(lines) + "\n")
-    return path
 
 
 class ClaudeSandbox:

@@ -16,15 +16,15 @@ import json
 import signal
 import subprocess
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import IO, Any, TypeVar
+from typing import IO, Any
 
 import httpx
 from minio import Minio
 
+from .configfile import write_toml
 from .verify import get_object, manifests
+from .wait import until
 
 __all__ = [
     "EXE",
@@ -38,34 +38,6 @@ __all__ = [
 ]
 
 EXE = str(Path(sys.executable).with_name("akosha-sync"))
-T = TypeVar("T")
-
-
-def until(check: Callable[[], T], *, timeout: float, what: str, interval: float = 0.05) -> T:
-    """``check()``'s first truthy value; AssertionError naming ``what`` after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
-        time.sleep(interval)
-
-
-def write_toml(config: Any, path: Path) -> Path:
-    """Every field of an ``AkoshaSyncConfig`` as TOML (what ``--config`` reads)."""
-    lines = []
-    for key in config.__struct_fields__:
-        value = getattr(config, key)
-        if isinstance(value, bool):
-            lines.append(f"{key} = {'true' if value else 'false'}")
-        elif isinstance(value, int | float):
-            lines.append(f"{key} = {value}")
-        else:
-            lines.append(f"{key} = {json.dumps(value)}")
-    path.write_text("\n".join(lines) + "\n")
-    return path
 
 
 def session_end(session: str = "s-1") -> dict[str, str]:
