@@ -18,6 +18,7 @@ from typing import Any
 
 import anyio
 import duckdb
+import pytest
 from minio import Minio
 
 from akosha_sync.config import AkoshaSyncConfig
@@ -283,3 +284,78 @@ def test_a_writer_process_never_yields_a_mixed_snapshot(
             "reflection.duckdb"]["sha256"]
         seen.add(rows)
     assert len(seen) >= 2, "the uploads did not see the writer's progress"
+
+
+def test_a_large_memories_json_streams_as_multipart_and_is_whole(
+    s3_config: MakeConfig, minio_client: Minio, s3_bucket: str, tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """memories.json is rendered straight into a multipart upload (no file on disk):
+    read back with minio it is one valid document holding every record, once, and
+    its SHA-256 and size are the manifest's."""
+    from akosha_sync.repository.store import MIN_PART_SIZE
+    from akosha_sync.sync import memories
+
+    monkeypatch.setattr(memories, "_PART_BYTES", MIN_PART_SIZE)  # several parts
+    data = grow_to_size(tmp_path / "big", 8, 4)
+    config = s3_config(data_dir=str(data.data_dir))
+    result = _sync(config)
+    manifest = _json(minio_client, s3_bucket, result["manifest_key"])
+    detail = manifest["file_details"]["memories.json"]
+    body = get_object(minio_client, s3_bucket, detail["key"])
+    assert len(body) > 2 * MIN_PART_SIZE  # really a multipart upload
+    assert len(body) == detail["original_size"] == detail["stored_size"]
+    assert hashlib.sha256(body).hexdigest() == detail["sha256"]
+    doc = json.loads(body)
+    ids = [r["id"] for r in doc["conversations"]]
+    assert len(ids) == len(set(ids))
+    kinds = {r["metadata"]["record_type"] for r in doc["conversations"]}
+    assert kinds == {"conversation", "reflection", "entity"}
+    con = duckdb.connect(str(data.reflection_path), read_only=True)
+    try:
+        row = con.execute(
+            "SELECT count(*) FROM conversations_v2 WHERE embedding IS NOT NULL").fetchone()
+    finally:
+        con.close()
+    assert row is not None
+    assert sum(1 for r in doc["conversations"]
+               if r["metadata"]["record_type"] == "conversation") == row[0]
+    assert result["details"]["memories"]["conversation"] == row[0]
+    # Nothing of the export is left on disk.
+    assert not list(Path(config.state_path).rglob("memories.json"))
+
+
+def test_a_slice_too_large_for_duckdbs_memory_cap_is_rendered_in_halves(
+    sample: SampleInfo,
+) -> None:
+    """Long records under the export's memory cap split their slice instead of
+    failing the sync: the same records come out either way."""
+    from akosha_sync.sync import records
+
+    def render(limit: str | None, batch: int) -> list[tuple[str, str]]:
+        con = duckdb.connect(config={"memory_limit": limit} if limit else {})
+        try:
+            con.execute(f"ATTACH '{sample.reflection_path}' AS src (READ_ONLY)")
+            con.execute("USE src")
+            return list(records.iter_records(
+                con, "conversation", system_id="s", shape="ingest", batch=batch))
+        finally:
+            con.close()
+
+    expected = render(None, 500)
+    calls: list[int] = []
+    real = duckdb.DuckDBPyConnection.execute
+
+    def execute(self: Any, sql: str, params: Any = None) -> Any:
+        # The seam: DuckDB refuses any slice wider than 2 rows, as its cap would.
+        if isinstance(params, dict) and "low" in params:
+            calls.append(params["high"] - params["low"])
+            if params["high"] - params["low"] > 2:
+                raise duckdb.OutOfMemoryException("Out of Memory Error: injected")
+        return real(self, sql, params)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(duckdb.DuckDBPyConnection, "execute", execute)
+        got = render(None, 8)
+    assert sorted(got) == sorted(expected) and got
+    assert max(calls) == 8 and min(calls) <= 2

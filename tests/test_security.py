@@ -282,7 +282,7 @@ def test_everything_we_create_is_private(
     staged: set[str] = set()
 
     def watch(phase: str, done: int, total: int) -> None:
-        # Snapshots and memories.json staging exist only while a sync runs.
+        # Snapshots exist only while a sync runs (memories.json is streamed, never staged).
         modes = _modes(config.state_path)
         seen.update(modes)
         staged.update(p for p in modes if "/snapshots/" in p)
@@ -290,8 +290,8 @@ def test_everything_we_create_is_private(
     for method in ("cloud", "http"):
         result = anyio.run(lambda m=method: run_sync(config, method=m, progress=watch))
         assert result["success"], result
-    assert any(p.endswith("memories.json") for p in staged), sorted(staged)
-    assert any(p.endswith(".duckdb") for p in staged)
+    assert any(p.endswith(".duckdb") for p in staged), sorted(staged)
+    assert not any(p.endswith("memories.json") for p in seen), sorted(seen)
     # The daemon (another process, same umask): queue, daemon file, its log lines.
     daemon = daemon_factory(config)
     answer = httpx.post(f"{daemon.url}/hooks/session-end", json=_session_end(), timeout=5)

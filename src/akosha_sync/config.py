@@ -142,6 +142,19 @@ class AkoshaSyncConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown
         return self.cloud_endpoint.startswith("file://")
 
     @property
+    def transport_protects_payload(self) -> bool:
+        """True when the bytes cannot be altered on the way to the store: TLS (an
+        ``https`` or default AWS endpoint) or a loopback address. Then requests are
+        signed without hashing their bodies (S3's ``UNSIGNED-PAYLOAD``), which spares
+        a SHA-256 of every byte on both sides; plain http elsewhere stays fully signed."""
+        if not self.cloud_endpoint:
+            return True  # AWS's own https endpoint
+        parts = urlsplit(self.cloud_endpoint)
+        if parts.scheme == "https":
+            return True
+        return parts.scheme == "http" and _is_loopback(parts.hostname or "")
+
+    @property
     def cloud_configured(self) -> bool:
         """A bucket is named (for ``file://`` endpoints the bucket is a sub-folder)."""
         return bool(self.cloud_bucket.strip())

@@ -50,7 +50,9 @@ MAIN_TABLES = (
     "kg_entities", "kg_relationships",
 )
 _CONVERSATION_TABLES = ("conversations_v2", "conversations")
-_MEMORY_LIMIT = "128MB"
+# DuckDB's cache and working memory for one held database (row counts, the export):
+# what RSS costs beyond it is ~20 MB. Slices that do not fit are split (sync/records).
+_MEMORY_LIMIT = "64MB"
 
 
 class LockedByWriter(Exception):

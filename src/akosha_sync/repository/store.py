@@ -34,7 +34,7 @@ from akosha_sync.errors import CloudUploadError
 from akosha_sync.redact import scrub
 
 if TYPE_CHECKING:
-    from obstore.store import ObjectStore
+    from obstore.store import ObjectStore, RetryConfig
 
 __all__ = [
     "Failure",
@@ -160,8 +160,13 @@ def request_timeout_seconds(config: AkoshaSyncConfig) -> int:
     return int(_REQUEST_BASE_S + part_size(config) / _SLOWEST_LINK_BYTES_S)
 
 
-def make_store(config: AkoshaSyncConfig) -> ObjectStore:
-    """An obstore store for the configured target (S3-compatible or a local folder)."""
+def make_store(config: AkoshaSyncConfig, *, retries: bool = False) -> ObjectStore:
+    """An obstore store for the configured target (S3-compatible or a local folder).
+
+    ``retries``: obstore retries each request itself (transient failures, with the
+    configured backoff), for streamed multipart uploads whose whole body cannot be
+    produced again; every other caller retries whole operations (:func:`with_retries`).
+    """
     if config.is_local_target:
         root = Path(urlsplit(config.cloud_endpoint).path) / config.cloud_bucket
         return LocalStore(root, mkdir=True)
@@ -182,14 +187,30 @@ def make_store(config: AkoshaSyncConfig) -> ObjectStore:
         config.cloud_bucket,
         region=region,
         virtual_hosted_style_request=False,
+        unsigned_payload=config.transport_protects_payload,
         client_options={
             "allow_http": allow_http,
             "connect_timeout": "5s",
             "timeout": f"{request_timeout_seconds(config)}s",
         },
-        retry_config={"max_retries": 0, "retry_timeout": timedelta(seconds=1)},
+        retry_config=_own_retries(config)
+        if retries
+        else {"max_retries": 0, "retry_timeout": timedelta(seconds=1)},
         **kwargs,  # type: ignore[arg-type]
     )
+
+
+def _own_retries(config: AkoshaSyncConfig) -> RetryConfig:
+    backoff = max(config.retry_backoff_seconds, 0.01)
+    return {
+        "max_retries": config.max_retries,
+        "retry_timeout": timedelta(seconds=backoff * 2 ** (config.max_retries + 1) + 5),
+        "backoff": {
+            "init_backoff": timedelta(seconds=backoff),
+            "max_backoff": timedelta(seconds=60),
+            "base": 2.0,
+        },
+    }
 
 
 class RetryPolicy:

@@ -4,8 +4,9 @@ Per database: when its stat fingerprint matches the last upload and every pack i
 used is still in the bucket, its pieces are reused without reading it; otherwise it
 is held still (:mod:`akosha_sync.repository.source`: DuckDB's shared lock, or a
 verified copy when a writer holds it), cut into pieces, and the pieces no stored pack
-holds go into new packs (:mod:`akosha_sync.repository.writer`). The held sources stay
-open until ``cloud`` has exported their records, then ``cloud`` closes them.
+holds go into new packs (:mod:`akosha_sync.repository.writer`). Its records then go
+into memories.json through the same connection (one state for pieces and records),
+and only then is it let go: one database is held, and open in DuckDB, at a time.
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ from akosha_sync.sync.state import StoredFile, TargetState
 
 if TYPE_CHECKING:
     from akosha_sync.sync.cloud import CloudSyncMethod, _Upload
+    from akosha_sync.sync.memories import MemoriesUpload
 
 __all__ = ["sync_blocks"]
 
@@ -94,8 +96,10 @@ async def sync_blocks(
     wanted: list[tuple[str, Path]],
     snapshot_dir: Path,
     progress: ProgressCallback,
+    memories: MemoriesUpload | None = None,
 ) -> None:
-    """Store the databases as pieces in packs and write the upload's index."""
+    """Store the databases as pieces in packs and write the upload's index; with
+    ``memories``, export each database's records right after its pieces."""
     config = method.config
     sid = config.system_id_resolved
     previous, previous_index = await _previous_upload(method, state)
@@ -112,7 +116,7 @@ async def sync_blocks(
         for name, path in wanted:
             await _blocks_database(
                 method, upload, state, writer, previous, previous_index, name, path,
-                snapshot_dir, progress,
+                snapshot_dir, progress, memories,
             )
     index = writer.index()
     upload.bytes_sent += writer.bytes_new
@@ -173,6 +177,7 @@ async def _blocks_database(
     path: Path,
     snapshot_dir: Path,
     progress: ProgressCallback,
+    memories: MemoriesUpload | None,
 ) -> None:
     config = method.config
     fp = source_fingerprint(path)
@@ -212,7 +217,7 @@ async def _blocks_database(
     if opened is None:
         return
     source, held_fp = opened
-    # Held (still locked) until its records are exported; _sync closes it.
+    # Held (still locked) until its records are exported; on failure _sync closes it.
     upload.sources[name] = source
     upload.how_read[name] = "locked" if source.locked else "copy"
     phase = f"upload:{name}"
@@ -235,9 +240,11 @@ async def _blocks_database(
         )
         upload.extra[wal_name] = {"new_pieces": wal.new_pieces}
     upload.fingerprints[name] = held_fp
-    if not config.export_memories:
-        # Nothing more to read from it: let a writer in now.
-        await anyio.to_thread.run_sync(upload.sources.pop(name).close)
+    if memories is not None and (kinds := method._kinds_of(name)):
+        # Its records, from the very state its pieces were cut from.
+        await memories.add(source.con, kinds)
+    # Nothing more to read from it: let a writer in now.
+    await anyio.to_thread.run_sync(upload.sources.pop(name).close)
 
 async def _open_source(
     method: CloudSyncMethod, upload: _Upload, name: str, path: Path, snapshot_dir: Path

@@ -9,9 +9,10 @@ One sync, in order:
    (database, WAL) reuse the stored object if its SHA-256 is unchanged, else stream
    it (zstd, SHA-256 of the stored bytes, multipart) and check the stored size.
    Uploads start as soon as their snapshot is taken and run side by side;
-3. write ``memories.json`` for Akosha: every record not yet delivered on this target
-   (conversations, reflections, entities, like the HTTP method), all in its
-   ``conversations`` list, each marked by its kind in ``metadata.record_type``;
+3. stream ``memories.json`` for Akosha (:mod:`akosha_sync.sync.memories`, rendered
+   straight into its upload, never written to disk): every record not yet delivered
+   on this target (conversations, reflections, entities, like the HTTP method), all
+   in its ``conversations`` list, each marked by its kind in ``metadata.record_type``;
 4. write ``manifest.json`` with a conditional create. Until then the upload is
    invisible to Akosha; on failure before it the objects written so far are removed.
    Once its PUT was tried nothing is removed: a lost answer is resolved by reading
@@ -23,12 +24,14 @@ is the repository's (:mod:`akosha_sync.repository`): each database is held still
 under DuckDB's shared lock (or copied when a writer holds it, see
 ``repository/source.py``), read once and cut into pieces; only pieces no stored pack
 holds are compressed into new packs, and ``index.json`` lists where every piece is.
-The databases stay held until step 3 has exported their records from the same
-connections, so memories.json and the pieces are of one state.
+Each database stays held until its records have gone into memories.json from the
+same connection (right after its pieces), so memories.json and the pieces are of
+one state, and only one database is open in DuckDB at a time.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import socket
 import time
@@ -44,7 +47,6 @@ import structlog
 from obstore.exceptions import AlreadyExistsError
 
 from akosha_sync import __version__
-from akosha_sync._fs import private_dir
 from akosha_sync.config import AkoshaSyncConfig
 from akosha_sync.repository import multipart
 from akosha_sync.repository.format import LAYOUT_BLOCKS, LAYOUT_FILES
@@ -70,6 +72,7 @@ from akosha_sync.sync import records
 from akosha_sync.sync.blocks import sync_blocks
 from akosha_sync.sync.deadline import Deadline
 from akosha_sync.sync.files import send, sync_database
+from akosha_sync.sync.memories import MemoriesUpload
 from akosha_sync.sync.protocol import (
     CloudUploadError,
     ProgressCallback,
@@ -258,25 +261,30 @@ class CloudSyncMethod:
             ]
             blocks = config.storage_layout == LAYOUT_BLOCKS
             try:
-                if blocks:
-                    await sync_blocks(self, upload, state, wanted, snapshot_dir, progress)
-                else:
-                    # A database's uploads start as soon as its snapshot is taken, so the
-                    # next snapshot's copying overlaps them.
-                    async with anyio.create_task_group() as tg:
-                        for name, path in wanted:
-                            for item in await sync_database(
-                                self, upload, state, name, path, snapshot_dir, progress
-                            ):
-                                tg.start_soon(send, self, upload, item, progress)
+                async with contextlib.AsyncExitStack() as stack:
+                    memories = None
+                    if config.export_memories:
+                        memories = await stack.enter_async_context(
+                            self._memories_upload(upload, tid, progress)
+                        )
+                    if blocks:
+                        await sync_blocks(
+                            self, upload, state, wanted, snapshot_dir, progress, memories
+                        )
+                    else:
+                        await self._sync_files(upload, state, wanted, snapshot_dir, progress)
+                        if memories is not None:
+                            for name, snap in list(upload.snapshots.items()):
+                                if kinds := self._kinds_of(name):
+                                    await memories.add(Path(snap.path), kinds)
+                    if not upload.files:
+                        raise _NothingToUpload(upload)
+                    conversations, new_conversations = await self._finish_memories(
+                        upload, memories
+                    )
             except ExceptionGroup as group:
                 # One failed upload cancels the others; report the failure, not the group.
                 raise _first_failure(group) from None
-            if not upload.files:
-                raise _NothingToUpload(upload)
-            conversations, new_conversations = await self._export_memories(
-                upload, tid, progress
-            )
             # The last read of the sources is done: let a writer in before the commit.
             await _release_sources(upload)
             manifest = build_manifest(
@@ -490,59 +498,57 @@ class CloudSyncMethod:
         upload.bytes_sent += entry.stored_size
         return entry
 
-    async def _export_memories(
+    async def _sync_files(
+        self,
+        upload: _Upload,
+        state: TargetState | None,
+        wanted: list[tuple[str, Path]],
+        snapshot_dir: Path,
+        progress: ProgressCallback,
+    ) -> None:
+        """The files layout: a database's uploads start as soon as its snapshot is
+        taken, so the next snapshot's copying overlaps them."""
+        async with anyio.create_task_group() as tg:
+            for name, path in wanted:
+                for item in await sync_database(
+                    self, upload, state, name, path, snapshot_dir, progress
+                ):
+                    tg.start_soon(send, self, upload, item, progress)
+
+    def _memories_upload(
         self, upload: _Upload, tid: str, progress: ProgressCallback
+    ) -> MemoriesUpload:
+        return MemoriesUpload(
+            self.store, self.config,
+            memories_key(self.config.system_id_resolved, upload.upload_id),
+            progress_db=self._progress_db, channel=tid, progress=progress,
+            written=upload.written,
+        )
+
+    async def _finish_memories(
+        self, upload: _Upload, memories: MemoriesUpload | None
     ) -> tuple[int, int | None]:
-        """Write memories.json; return the snapshot's conversations and the new ones.
+        """Complete memories.json; return the snapshot's conversations and the new ones.
 
         The count is the reflection database's total (WAL rows included), also when
         it was unchanged and reused; new ones are those written to memories.json.
         """
-        config = self.config
-        name = config.reflection_db
+        name = self.config.reflection_db
         snap = upload.snapshots.get(name)
         entry = upload.files.get(name)
         total = snap.conversation_count if snap else (entry.conversation_count or 0) if entry else 0
-        if not config.export_memories:
+        if memories is None:
             return total, None
-        out = config.state_path / "snapshots" / upload.upload_id / MEMORIES_NAME
-        progress("export:memories", 0, 0)
-        plan: list[tuple[Path | Any, tuple[str, ...]]] = []
-        for db, kinds in (
-            (name, records.REFLECTION_KINDS),
-            (config.knowledge_graph_db, records.GRAPH_KINDS),
-        ):
-            if (held := upload.sources.get(db)) is not None:
-                plan.append((held.con, kinds))  # the same state as the uploaded pieces
-            elif (s := upload.snapshots.get(db)) is not None:
-                plan.append((Path(s.path), kinds))
-        upload.exported, upload.undeliverable = await anyio.to_thread.run_sync(
-            self._write_memories, plan, out, tid
-        )
-        key = memories_key(config.system_id_resolved, upload.upload_id)
-        stored = await self._upload_file(
-            out, key, upload, compress=False, progress=progress, phase="upload:memories"
-        )
+        stored = await memories.finish()
+        assert memories.export is not None
+        upload.exported = memories.export.written
+        upload.undeliverable = memories.export.undeliverable
         new = len(upload.exported.get("conversation", []))
         upload.files[MEMORIES_NAME] = msgspec.structs.replace(stored, conversation_count=new)
+        upload.bytes_sent += stored.stored_size
         upload.bytes_new += stored.stored_size
-        upload.uploaded_keys.append(key)
+        upload.uploaded_keys.append(memories.key)
         return total, new
-
-    def _write_memories(
-        self, plan: list[tuple[Path | Any, tuple[str, ...]]], out: Path, tid: str
-    ) -> tuple[dict[str, list[str]], dict[str, int]]:
-        """Blocking: every undelivered record of the snapshots, and per kind the
-        records that cannot be delivered (no embedding)."""
-        private_dir(out.parent)
-        export = records.write_memories_json(
-            out,
-            plan,
-            progress_db=self._progress_db,
-            system_id=self.config.system_id_resolved,
-            channel=tid,
-        )
-        return export.written, export.undeliverable
 
     @staticmethod
     def _details(upload: _Upload) -> dict[str, Any]:

@@ -19,16 +19,16 @@ import os
 import re
 import threading
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Literal
 
 import msgspec
 import structlog
 
-from akosha_sync._fs import atomic_write, private_dir, private_file, private_open, set_aside
+from akosha_sync._fs import atomic_write, private_dir, private_file, set_aside
 
 if TYPE_CHECKING:
     # DuckDB (~0.1 s, ~30 MB) is imported by the functions that open a connection:
@@ -42,10 +42,12 @@ __all__ = [
     "PROGRESS_LOCK",
     "REFLECTION_KINDS",
     "MemoriesExport",
+    "MemoriesWriter",
     "RecordKind",
     "RecordShape",
     "count_undeliverable",
     "forget_delivered",
+    "iter_record_batches",
     "iter_records",
     "load_undeliverable",
     "mark_delivered",
@@ -53,15 +55,14 @@ __all__ = [
     "open_progress",
     "open_snapshot",
     "save_undeliverable",
-    "write_memories_json",
 ]
 
 log = structlog.get_logger("akosha_sync.records")
 
 RecordShape = Literal["ingest", "mcp"]
 
-_MEMORY_LIMIT = "128MB"
-_SLICE_ROWS = 1000
+_MEMORY_LIMIT = "64MB"
+_SLICE_ROWS = 500
 # Slices rendered side by side (DuckDB renders without the GIL): one per core here.
 _RENDER_THREADS = max(1, min(2, os.cpu_count() or 1))
 
@@ -278,6 +279,22 @@ def iter_records(
 
     With ``channel``, only those not yet delivered on it (``open_progress`` first).
     """
+    for docs in iter_record_batches(
+        con, kind, system_id=system_id, shape=shape, channel=channel, batch=batch
+    ):
+        yield from docs
+
+
+def iter_record_batches(
+    con: duckdb.DuckDBPyConnection,
+    kind: str,
+    *,
+    system_id: str,
+    shape: RecordShape,
+    channel: str | None = None,
+    batch: int = _SLICE_ROWS,
+) -> Iterator[list[tuple[str, str]]]:
+    """:func:`iter_records` a rowid slice at a time (fewer, larger writes)."""
     spec = KINDS[kind]
     found = _find_table(con, spec)
     if found is None:
@@ -311,8 +328,7 @@ def iter_records(
             starts = [int(r[0]) * batch for r in rows]
     finally:
         cursor.close()
-    for docs in _render_slices(con, sql, params, starts, batch):
-        yield from docs
+    yield from _render_slices(con, sql, params, starts, batch)
 
 
 def _render_slices(
@@ -332,16 +348,26 @@ def _render_slices(
     cursors: list[duckdb.DuckDBPyConnection] = []
     guard = threading.Lock()
 
-    def render(low: int) -> list[tuple[str, str]]:
+    def render(low: int, high: int | None = None) -> list[tuple[str, str]]:
+        import duckdb
+
+        high = low + batch if high is None else high
         cursor = getattr(local, "cursor", None)
         if cursor is None:
             cursor = local.cursor = con.cursor()  # one per thread: cursors are not shared
             with guard:
                 cursors.append(cursor)
-        cursor.execute(sql, {**params, "low": low, "high": low + batch})
-        return [
-            (str(record_id), str(doc)) for record_id, doc in cursor.fetchall() if doc is not None
-        ]
+        try:
+            cursor.execute(sql, {**params, "low": low, "high": high})
+            rows = cursor.fetchall()
+        except duckdb.OutOfMemoryException:
+            # Unusually large records (long conversations) under the memory cap: render
+            # the slice in halves rather than fail the sync; one row must fit.
+            if high - low <= 1:
+                raise
+            middle = (low + high) // 2
+            return render(low, middle) + render(middle, high)
+        return [(str(record_id), str(doc)) for record_id, doc in rows if doc is not None]
 
     pending: deque[Future[list[tuple[str, str]]]] = deque()
     lows = iter(starts)
@@ -418,79 +444,95 @@ def forget_delivered(progress_db: Path, channel: str) -> int:
 
 
 class MemoriesExport(msgspec.Struct, frozen=True):
-    """What ``write_memories_json`` wrote, per kind, and what it could not."""
+    """What a :class:`MemoriesWriter` wrote, per kind, and what it could not."""
 
     written: dict[str, list[str]]  # original ids
     undeliverable: dict[str, int]  # records without an embedding (only kinds with some)
 
 
-def write_memories_json(
-    out: Path,
-    snapshots: Sequence[tuple[Path | duckdb.DuckDBPyConnection, Sequence[str]]],
-    *,
-    progress_db: Path,
-    system_id: str,
-    channel: str | None,
-) -> MemoriesExport:
-    """Write Akosha's ``{"conversations": [...]}`` with every undelivered record.
+_OPEN = b'{"conversations": ['
+_CLOSE = b"]}\n"
+_CHUNK_BYTES = 1024 * 1024
+
+
+class MemoriesWriter:
+    """Akosha's ``{"conversations": [...]}`` with every undelivered record, rendered
+    snapshot by snapshot into ``sink`` in chunks of about 1 MiB (bounded memory).
 
     Akosha's worker reads only the ``conversations`` list, so every kind goes there
     (conversations, reflections, entities: what the HTTP method delivers), each
-    marked by ``metadata.record_type`` / ``metadata.type``. ``snapshots`` pairs each
-    snapshot with the kinds read from it; they are opened one at a time (DuckDB
-    attaches the progress store once per process). A snapshot may also be an open
-    connection whose schema is the database (the blocks layout's held source): it is
-    used as it is and left open. Streams to ``out``, so memory
-    stays bounded.
+    marked by ``metadata.record_type`` / ``metadata.type``. :meth:`add` and
+    :meth:`close` block (call them from a worker thread): ``sink`` may block too,
+    which is how a slow upload holds the rendering back.
     """
-    written: dict[str, list[str]] = {}
-    skipped: dict[str, int] = {}
-    with private_open(out, "w", encoding="utf-8") as fh:
-        fh.write('{"conversations": [')
-        first = True
-        for path, kinds in snapshots:
-            with PROGRESS_LOCK:
-                first = _export_one(
-                    fh, path, kinds, progress_db, system_id, channel, written, skipped, first
-                )
-        fh.write("]}\n")
-    return MemoriesExport(written=written, undeliverable=skipped)
 
+    def __init__(
+        self,
+        sink: Callable[[bytes], None],
+        *,
+        progress_db: Path,
+        system_id: str,
+        channel: str | None,
+    ) -> None:
+        self._sink = sink
+        self._progress_db = progress_db
+        self._system_id = system_id
+        self._channel = channel
+        self._buffer = bytearray(_OPEN)
+        self._first = True
+        self.written: dict[str, list[str]] = {}
+        self.undeliverable: dict[str, int] = {}
 
-def _export_one(
-    fh: IO[str],
-    path: Path | duckdb.DuckDBPyConnection,
-    kinds: Sequence[str],
-    progress_db: Path,
-    system_id: str,
-    channel: str | None,
-    written: dict[str, list[str]],
-    skipped: dict[str, int],
-    first: bool,
-) -> bool:
-    """Append one snapshot's records; returns whether the list is still empty."""
-    if isinstance(path, Path):
-        con = open_snapshot(path, progress_db)
-    else:
-        con = path
-        open_progress(con, progress_db)
-    try:
-        for kind in kinds:
-            ids = written.setdefault(kind, [])
-            for record_id, doc in iter_records(
-                con, kind, system_id=system_id, shape="ingest", channel=channel
-            ):
-                fh.write(doc if first else ",\n" + doc)
-                first = False
-                ids.append(record_id)
-            if n := count_undeliverable(con, kind, channel=channel):
-                skipped[kind] = n
-    finally:
-        if isinstance(path, Path):
-            con.close()
-        else:
-            con.execute("DETACH progress")
-    return first
+    def add(
+        self, snapshot: Path | duckdb.DuckDBPyConnection, kinds: Sequence[str]
+    ) -> None:
+        """Append the undelivered records of ``kinds`` from one snapshot.
+
+        ``snapshot`` is a database file (opened and closed here) or an open connection
+        whose schema is the database (the blocks layout's held source: used as it is
+        and left open). DuckDB attaches the progress store once per process, hence
+        the lock.
+        """
+        with PROGRESS_LOCK:
+            if isinstance(snapshot, Path):
+                con = open_snapshot(snapshot, self._progress_db)
+            else:
+                con = snapshot
+                open_progress(con, self._progress_db)
+            try:
+                for kind in kinds:
+                    self._add_kind(con, kind)
+            finally:
+                if isinstance(snapshot, Path):
+                    con.close()
+                else:
+                    con.execute("DETACH progress")
+
+    def _add_kind(self, con: duckdb.DuckDBPyConnection, kind: str) -> None:
+        ids = self.written.setdefault(kind, [])
+        for docs in iter_record_batches(
+            con, kind, system_id=self._system_id, shape="ingest", channel=self._channel
+        ):
+            if not docs:
+                continue
+            body = ",\n".join(doc for _, doc in docs)
+            self._buffer += (body if self._first else ",\n" + body).encode()
+            self._first = False
+            ids.extend(record_id for record_id, _ in docs)
+            if len(self._buffer) >= _CHUNK_BYTES:
+                self._flush()
+        if n := count_undeliverable(con, kind, channel=self._channel):
+            self.undeliverable[kind] = n
+
+    def _flush(self) -> None:
+        data, self._buffer = bytes(self._buffer), bytearray()
+        self._sink(data)
+
+    def close(self) -> MemoriesExport:
+        """End the document (the last chunk goes to ``sink``); what was written."""
+        self._buffer += _CLOSE
+        self._flush()
+        return MemoriesExport(written=self.written, undeliverable=self.undeliverable)
 
 
 def save_undeliverable(state_dir: Path, method: str, by_kind: dict[str, int]) -> None:
