@@ -134,6 +134,23 @@ class Run:
     peak_rss_mb: float
     returncode: int
     out: dict[str, Any] = field(default_factory=dict)
+    cpu_s: float = 0.0  # the child's user + system time
+    store_cpu_s: float = 0.0  # SeaweedFS's user + system time meanwhile (same 2 cores)
+
+
+# The SeaweedFS process, whose CPU time each run also reports (set in main).
+STORE_PID: int | None = None
+
+
+def _store_cpu_s() -> float:
+    """User + system seconds the SeaweedFS process has used so far (0 if unknown)."""
+    if STORE_PID is None:
+        return 0.0
+    try:
+        fields = Path(f"/proc/{STORE_PID}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _self_rss_mb() -> float:
@@ -154,11 +171,13 @@ def run_process(args: list[str], env: dict[str, str], log: Path, *, json_out: bo
     with log.open("ab") as sink, out_path.open("wb") as stdout:
         sink.write(f"\n$ {shlex.join(args)}\n".encode())
         sink.flush()
+        store_began = _store_cpu_s()
         began = time.perf_counter()
         proc = subprocess.Popen(args, env=env, stdin=subprocess.DEVNULL, stdout=stdout,
                                 stderr=sink)
         _, status, usage = os.wait4(proc.pid, 0)
         wall = time.perf_counter() - began
+        store_cpu = _store_cpu_s() - store_began
         proc.returncode = os.waitstatus_to_exitcode(status)
     text = out_path.read_text(errors="replace")
     with log.open("a") as sink:
@@ -168,7 +187,8 @@ def run_process(args: list[str], env: dict[str, str], log: Path, *, json_out: bo
         start = text.find("{")
         with contextlib.suppress(ValueError):
             parsed = json.loads(text[start:]) if start >= 0 else {}
-    return Run(wall, usage.ru_maxrss / 1024, proc.returncode, parsed)
+    return Run(wall, usage.ru_maxrss / 1024, proc.returncode, parsed,
+               cpu_s=usage.ru_utime + usage.ru_stime, store_cpu_s=store_cpu)
 
 
 def _tail(path: Path, lines: int = 25) -> str:
@@ -302,6 +322,8 @@ def unit_chain(bench: Bench, s: Samples, rep: int) -> None:
     reflection = (data / "reflection.duckdb").stat().st_size
     s.add("cold_on_s", cold.wall_s)
     s.add("rss_cold_on", cold.peak_rss_mb)
+    s.add("cpu_cold_on", cold.cpu_s)
+    s.add("store_cpu_cold_on", cold.store_cpu_s)
     s.add("resync_s", resync.wall_s)
     s.add("small_s", small.wall_s)
     s.add("small_bytes", float(small.out.get("bytes_transferred", 0)))
@@ -321,6 +343,8 @@ def unit_cold_off(bench: Bench, s: Samples, rep: int, uploads: dict[int, tuple[P
     cold = bench.cli(toml, "sync")
     s.add("cold_off_s", cold.wall_s)
     s.add("rss_cold_off", cold.peak_rss_mb)
+    s.add("cpu_cold_off", cold.cpu_s)
+    s.add("store_cpu_cold_off", cold.store_cpu_s)
     s.add("cold_off_bytes", float(cold.out.get("bytes_transferred", 0)))
     uploads[rep] = (toml, str(cold.out["upload_id"]))
     s.runs.append({"unit": "cold_off", "rep": rep, "cold": cold.__dict__})
@@ -337,6 +361,8 @@ def unit_restore(bench: Bench, s: Samples, rep: int, uploads: dict[int, tuple[Pa
     if got != hashes:
         raise RuntimeError(f"restore of {upload_id} is not the source: {got} vs {hashes}")
     s.add("restore_s", run.wall_s)
+    s.add("cpu_restore", run.cpu_s)
+    s.add("store_cpu_restore", run.store_cpu_s)
     s.add("rss_restore", run.peak_rss_mb)
     s.add("restore_bytes", float(run.out.get("bytes_downloaded", 0)))
     s.runs.append({"unit": "restore", "rep": rep, "run": run.__dict__})
@@ -348,6 +374,8 @@ def unit_restore(bench: Bench, s: Samples, rep: int, uploads: dict[int, tuple[Pa
 def unit_rclone_up(bench: Bench, s: Samples, rep: int) -> None:
     run = bench.rclone(str(bench.base), f"bench:{BUCKET}/rclone/up-r{rep}")
     s.add("rclone_up_s", run.wall_s)
+    s.add("cpu_rclone_up", run.cpu_s)
+    s.add("store_cpu_rclone_up", run.store_cpu_s)
     s.runs.append({"unit": "rclone_up", "rep": rep, "run": run.__dict__})
     print(f"  rep {rep} rclone copy up: {run.wall_s:.2f}s", flush=True)
 
@@ -368,6 +396,8 @@ def unit_rclone_down(bench: Bench, s: Samples, rep: int,
                            str(target))
         size = _dir_bytes(target)
     s.add("rclone_down_s", run.wall_s)
+    s.add("cpu_rclone_down", run.cpu_s)
+    s.add("store_cpu_rclone_down", run.store_cpu_s)
     s.add("rclone_down_bytes", float(size))
     s.runs.append({"unit": "rclone_down", "rep": rep, "run": run.__dict__, "bytes": size})
     shutil.rmtree(target, ignore_errors=True)
@@ -558,6 +588,12 @@ def details(s: Samples) -> list[str]:
         f"(sent {med('resync_bytes', 1, '.0f')} B); small change {med('small_s')} s, sent "
         f"{med('small_bytes', MIB)} MB",
         f"sent by a cold sync, export off: {med('cold_off_bytes', MIB, '.1f')} MB",
+        "CPU seconds, client + SeaweedFS (2 cores: wall >= their sum / 2): "
+        f"cold export off {med('cpu_cold_off')} + {med('store_cpu_cold_off')}, "
+        f"rclone up {med('cpu_rclone_up')} + {med('store_cpu_rclone_up')}, "
+        f"default config {med('cpu_cold_on')} + {med('store_cpu_cold_on')}, "
+        f"restore {med('cpu_restore')} + {med('store_cpu_restore')}, "
+        f"rclone down {med('cpu_rclone_down')} + {med('store_cpu_rclone_down')}",
         "all runs: " + "; ".join(f"{k} " + ", ".join(f"{v:.3g}" for v in vals)
                                  for k, vals in s.values.items()),
     ]
@@ -640,6 +676,8 @@ def main(argv: list[str] | None = None) -> int:
         counts: dict[str, Any] | None = None
         series: dict[str, list[int]] = {}
         with seaweedfs(work / "seaweedfs") as server:
+            global STORE_PID
+            STORE_PID = server.pid
             bench = Bench(work, server.endpoint, base)
             warm_up(bench)
             print(f"SeaweedFS at {server.endpoint}; parent RSS {_self_rss_mb():.0f} MB "
