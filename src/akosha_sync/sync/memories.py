@@ -192,8 +192,9 @@ class MemoriesUpload:
 
         self._written.append(self.key)
         try:
+            # obstore's own per-request retries: each part's bytes are buffered.
             await obstore.put_async(
-                _retrying_store(self._config), self.key, body(), use_multipart=True,
+                make_store(self._config, retries=True), self.key, body(), use_multipart=True,
                 chunk_size=self._part, max_concurrency=_CONCURRENCY,
             )
         except Exception as exc:
@@ -202,8 +203,3 @@ class MemoriesUpload:
                 explain(exc, self._config, f"uploading {self.key}"), original=exc,
                 connect_failed=classify(exc) is Failure.CONNECT,
             ) from exc
-
-
-def _retrying_store(config: AkoshaSyncConfig) -> ObjectStore:
-    """The configured store with obstore's own per-request retries on (for parts)."""
-    return make_store(config, retries=True)
