@@ -194,3 +194,19 @@ def test_from_settings_reads_session_buddy_names() -> None:
     c = AkoshaSyncConfig.from_settings(Settings())
     assert (c.cloud_bucket, c.max_retries, c.upload_timeout_seconds) == ("sb-bucket", 4, 60)
     assert AkoshaSyncConfig.from_settings({"cloud_region": "eu-west-1"}).cloud_region == "eu-west-1"
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "protected"),
+    [
+        ("", True),  # AWS's own https endpoint
+        ("https://abc.r2.cloudflarestorage.com", True),
+        ("http://127.0.0.1:9000", True),
+        ("http://localhost:9000", True),
+        ("http://minio:9000", False),  # plain http on a network: bodies stay signed
+        ("file:///srv/backup", False),
+    ],
+)
+def test_only_tls_or_loopback_skips_hashing_request_bodies(endpoint: str, protected: bool) -> None:
+    config = AkoshaSyncConfig(cloud_endpoint=endpoint, allow_plain_http=True)
+    assert config.transport_protects_payload is protected
