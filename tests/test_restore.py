@@ -185,6 +185,34 @@ def test_corrupted_piece_fails_naming_the_pack_and_leaves_target(
         "notes.txt", "reflection.duckdb"]
 
 
+def test_damage_that_still_decompresses_is_caught_by_the_whole_file_hash(
+    s3_config: MakeConfig, minio_client: Minio, s3_bucket: str, tmp_path: Path
+) -> None:
+    """Restore hashes whole files rather than each piece: a piece replaced by another
+    valid zstd frame of the right length must still fail, naming its pack."""
+    import io
+
+    import zstandard
+
+    config = s3_config(export_memories=False)
+    result = _sync(config)
+    index = _index(minio_client, s3_bucket, result)
+    pieces = index["files"]["reflection.duckdb"]["pieces"]
+    piece = next(p for p in pieces[1:] if p[5] == "zstd")
+    key = index["packs"][piece[1]]["key"]
+    forged = zstandard.ZstdCompressor().compress(b"x" * piece[4])
+    assert len(forged) < piece[3]  # fits in the piece's place; the rest stays as it was
+    data = bytearray(get_object(minio_client, s3_bucket, key))
+    data[piece[2] : piece[2] + len(forged)] = forged
+    minio_client.put_object(s3_bucket, key, io.BytesIO(bytes(data)), len(data))
+    target, before = _existing_target(tmp_path)
+    with pytest.raises(RestoreError, match="does not match its SHA-256") as info:
+        _restore(config, target, force=True)
+    assert key in str(info.value) and piece[0][:16] in str(info.value)
+    assert _snapshot_of(target) == before and sorted(p.name for p in target.iterdir()) == [
+        "notes.txt", "reflection.duckdb"]
+
+
 def test_deleted_pack_fails_naming_it_and_leaves_target(
     s3_config: MakeConfig, minio_client: Minio, s3_bucket: str, tmp_path: Path
 ) -> None:
@@ -318,3 +346,40 @@ def test_damaged_whole_object_in_files_layout_fails_naming_it(
         _restore(config, target, force=True)
     assert key in str(info.value)
     assert _snapshot_of(target) == before
+
+
+def test_whole_file_hash_follows_pieces_written_out_of_order(tmp_path: Path) -> None:
+    """Packs finish in any order: pieces written ahead of the hash are read back when
+    the gap closes, and the digest is the file's."""
+    import os
+    import random
+
+    from akosha_sync.repository.format import Piece
+    from akosha_sync.repository.restore import PlannedFile, _WholeFile
+
+    blobs = [os.urandom(random.Random(i).randint(1, 5000)) for i in range(12)]
+    content = b"".join(blobs)
+    placed, offset = [], 0
+    for blob in blobs:
+        sha = hashlib.sha256(blob).hexdigest()
+        placed.append((Piece(sha, "p", 0, len(blob), len(blob), "raw"), offset, "packs/p"))
+        offset += len(blob)
+    planned = PlannedFile(name="f", path=str(tmp_path / "f"), size=len(content),
+                          sha256=hashlib.sha256(content).hexdigest(), replaces=False)
+    order = list(range(len(blobs)))
+    random.Random(7).shuffle(order)
+    assert order[0] != 0  # the first piece written is ahead of the hash
+    fd = os.open(tmp_path / "f", os.O_RDWR | os.O_CREAT)
+    try:
+        whole = _WholeFile(fd, planned, placed)
+        for i in order:
+            whole.write(blobs[i], placed[i][1])
+        whole.check()
+        assert whole.hashed == len(content)
+        damaged = _WholeFile(fd, planned, placed)
+        for i in order:
+            damaged.write(b"\0" * len(blobs[i]) if i == 5 else blobs[i], placed[i][1])
+        with pytest.raises(RestoreError, match=r"in packs/p does not match its SHA-256"):
+            damaged.check()
+    finally:
+        os.close(fd)

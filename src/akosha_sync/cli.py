@@ -180,10 +180,10 @@ def _cmd_restore(args: argparse.Namespace) -> int:
     import anyio
     import msgspec
 
+    from akosha_sync.errors import CloudUploadError
     from akosha_sync.logs import configure_logging
     from akosha_sync.repository.restore import RestoreError, restore
     from akosha_sync.repository.store import make_store
-    from akosha_sync.sync.protocol import CloudUploadError
 
     config = _load(args)
     problems = config.validate()

@@ -10,12 +10,12 @@ and checks it.
 from __future__ import annotations
 
 import hashlib
+import threading
 from typing import Any
 
 import msgspec
 
 from akosha_sync.repository.format import PACK_TARGET_SIZE, Compression, Piece
-from akosha_sync.repository.pieces import piece_id
 
 __all__ = ["PackBuilder", "PieceError", "SealedPack", "extract_piece"]
 
@@ -74,10 +74,27 @@ class PackBuilder:
         return SealedPack(pack_id, data, pieces)
 
 
-def extract_piece(pack: bytes | memoryview, piece: Piece, *, where: str) -> bytes:
+_local = threading.local()
+
+
+def _decompressor() -> Any:
+    """One zstd context per thread: creating one per piece costs more than the piece."""
+    dctx = getattr(_local, "dctx", None)
+    if dctx is None:
+        import zstandard
+
+        dctx = _local.dctx = zstandard.ZstdDecompressor()
+    return dctx
+
+
+def extract_piece(
+    pack: bytes | memoryview, piece: Piece, *, where: str, check: bool = True
+) -> bytes | memoryview:
     """The raw bytes of ``piece`` from its pack's bytes, checked against its id.
 
-    ``where`` names the pack object in the error (e.g. its key).
+    ``where`` names the pack object in the error (e.g. its key). A raw piece comes
+    back as a view into ``pack`` (no copy). ``check=False`` checks the length only,
+    for a caller that hashes every byte another way (restore: the whole file).
     """
     end = piece.offset + piece.stored_length
     if end > len(pack):
@@ -85,14 +102,13 @@ def extract_piece(pack: bytes | memoryview, piece: Piece, *, where: str) -> byte
             f"piece {piece.sha256[:16]} at bytes {piece.offset}..{end} of {where} is beyond "
             f"the pack's {len(pack)} bytes: the pack is truncated or the index is stale"
         )
-    stored = bytes(pack[piece.offset : end])
+    stored = memoryview(pack)[piece.offset : end]
+    data: bytes | memoryview
     if piece.compression == "zstd":
         import zstandard
 
         try:
-            data = zstandard.ZstdDecompressor().decompress(
-                stored, max_output_size=piece.length
-            )
+            data = _decompressor().decompress(stored, max_output_size=piece.length)
         except zstandard.ZstdError as exc:
             raise PieceError(
                 f"piece {piece.sha256[:16]} in {where} does not decompress ({exc}): "
@@ -100,7 +116,8 @@ def extract_piece(pack: bytes | memoryview, piece: Piece, *, where: str) -> byte
             ) from exc
     else:
         data = stored
-    if len(data) != piece.length or piece_id(data) != piece.sha256:
+    damaged = check and hashlib.sha256(data).hexdigest() != piece.sha256
+    if len(data) != piece.length or damaged:
         raise PieceError(
             f"piece {piece.sha256[:16]} in {where} does not match its SHA-256: the pack is "
             "damaged"
