@@ -1,3 +1,3 @@
-from akosha_sync.cli import main
+from akosha_sync.cli import run
 
-raise SystemExit(main())
+run()
