@@ -156,6 +156,24 @@ def test_file_targets_are_a_no_op(make_config: Callable[..., AkoshaSyncConfig],
     assert anyio.run(multipart.abort_upload, config, "x") == 0
 
 
+@pytest.mark.parametrize(("endpoint", "proxy", "tls"), [
+    ("https://r2.example.com", "", True),
+    ("", "", True),  # AWS
+    ("http://127.0.0.1:9000", "", False),
+    ("http://minio.lan:9000", "http://proxy.lan:3128", False),
+    ("http://minio.lan:9000", "https://proxy.lan:3128", True),  # TLS to the proxy
+])
+def test_certificates_are_loaded_only_where_tls_can_be_met(
+    monkeypatch: pytest.MonkeyPatch, endpoint: str, proxy: str, tls: bool
+) -> None:
+    for name in ("HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy", "HTTPS_PROXY",
+                 "https_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    if proxy:
+        monkeypatch.setenv("HTTP_PROXY", proxy)
+    assert multipart._uses_tls(endpoint) is tls
+
+
 def test_listing_is_read_with_or_without_the_s3_namespace() -> None:
     body = ("<ListMultipartUploadsResult{ns}><Upload><Key>k</Key><UploadId>u</UploadId>"
             "<Initiated>2026-01-02T03:04:05.678Z</Initiated></Upload>"

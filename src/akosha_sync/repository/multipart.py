@@ -242,13 +242,30 @@ def _parse_time(text: str) -> datetime:
         return datetime.now(UTC)  # unknown: as young as can be, so never aborted by age
 
 
-def _http() -> httpx.AsyncClient:
+def _http(config: AkoshaSyncConfig) -> httpx.AsyncClient:
     # Proxy and CA variables apply, as they do to obstore's client.
     import httpx
 
     return httpx.AsyncClient(
-        timeout=httpx.Timeout(_TIMEOUT_S, connect=_CONNECT_TIMEOUT_S), trust_env=True
+        timeout=httpx.Timeout(_TIMEOUT_S, connect=_CONNECT_TIMEOUT_S), trust_env=True,
+        verify=_uses_tls(config.cloud_endpoint),
     )
+
+
+def _uses_tls(endpoint: str) -> bool:
+    """Whether a request to the store can meet TLS: not for a plain-http endpoint
+    reached directly or through a plain-http proxy.
+
+    httpx loads the CA bundle for every client that verifies (~0.1 s of CPU, a
+    twentieth of a cold sync), though a connection without TLS never uses it.
+    """
+    if urlsplit(endpoint).scheme != "http":
+        return True  # https, or empty: AWS over https
+    import urllib.request
+
+    proxies = urllib.request.getproxies()  # the variables trust_env reads
+    proxy = proxies.get("http") or proxies.get("all") or ""
+    return urlsplit(proxy).scheme == "https"
 
 
 # ----------------------------------------------------- remembered failures
@@ -308,7 +325,7 @@ async def abort_upload(config: AkoshaSyncConfig, upload_id: str) -> int:
     prefix = upload_dir(config.system_id_resolved, upload_id) + "/"
     aborted = 0
     try:
-        async with _http() as http:
+        async with _http(config) as http:
             client = _Client(config, http)
             for upload in await client.list(prefix):
                 await client.abort(upload)
@@ -326,7 +343,7 @@ async def list_incomplete(config: AkoshaSyncConfig) -> list[IncompleteUpload]:
     """This system's incomplete multipart uploads (raises on a store error)."""
     if config.is_local_target:
         return []
-    async with _http() as http:
+    async with _http(config) as http:
         return await _Client(config, http).list(uploads_prefix(config.system_id_resolved))
 
 
@@ -346,7 +363,7 @@ async def sweep(config: AkoshaSyncConfig, current_upload_id: str) -> int:
     max_age = timedelta(seconds=config.upload_timeout_seconds) + _AGE_MARGIN
     aborted = 0
     try:
-        async with _http() as http:
+        async with _http(config) as http:
             client = _Client(config, http)
             by_folder: dict[str, list[IncompleteUpload]] = {}
             for upload in await client.list(prefix):
