@@ -178,3 +178,25 @@ def test_plan_refuses_a_locked_database_even_with_force(tmp_path: Path) -> None:
                         now=datetime.now(UTC))
     assert len(plan.problems) == 1
     assert str(tmp_path / "r.duckdb") in plan.problems[0] and "running process" in plan.problems[0]
+
+
+def test_file_digest_hashes_in_its_thread_and_ends_it_even_when_abandoned(
+    tmp_path: Path,
+) -> None:
+    import threading
+
+    path = tmp_path / "blob"
+    path.write_bytes(os.urandom(3 * 262144 + 123))
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        digest = FileDigest()
+        pieces = list(iter_pieces(fd, digest, database=False))
+        assert [len(p) for p in pieces] == [262144] * 3 + [123]
+        assert digest.sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
+        assert digest.size == path.stat().st_size
+        abandoned = FileDigest()  # a read that failed half-way
+        next(iter_pieces(fd, abandoned, database=False))
+        abandoned.close()
+        assert not [t for t in threading.enumerate() if t.name == "akosha-file-hash"]
+    finally:
+        os.close(fd)

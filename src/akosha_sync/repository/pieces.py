@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import queue
+import threading
 from collections.abc import Iterator
 
 from akosha_sync.repository.format import DEFAULT_BLOCK_SIZE, HEADER_AREA, block_size_from_header
@@ -21,16 +23,48 @@ def piece_id(data: bytes) -> str:
 
 
 class FileDigest:
-    """Whole-file SHA-256 and size, taken while the pieces stream past."""
+    """Whole-file SHA-256 and size, taken while the pieces stream past.
+
+    The whole-file hash runs in a thread of its own (hashlib lets go of the GIL),
+    beside the reader's per-piece hashing: reading a database whose pieces are all
+    known already (the usual sync at a session's end) then takes about half as long
+    on two cores. At most :data:`_IN_FLIGHT` pieces wait for it. Call :meth:`close`
+    (or read :attr:`sha256`) when done, also after a failure, to end the thread.
+    """
 
     def __init__(self) -> None:
-        self.sha = hashlib.sha256()
         self.size = 0
         self.block_size = DEFAULT_BLOCK_SIZE
+        self._sha = hashlib.sha256()
+        self._queue: queue.Queue[bytes | None] = queue.Queue(maxsize=_IN_FLIGHT)
+        self._thread: threading.Thread | None = None
+
+    def update(self, data: bytes) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="akosha-file-hash",
+                                            daemon=True)
+            self._thread.start()
+        self.size += len(data)
+        self._queue.put(data)
+
+    def _run(self) -> None:
+        while (data := self._queue.get()) is not None:
+            self._sha.update(data)
+
+    def close(self) -> None:
+        """Wait for the hash to take in every piece given (idempotent)."""
+        if self._thread is not None:
+            self._queue.put(None)
+            self._thread.join()
+            self._thread = None
 
     @property
     def sha256(self) -> str:
-        return self.sha.hexdigest()
+        self.close()
+        return self._sha.hexdigest()
+
+
+_IN_FLIGHT = 16  # pieces (4 MiB of 256 KiB blocks) read but not yet in the file's hash
 
 
 def _pread_all(fd: int, length: int, offset: int) -> bytes:
@@ -70,8 +104,7 @@ def iter_pieces(
         header = _pread_all(fd, min(HEADER_AREA, limit), 0)
         step = block_size or block_size_from_header(header)
         if header:
-            digest.sha.update(header)
-            digest.size += len(header)
+            digest.update(header)
             offset = len(header)
             yield header
     digest.block_size = step
@@ -79,7 +112,6 @@ def iter_pieces(
         data = _pread_all(fd, min(step, limit - offset), offset)
         if not data:
             break
-        digest.sha.update(data)
-        digest.size += len(data)
+        digest.update(data)
         offset += len(data)
         yield data

@@ -219,7 +219,10 @@ class RepositoryWriter:
                     reported = digest.size
                     anyio.from_thread.run_sync(report, digest.size)
 
-        await anyio.to_thread.run_sync(scan)
+        try:
+            await anyio.to_thread.run_sync(scan)
+        finally:
+            digest.close()
         if digest.size != size:
             raise CloudUploadError(
                 f"{name} had {digest.size} bytes when read, {size} when opened; it changed "
