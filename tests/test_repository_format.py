@@ -74,8 +74,10 @@ def test_wal_and_other_files_split_from_offset_zero(tmp_path: Path) -> None:
     path.write_bytes(random.Random(1).randbytes(600_000))
     fd = os.open(path, os.O_RDONLY)
     try:
-        pieces = list(iter_pieces(fd, FileDigest(), database=False, size=600_000))
-        short = list(iter_pieces(fd, FileDigest(), database=False, size=1000))
+        pieces = list(iter_pieces(fd, first := FileDigest(), database=False, size=600_000))
+        short = list(iter_pieces(fd, second := FileDigest(), database=False, size=1000))
+        first.close()
+        second.close()
     finally:
         os.close(fd)
     assert [len(p) for p in pieces] == [262144, 262144, 600_000 - 2 * 262144]
@@ -196,7 +198,9 @@ def test_file_digest_hashes_in_its_thread_and_ends_it_even_when_abandoned(
         assert digest.size == path.stat().st_size
         abandoned = FileDigest()  # a read that failed half-way
         next(iter_pieces(fd, abandoned, database=False))
+        thread = abandoned._thread
+        assert isinstance(thread, threading.Thread) and thread.is_alive()
         abandoned.close()
-        assert not [t for t in threading.enumerate() if t.name == "akosha-file-hash"]
+        assert not thread.is_alive()
     finally:
         os.close(fd)

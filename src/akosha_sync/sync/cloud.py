@@ -336,7 +336,9 @@ class CloudSyncMethod:
                 await _release_sources(upload)
                 await anyio.to_thread.run_sync(remove_snapshot_dir, snapshot_dir)
 
-        self._commit_state(state, tid, sid, upload, key)
+        # In a worker thread: it may wait for PROGRESS_LOCK, which another sync of this
+        # process holds while its export waits for its upload, on this event loop.
+        await anyio.to_thread.run_sync(self._commit_state, state, tid, sid, upload, key)
         upload.uploaded_keys.append(key)
         log.info(
             "sync committed",
