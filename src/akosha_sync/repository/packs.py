@@ -16,6 +16,7 @@ from typing import Any
 import msgspec
 
 from akosha_sync.repository.format import PACK_TARGET_SIZE, Compression, Piece
+from akosha_sync.repository.pieces import piece_id
 
 __all__ = ["PackBuilder", "PieceError", "SealedPack", "extract_piece"]
 
@@ -116,7 +117,7 @@ def extract_piece(
             ) from exc
     else:
         data = stored
-    damaged = check and hashlib.sha256(data).hexdigest() != piece.sha256
+    damaged = check and piece_id(data) != piece.sha256
     if len(data) != piece.length or damaged:
         raise PieceError(
             f"piece {piece.sha256[:16]} in {where} does not match its SHA-256: the pack is "

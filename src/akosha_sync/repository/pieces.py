@@ -15,10 +15,10 @@ from collections.abc import Iterator
 
 from akosha_sync.repository.format import DEFAULT_BLOCK_SIZE, HEADER_AREA, block_size_from_header
 
-__all__ = ["FileDigest", "iter_pieces", "piece_id"]
+__all__ = ["FileDigest", "iter_pieces", "piece_id", "pread_all"]
 
 
-def piece_id(data: bytes) -> str:
+def piece_id(data: bytes | memoryview) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
@@ -67,7 +67,7 @@ class FileDigest:
 _IN_FLIGHT = 16  # pieces (4 MiB of 256 KiB blocks) read but not yet in the file's hash
 
 
-def _pread_all(fd: int, length: int, offset: int) -> bytes:
+def pread_all(fd: int, length: int, offset: int) -> bytes:
     """``length`` bytes at ``offset`` (fewer only at the end of the file)."""
     data = os.pread(fd, length, offset)
     if len(data) == length or not data:
@@ -101,7 +101,7 @@ def iter_pieces(
     limit = size if size is not None else os.fstat(fd).st_size
     step = block_size or DEFAULT_BLOCK_SIZE
     if database:
-        header = _pread_all(fd, min(HEADER_AREA, limit), 0)
+        header = pread_all(fd, min(HEADER_AREA, limit), 0)
         step = block_size or block_size_from_header(header)
         if header:
             digest.update(header)
@@ -109,7 +109,7 @@ def iter_pieces(
             yield header
     digest.block_size = step
     while offset < limit:
-        data = _pread_all(fd, min(step, limit - offset), offset)
+        data = pread_all(fd, min(step, limit - offset), offset)
         if not data:
             break
         digest.update(data)

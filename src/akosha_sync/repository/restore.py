@@ -49,6 +49,7 @@ from akosha_sync.repository.manifest import (
     uploads_prefix,
 )
 from akosha_sync.repository.packs import PieceError, extract_piece
+from akosha_sync.repository.pieces import piece_id, pread_all
 from akosha_sync.repository.store import with_retries
 
 if TYPE_CHECKING:
@@ -413,7 +414,7 @@ class _WholeFile:
             return
         for piece, offset, key in self.pieces:
             data = _pread_exact(self.fd, piece.length, offset)
-            if hashlib.sha256(data).hexdigest() != piece.sha256:
+            if piece_id(data) != piece.sha256:
                 raise RestoreError(
                     f"piece {piece.sha256[:16]} of {self.planned.name} in {key} does not "
                     "match its SHA-256: the pack is damaged. This upload cannot be "
@@ -438,12 +439,9 @@ def _placed(index: Index, name: str) -> list[tuple[Piece, int, str]]:
 
 
 def _pread_exact(fd: int, length: int, offset: int) -> bytes:
-    data = os.pread(fd, length, offset)
-    while len(data) < length:
-        more = os.pread(fd, length - len(data), offset + len(data))
-        if not more:
-            raise OSError(f"short read at {offset} of a file being restored")
-        data += more
+    data = pread_all(fd, length, offset)
+    if len(data) != length:
+        raise OSError(f"short read at {offset} of a file being restored")
     return data
 
 
