@@ -12,7 +12,12 @@ compress), ONE SeaweedFS for the whole run, every measurement a whole process
 order, medians of ``--repeat`` runs:
 
 * cold sync, ``export_memories = false`` vs ``rclone copy`` of the same files;
-* cold sync with the default configuration (export on) vs the same rclone copy;
+* cold sync with the default configuration (export on) vs the same rclone copy, and
+  vs ``rclone copy`` of the same stored files: the databases plus the ``memories.json``
+  that sync stored (downloaded once, untimed). The default config stores ~2x the
+  databases' bytes as text, which SeaweedFS gzips as it stores (~3.5 CPU-s per 100 MB
+  here, beside 1.3 for incompressible bytes), so only a baseline sending the same bytes
+  tells how fast the sync itself is;
 * unchanged re-sync right after it (same state folder), whole process;
 * 25 new conversations, then a checkpoint (``add_conversations(checkpoint=True)``),
   then a sync: bytes sent (the result's ``bytes_transferred``) and whole process;
@@ -83,6 +88,8 @@ class Target:
 TARGETS = {
     "cold_off": Target("cold sync, export off / rclone copy", 0.8, "x"),
     "cold_on": Target("cold sync, default config (export on) / rclone copy", 2.0, "x"),
+    "cold_on_stored": Target("cold sync, default config / rclone copy of the same stored files",
+                             2.0, "x"),
     "small_bytes": Target("25 new conversations + checkpoint: bytes sent / reflection db", 0.05,
                           "frac"),
     "small_wall": Target("25 new conversations + checkpoint: whole process", 1.0, "s", True),
@@ -211,6 +218,7 @@ class Bench:
         self.log = work / "children.log"
         self.rclone_conf = work / "rclone.conf"
         self.rclone_conf.touch()
+        self.stored = work / "stored"  # what the default config stores, for rclone
         self._n = 0
 
     def fresh(self, label: str) -> Path:
@@ -254,6 +262,22 @@ class Bench:
                           self.log, json_out=False)
         if run.returncode != 0:
             raise RuntimeError(f"bench child {args} failed:\n{_tail(self.log)}")
+
+    def keep_stored(self, toml: Path, upload_id: str) -> None:
+        """Once: the files a default-config cold sync stores (databases + memories.json),
+        side by side in ``self.stored`` for :func:`unit_rclone_up_stored`."""
+        if self.stored.exists():
+            return
+        sid = re.search(r'system_id = "([^"]+)"', toml.read_text())
+        assert sid is not None
+        folder = self.work / "stored-partial"
+        self.rclone(f"bench:{BUCKET}/systems/{sid.group(1)}/uploads/{upload_id}/memories.json",
+                    str(folder))
+        if not (folder / "memories.json").is_file():
+            raise RuntimeError(f"upload {upload_id} has no memories.json to compare with")
+        for path in self.base.iterdir():
+            os.link(path, folder / path.name)
+        folder.rename(self.stored)
 
     def copy_dataset(self, home: Path) -> Path:
         data = home / "data"
@@ -321,6 +345,7 @@ def unit_chain(bench: Bench, s: Samples, rep: int) -> None:
     bench.child("--add", str(data), str(NEW_CONVERSATIONS), str(1000 + rep))
     small = bench.cli(toml, "sync")
     reflection = (data / "reflection.duckdb").stat().st_size
+    bench.keep_stored(toml, str(cold.out["upload_id"]))
     s.add("cold_on_s", cold.wall_s)
     s.add("rss_cold_on", cold.peak_rss_mb)
     s.add("cpu_cold_on", cold.cpu_s)
@@ -379,6 +404,19 @@ def unit_rclone_up(bench: Bench, s: Samples, rep: int) -> None:
     s.add("store_cpu_rclone_up", run.store_cpu_s)
     s.runs.append({"unit": "rclone_up", "rep": rep, "run": run.__dict__})
     print(f"  rep {rep} rclone copy up: {run.wall_s:.2f}s", flush=True)
+
+
+def unit_rclone_up_stored(bench: Bench, s: Samples, rep: int) -> None:
+    """rclone sends what a default-config cold sync stores (after a chain has run)."""
+    run = bench.rclone(str(bench.stored), f"bench:{BUCKET}/rclone/up-stored-r{rep}")
+    size = _dir_bytes(bench.stored)
+    s.add("rclone_up_stored_s", run.wall_s)
+    s.add("cpu_rclone_up_stored", run.cpu_s)
+    s.add("store_cpu_rclone_up_stored", run.store_cpu_s)
+    s.add("stored_bytes", float(size))
+    s.runs.append({"unit": "rclone_up_stored", "rep": rep, "run": run.__dict__, "bytes": size})
+    print(f"  rep {rep} rclone copy up, stored files: {run.wall_s:.2f}s ({size / MIB:.1f} MB)",
+          flush=True)
 
 
 def unit_rclone_down(bench: Bench, s: Samples, rep: int,
@@ -529,6 +567,7 @@ def judge(s: Samples, counts: dict[str, Any] | None) -> list[dict[str, Any]]:
     values: dict[str, float | None] = {
         "cold_off": ratio("cold_off_s", "rclone_up_s"),
         "cold_on": ratio("cold_on_s", "rclone_up_s"),
+        "cold_on_stored": ratio("cold_on_s", "rclone_up_stored_s"),
         "small_bytes": s.median("small_frac"),
         "small_wall": s.median("small_s"),
         "resync_wall": s.median("resync_s"),
@@ -583,6 +622,8 @@ def details(s: Samples) -> list[str]:
     return [
         f"cold export off {med('cold_off_s')} s, default config {med('cold_on_s')} s, "
         f"rclone copy {med('rclone_up_s')} s (medians; whole processes)",
+        f"rclone copy of the stored files (databases + memories.json, "
+        f"{med('stored_bytes', MIB, '.1f')} MB) {med('rclone_up_stored_s')} s",
         f"restore {med('restore_s')} s ({med('restore_bytes', MIB, '.1f')} MB downloaded), "
         f"rclone copy down {med('rclone_down_s')} s ({med('rclone_down_bytes', MIB, '.1f')} MB)",
         f"unchanged re-sync {med('resync_s', spec='.3f')} s "
@@ -593,6 +634,8 @@ def details(s: Samples) -> list[str]:
         f"cold export off {med('cpu_cold_off')} + {med('store_cpu_cold_off')}, "
         f"rclone up {med('cpu_rclone_up')} + {med('store_cpu_rclone_up')}, "
         f"default config {med('cpu_cold_on')} + {med('store_cpu_cold_on')}, "
+        f"rclone up stored files {med('cpu_rclone_up_stored')} + "
+        f"{med('store_cpu_rclone_up_stored')}, "
         f"restore {med('cpu_restore')} + {med('store_cpu_restore')}, "
         f"rclone down {med('cpu_rclone_down')} + {med('store_cpu_rclone_down')}",
         "all runs: " + "; ".join(f"{k} " + ", ".join(f"{v:.3g}" for v in vals)
@@ -687,10 +730,18 @@ def main(argv: list[str] | None = None) -> int:
             print(f"SeaweedFS at {server.endpoint}; parent RSS {_self_rss_mb():.0f} MB "
                   "(a child's ru_maxrss is at least this)", flush=True)
             uploads: dict[int, tuple[Path, str]] = {}
+
+            def chain_and_stored(rep: int) -> None:
+                # Side by side, alternating; rclone needs the first chain's memories.json.
+                pair = [lambda: unit_chain(bench, s, rep),
+                        lambda: unit_rclone_up_stored(bench, s, rep)]
+                for step in (pair if rep % 2 else pair[::-1]):
+                    step()
+
             units: list[tuple[str, Callable[[int], None]]] = [
                 ("cold_off", lambda r: unit_cold_off(bench, s, r, uploads)),
                 ("rclone_up", lambda r: unit_rclone_up(bench, s, r)),
-                ("chain", lambda r: unit_chain(bench, s, r)),
+                ("chain", lambda r: chain_and_stored(r)),
                 ("restore", lambda r: unit_restore(bench, s, r, uploads, hashes)),
                 ("rclone_down", lambda r: unit_rclone_down(bench, s, r, uploads)),
             ]
