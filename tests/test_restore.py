@@ -383,3 +383,18 @@ def test_whole_file_hash_follows_pieces_written_out_of_order(tmp_path: Path) -> 
             damaged.check()
     finally:
         os.close(fd)
+
+
+def test_packs_are_fetched_in_file_order_with_the_files_in_turn() -> None:
+    """Each file's packs stay in order (its hash follows from memory) and the files
+    alternate (their hashes advance side by side); a shared pack comes once."""
+    from akosha_sync.repository.format import Piece
+    from akosha_sync.repository.restore import _fetch_order
+
+    def uses(*names: str) -> list[tuple[Piece, str, int]]:
+        return [(Piece("s", "p", 0, 1, 1, "raw"), name, 0) for name in names]
+
+    wanted = {"a1": uses("a"), "a2": uses("a"), "a3": uses("a", "b"),
+              "b1": uses("b"), "b2": uses("b")}
+    assert _fetch_order(wanted) == ["a1", "b1", "a2", "b2", "a3"]
+    assert _fetch_order({}) == []
