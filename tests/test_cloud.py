@@ -7,6 +7,7 @@ import json
 import shutil
 import socket
 import subprocess
+import threading
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -222,6 +223,63 @@ def test_two_syncs_in_the_same_second_do_not_collide(
     assert ids == ["20261125_120000_test-host", "20261125_120000_test-host.2"]
     assert all(r["success"] for r in results)
     assert len(manifests(minio_client, s3_bucket)) == 2
+
+
+class _WatchedLock:
+    """PROGRESS_LOCK with a flag raised by anyone who asks for it (a seam, not a fake:
+    the lock is still a real lock that others hold and wait for)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.wanted = threading.Event()
+
+    def __enter__(self) -> None:
+        self.wanted.set()
+        self.lock.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.lock.release()
+
+
+def test_commit_waits_for_the_progress_lock_off_the_event_loop(
+    s3_config: MakeConfig, minio_client: Minio, s3_bucket: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Another sync's export holds PROGRESS_LOCK while it waits for this event loop
+    (its upload runs there). Waiting for the lock on the loop would deadlock them, so
+    the commit must wait in a thread: the deterministic form of the two-syncs test."""
+    import asyncio
+
+    from akosha_sync.sync import cloud, records
+
+    watched = _WatchedLock()
+    monkeypatch.setattr(records, "PROGRESS_LOCK", watched)
+    real_commit = cloud.commit_manifest
+    loop_ran = threading.Event()
+    verdict: dict[str, bool] = {}
+
+    def other_export(loop: asyncio.AbstractEventLoop, held: threading.Event) -> None:
+        with watched.lock:  # held the way an export holds it
+            held.set()
+            verdict["commit asked"] = watched.wanted.wait(30)
+            loop.call_soon_threadsafe(loop_ran.set)  # what the export's send needs
+            verdict["loop ran"] = loop_ran.wait(10)
+
+    async def commit_then_lock(*args: Any, **kwargs: Any) -> None:
+        await real_commit(*args, **kwargs)
+        watched.wanted.clear()  # this sync's own export asked before; not the commit
+        held = threading.Event()
+        thread = threading.Thread(
+            target=other_export, args=(asyncio.get_running_loop(), held), daemon=True
+        )
+        thread.start()
+        await anyio.to_thread.run_sync(held.wait, 30)
+
+    monkeypatch.setattr(cloud, "commit_manifest", commit_then_lock)
+    result = _sync(s3_config())
+    assert result["success"], result
+    assert verdict == {"commit asked": True, "loop ran": True}
+    assert len(manifests(minio_client, s3_bucket)) == 1
 
 
 def test_wrong_credentials_fail_fast_and_clearly(
