@@ -48,8 +48,8 @@ from akosha_sync.sync.snapshot import take_snapshot
 from akosha_sync.sync.state import StoredFile, TargetState
 
 if TYPE_CHECKING:
-    from akosha_sync.sync.cloud import CloudSyncMethod, _Upload
     from akosha_sync.sync.memories import MemoriesUpload
+    from akosha_sync.sync.upload import CloudContext, Upload
 
 __all__ = ["sync_blocks"]
 
@@ -61,7 +61,7 @@ _LOCK_WAIT_SECONDS = 1.0
 
 
 async def _previous_upload(
-    method: CloudSyncMethod, state: TargetState | None
+    method: CloudContext, state: TargetState | None
 ) -> tuple[Manifest | None, Index | None]:
     """The last upload's manifest and index (blocks layout): what can be reused."""
     key = state.last_manifest_key if state else None
@@ -90,8 +90,8 @@ async def _previous_upload(
     return await with_retries(both, config=method.config, what="reading the last upload")
 
 async def sync_blocks(
-    method: CloudSyncMethod,
-    upload: _Upload,
+    method: CloudContext,
+    upload: Upload,
     state: TargetState | None,
     wanted: list[tuple[str, Path]],
     snapshot_dir: Path,
@@ -167,8 +167,8 @@ async def sync_blocks(
             upload.unchanged.append(name)
 
 async def _blocks_database(
-    method: CloudSyncMethod,
-    upload: _Upload,
+    method: CloudContext,
+    upload: Upload,
     state: TargetState | None,
     writer: RepositoryWriter,
     previous: Manifest | None,
@@ -247,7 +247,7 @@ async def _blocks_database(
     await anyio.to_thread.run_sync(upload.sources.pop(name).close)
 
 async def _open_source(
-    method: CloudSyncMethod, upload: _Upload, name: str, path: Path, snapshot_dir: Path
+    method: CloudContext, upload: Upload, name: str, path: Path, snapshot_dir: Path
 ) -> tuple[Source, Any] | None:
     """Hold the live database still under DuckDB's shared lock; when a writer holds
     it, copy it (sync/snapshot.py) and read the copy. None: missing or unreadable."""

@@ -66,7 +66,6 @@ from akosha_sync.repository.manifest import (
     uploads_prefix,
 )
 from akosha_sync.repository.prune import read_condemned
-from akosha_sync.repository.source import Source
 from akosha_sync.repository.store import commit_manifest, make_store, part_size, with_retries
 from akosha_sync.sync import records
 from akosha_sync.sync.blocks import sync_blocks
@@ -78,8 +77,9 @@ from akosha_sync.sync.protocol import (
     ProgressCallback,
     SyncResult,
 )
-from akosha_sync.sync.snapshot import Snapshot, remove_snapshot_dir
+from akosha_sync.sync.snapshot import remove_snapshot_dir
 from akosha_sync.sync.state import StoredFile, TargetState, load_state, save_state, target_id
+from akosha_sync.sync.upload import Upload
 
 if TYPE_CHECKING:
     from obstore.store import ObjectStore
@@ -101,37 +101,6 @@ def _no_progress(phase: str, done: int, total: int) -> None:
     return None
 
 
-
-
-class _Upload:
-    """Mutable bookkeeping of one sync in progress."""
-
-    def __init__(self, upload_id: str) -> None:
-        self.upload_id = upload_id
-        self.written: list[str] = []  # keys written by this sync, for cleanup
-        self.files: dict[str, FileEntry] = {}
-        self.uploaded_keys: list[str] = []
-        self.unchanged: list[str] = []
-        self.missing: list[str] = []
-        self.errors: list[str] = []
-        self.snapshots: dict[str, Snapshot] = {}
-        self.new_state: dict[str, StoredFile] = {}
-        self.exported: dict[str, list[str]] = {}  # per kind; delivered once committed
-        self.undeliverable: dict[str, int] = {}  # per kind: records with no embedding
-        self.bytes_sent = 0
-        # Blocks layout: the databases held still until the export (their connections
-        # give the records); the index key, new bytes, per-file manifest fields.
-        self.sources: dict[str, Source] = {}
-        self.index_key: str | None = None
-        self.bytes_new = 0
-        self.extra: dict[str, dict[str, Any]] = {}
-        self.fingerprints: dict[str, Any] = {}
-        # Per database read: "locked" (the live files under DuckDB's shared lock) or
-        # "copy" (a writer held it: a verified private copy).
-        self.how_read: dict[str, str] = {}
-        # Set before the manifest PUT: from then on the upload may be committed, so
-        # nothing of it may be deleted (an answer can be lost after the store wrote it).
-        self.commit_attempted = False
 
 
 def cloud_target_id(config: AkoshaSyncConfig) -> str:
@@ -156,7 +125,7 @@ class CloudSyncMethod:
         self.config = config
         self._clock = clock or (lambda: datetime.now(UTC))
         self._store: ObjectStore | None = None
-        self._upload: _Upload | None = None  # the sync in progress, for its error message
+        self._upload: Upload | None = None  # the sync in progress, for its error message
         # What a running prune condemned (repository.prune): reused by no upload.
         self.condemned: frozenset[str] = frozenset()
 
@@ -365,7 +334,7 @@ class CloudSyncMethod:
             else self._details(upload),
         )
 
-    async def _claim_upload_id(self) -> _Upload:
+    async def _claim_upload_id(self) -> Upload:
         """Reserve a fresh upload id; the first contact with the store, so it fails fast."""
         sid = self.config.system_id_resolved
         for attempt in range(_MAX_ID_ATTEMPTS):
@@ -386,7 +355,7 @@ class CloudSyncMethod:
             if await with_retries(
                 put, config=self.config, what="reserving an upload id", connect_attempts=2
             ):
-                upload = _Upload(upload_id)
+                upload = Upload(upload_id)
                 upload.written.append(key)
                 upload.bytes_sent += len(body)
                 return upload
@@ -450,7 +419,7 @@ class CloudSyncMethod:
         self,
         path: Path,
         key: str,
-        upload: _Upload,
+        upload: Upload,
         *,
         compress: bool,
         progress: ProgressCallback,
@@ -502,7 +471,7 @@ class CloudSyncMethod:
 
     async def _sync_files(
         self,
-        upload: _Upload,
+        upload: Upload,
         state: TargetState | None,
         wanted: list[tuple[str, Path]],
         snapshot_dir: Path,
@@ -518,7 +487,7 @@ class CloudSyncMethod:
                     tg.start_soon(send, self, upload, item, progress)
 
     def _memories_upload(
-        self, upload: _Upload, tid: str, progress: ProgressCallback
+        self, upload: Upload, tid: str, progress: ProgressCallback
     ) -> MemoriesUpload:
         return MemoriesUpload(
             self.store, self.config,
@@ -528,7 +497,7 @@ class CloudSyncMethod:
         )
 
     async def _finish_memories(
-        self, upload: _Upload, memories: MemoriesUpload | None
+        self, upload: Upload, memories: MemoriesUpload | None
     ) -> tuple[int, int | None]:
         """Complete memories.json; return the snapshot's conversations and the new ones.
 
@@ -553,7 +522,7 @@ class CloudSyncMethod:
         return total, new
 
     @staticmethod
-    def _details(upload: _Upload) -> dict[str, Any]:
+    def _details(upload: Upload) -> dict[str, Any]:
         """Per kind: records written to memories.json and those skipped (no embedding)."""
         return {
             "memories": {kind: len(ids) for kind, ids in upload.exported.items()},
@@ -571,7 +540,7 @@ class CloudSyncMethod:
         return self.config.state_path / "delivered.duckdb"
 
     def _commit_state(
-        self, state: TargetState | None, tid: str, sid: str, upload: _Upload, key: str
+        self, state: TargetState | None, tid: str, sid: str, upload: Upload, key: str
     ) -> None:
         """After the manifest: remember what is stored and which rows were exported."""
         files = dict(state.files) if state else {}
@@ -606,7 +575,7 @@ class CloudSyncMethod:
                 finally:
                     con.close()
 
-    async def _discard(self, upload: _Upload) -> None:
+    async def _discard(self, upload: Upload) -> None:
         """Best effort: remove what a failed sync wrote, unless it may be committed."""
         if upload.commit_attempted:
             log.warning(
@@ -624,7 +593,7 @@ class CloudSyncMethod:
                     return
 
 
-async def _release_sources(upload: _Upload) -> None:
+async def _release_sources(upload: Upload) -> None:
     for source in upload.sources.values():
         await anyio.to_thread.run_sync(source.close)
     upload.sources.clear()
@@ -645,7 +614,7 @@ def _first_failure(group: BaseExceptionGroup[Exception]) -> Exception:
 
 
 class _NothingToUpload(Exception):
-    def __init__(self, upload: _Upload) -> None:
+    def __init__(self, upload: Upload) -> None:
         self.upload = upload
 
 

@@ -24,7 +24,7 @@ from akosha_sync.sync.snapshot import take_snapshot
 from akosha_sync.sync.state import StoredFile, TargetState
 
 if TYPE_CHECKING:
-    from akosha_sync.sync.cloud import CloudSyncMethod, _Upload
+    from akosha_sync.sync.upload import CloudContext, Upload
 
 __all__ = ["Send", "send", "sync_database"]
 
@@ -44,7 +44,7 @@ class Send(msgspec.Struct, frozen=True):
 
 
 
-async def _object_intact(method: CloudSyncMethod, entry: FileEntry) -> bool:
+async def _object_intact(method: CloudContext, entry: FileEntry) -> bool:
     if entry.key in method.condemned or "*" in method.condemned:
         return False  # a prune is about to delete it: store it again
 
@@ -59,8 +59,8 @@ async def _object_intact(method: CloudSyncMethod, entry: FileEntry) -> bool:
 
 
 async def sync_database(
-    method: CloudSyncMethod,
-    upload: _Upload,
+    method: CloudContext,
+    upload: Upload,
     state: TargetState | None,
     name: str,
     path: Path,
@@ -129,7 +129,7 @@ async def sync_database(
 
 
 async def send(
-    method: CloudSyncMethod, upload: _Upload, item: Send, progress: ProgressCallback
+    method: CloudContext, upload: Upload, item: Send, progress: ProgressCallback
 ) -> None:
     """Upload one planned object and record it (uploads run side by side: the CPU
     work of one overlaps the network wait of another)."""
@@ -149,7 +149,7 @@ async def send(
     upload.new_state[item.name] = StoredFile(fingerprint=item.fingerprint, entry=entry)
 
 def _reuse(
-    upload: _Upload, name: str, entry: FileEntry, fp: Any, **extra: Any
+    upload: Upload, name: str, entry: FileEntry, fp: Any, **extra: Any
 ) -> None:
     origin = entry.reused_from or entry.key.split("/")[-2]
     reused = msgspec.structs.replace(entry, reused_from=origin, **extra)
