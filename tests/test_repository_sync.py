@@ -359,3 +359,70 @@ def test_a_slice_too_large_for_duckdbs_memory_cap_is_rendered_in_halves(
         got = render(None, 8)
     assert sorted(got) == sorted(expected) and got
     assert max(calls) == 8 and min(calls) <= 2
+
+
+def test_a_record_too_large_for_the_cap_alone_is_rendered_under_a_raised_cap(
+    sample: SampleInfo,
+) -> None:
+    """When even one record does not fit, the export raises DuckDB's cap once and
+    renders it, rather than failing the sync."""
+    from akosha_sync.repository.source import ROOMY_MEMORY_LIMIT
+    from akosha_sync.sync import records
+
+    con = duckdb.connect(config={"memory_limit": "24MB"})
+    con.execute(f"ATTACH '{sample.reflection_path}' AS src (READ_ONLY)")
+    con.execute("USE src")
+    expected = list(records.iter_records(con, "conversation", system_id="s", shape="ingest"))
+    real = duckdb.DuckDBPyConnection.execute
+    sets: list[str] = []
+
+    def execute(self: Any, sql: str, params: Any = None) -> Any:
+        # The seam: DuckDB refuses every slice, even of one row, until the cap is raised.
+        if sql.startswith("SET memory_limit"):
+            sets.append(sql)
+        elif isinstance(params, dict) and "low" in params and not sets:
+            raise duckdb.OutOfMemoryException("Out of Memory Error: injected")
+        return real(self, sql, params)
+
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(duckdb.DuckDBPyConnection, "execute", execute)
+            got = list(records.iter_records(
+                con, "conversation", system_id="s", shape="ingest", batch=4))
+        assert sorted(got) == sorted(expected) and got
+        assert len(sets) == 1  # raised once, for the rest of the export
+        row = con.execute("SELECT current_setting('memory_limit')").fetchone()
+        assert row is not None
+        assert row[0] == real(
+            duckdb.connect(config={"memory_limit": ROOMY_MEMORY_LIMIT}),
+            "SELECT current_setting('memory_limit')",
+        ).fetchone()[0]  # type: ignore[index]
+    finally:
+        con.close()
+
+
+def test_a_wal_too_large_to_replay_under_the_cap_opens_under_a_raised_one(
+    sample: SampleInfo, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A real WAL that DuckDB cannot replay under the cap (12 MB here, for an ~8 MB
+    WAL) still opens: the snapshot is tried once more under the roomy cap."""
+    from akosha_sync.repository import source
+
+    data = tmp_path / "data"
+    data.mkdir()
+    for each in (sample.reflection_path, sample.reflection_wal_path):
+        if each.exists():
+            shutil.copy(each, data / each.name)
+    add_conversations(data, 3000, seed=5, checkpoint=False)
+    path = data / sample.reflection_path.name
+    small = "12MB"
+    probe = duckdb.connect(config={"memory_limit": small})
+    with pytest.raises(duckdb.Error) as refused:  # the premise: the cap is too small
+        probe.execute(f"ATTACH '{path}' AS src (READ_ONLY)")
+    probe.close()
+    assert source.is_out_of_memory(refused.value)
+
+    monkeypatch.setattr(source, "MEMORY_LIMIT", small)
+    with source.open_locked(path, tmp_path / "tmp") as held:
+        before = sample.row_counts.get("conversations_v2", sample.row_counts.get("conversations"))
+        assert before is not None and held.conversation_count == before + 3000

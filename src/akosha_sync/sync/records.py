@@ -29,6 +29,7 @@ import msgspec
 import structlog
 
 from akosha_sync._fs import atomic_write, private_dir, private_file, set_aside
+from akosha_sync.repository.source import ROOMY_MEMORY_LIMIT, attach_read_only
 
 if TYPE_CHECKING:
     # DuckDB (~0.1 s, ~30 MB) is imported by the functions that open a connection:
@@ -61,7 +62,6 @@ log = structlog.get_logger("akosha_sync.records")
 
 RecordShape = Literal["ingest", "mcp"]
 
-_MEMORY_LIMIT = "64MB"
 _SLICE_ROWS = 500
 # Slices rendered side by side (DuckDB renders without the GIL): one per core here.
 _RENDER_THREADS = max(1, min(2, os.cpu_count() or 1))
@@ -136,17 +136,10 @@ def memory_id(system_id: str, kind: str, record_id: str) -> str:
 def open_snapshot(snapshot: Path, progress_db: Path) -> duckdb.DuckDBPyConnection:
     """A connection reading ``snapshot`` (read-only: its WAL is replayed in memory and
     the files stay byte-identical) with the delivered-ids store attached."""
-    import duckdb
-
     # A memory cap (spilling next to the snapshot when needed) keeps an export of any
     # size bounded; without it DuckDB caches the whole table and every document.
-    con = duckdb.connect(config={
-        "memory_limit": _MEMORY_LIMIT,
-        "temp_directory": str(snapshot.parent / ".duckdb-tmp"),
-    })
+    con = attach_read_only(snapshot, snapshot.parent / ".duckdb-tmp")
     try:
-        con.execute(f"ATTACH '{_sql_str(str(snapshot))}' AS src (READ_ONLY)")
-        con.execute("USE src")
         open_progress(con, progress_db)
     except BaseException:
         con.close()
@@ -347,6 +340,7 @@ def _render_slices(
     local = threading.local()
     cursors: list[duckdb.DuckDBPyConnection] = []
     guard = threading.Lock()
+    roomy = threading.Event()  # the cap was raised once already
 
     def render(low: int, high: int | None = None) -> list[tuple[str, str]]:
         import duckdb
@@ -357,14 +351,24 @@ def _render_slices(
             cursor = local.cursor = con.cursor()  # one per thread: cursors are not shared
             with guard:
                 cursors.append(cursor)
+        tried_roomy = roomy.is_set()
         try:
             cursor.execute(sql, {**params, "low": low, "high": high})
             rows = cursor.fetchall()
         except duckdb.OutOfMemoryException:
             # Unusually large records (long conversations) under the memory cap: render
-            # the slice in halves rather than fail the sync; one row must fit.
+            # the slice in halves rather than fail the sync; a record that does not fit
+            # alone gets one more try under a raised cap (for the rest of the export).
             if high - low <= 1:
-                raise
+                if tried_roomy:
+                    raise
+                with guard:
+                    if not roomy.is_set():
+                        cursor.execute(f"SET memory_limit = '{ROOMY_MEMORY_LIMIT}'")
+                        roomy.set()
+                        log.info("one record needs more memory than the export's cap; "
+                                 "raised it", memory_limit=ROOMY_MEMORY_LIMIT, rowid=low)
+                return render(low, high)
             middle = (low + high) // 2
             return render(low, middle) + render(middle, high)
         return [(str(record_id), str(doc)) for record_id, doc in rows if doc is not None]
