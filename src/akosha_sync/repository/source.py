@@ -153,18 +153,25 @@ def attach_read_only(path: Path, temp_dir: Path) -> duckdb.DuckDBPyConnection:
     import duckdb
 
     temp_dir.mkdir(parents=True, exist_ok=True)
-    for limit in (MEMORY_LIMIT, ROOMY_MEMORY_LIMIT):
-        con = duckdb.connect(config={"memory_limit": limit, "temp_directory": str(temp_dir)})
-        try:
-            con.execute(f"ATTACH '{_sql_str(str(path))}' AS src (READ_ONLY)")
-            con.execute("USE src")
-        except BaseException as exc:
-            con.close()
-            if limit == MEMORY_LIMIT and is_out_of_memory(exc):
-                continue
+    try:
+        return _attach(path, temp_dir, MEMORY_LIMIT)
+    except duckdb.Error as exc:
+        if not is_out_of_memory(exc):
             raise
-        return con
-    raise AssertionError("unreachable")  # the roomy try returned or raised
+    return _attach(path, temp_dir, ROOMY_MEMORY_LIMIT)
+
+
+def _attach(path: Path, temp_dir: Path, memory_limit: str) -> duckdb.DuckDBPyConnection:
+    import duckdb
+
+    con = duckdb.connect(config={"memory_limit": memory_limit, "temp_directory": str(temp_dir)})
+    try:
+        con.execute(f"ATTACH '{_sql_str(str(path))}' AS src (READ_ONLY)")
+        con.execute("USE src")
+    except BaseException:
+        con.close()
+        raise
+    return con
 
 
 def open_locked(path: Path, temp_dir: Path) -> Source:
