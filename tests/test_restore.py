@@ -139,8 +139,12 @@ def test_point_in_time_restore_picks_the_newest_at_or_before(
     first = _restore(config, tmp_path / "t0", upload_id="20261125_120000_test-host")
     assert (tmp_path / "t0" / "reflection.duckdb").read_bytes() == states[0]
     assert first.upload_id == "20261125_120000_test-host"
-    with pytest.raises(RestoreError, match="no upload"):
+    # Too early: the error names the oldest upload, so the user knows what --at can be.
+    with pytest.raises(
+        RestoreError, match="at or before 2026-11-24T12:00:00Z.*its oldest is 20261125_120000"
+    ):
         _restore(config, tmp_path / "none", at=base - timedelta(days=1))
+    assert not (tmp_path / "none").exists()
 
 
 def test_restore_another_systems_upload(
@@ -148,6 +152,12 @@ def test_restore_another_systems_upload(
 ) -> None:
     _sync(s3_config(system_id="old-laptop", export_memories=False))
     new_laptop = s3_config(system_id="new-laptop", data_dir=str(tmp_path / "fresh"))
+    # Without --system: the new machine has no upload; the error names the old one.
+    out = _cli(_toml(new_laptop, tmp_path / "c.toml"))
+    assert out.returncode == 1
+    assert "no upload of system 'new-laptop'" in out.stderr
+    assert "Systems in the bucket: old-laptop;" in out.stderr and "--system old-laptop" in out.stderr
+    assert not (tmp_path / "fresh").exists()
     out = _cli(_toml(new_laptop, tmp_path / "c.toml"), "--system", "old-laptop", "--json")
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout)["system_id"] == "old-laptop"

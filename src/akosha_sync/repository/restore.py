@@ -50,6 +50,7 @@ from akosha_sync.repository.manifest import (
 )
 from akosha_sync.repository.packs import PieceError, extract_piece
 from akosha_sync.repository.pieces import piece_id, pread_all
+from akosha_sync.repository.snapshots import list_system_ids
 from akosha_sync.repository.store import with_retries
 
 if TYPE_CHECKING:
@@ -73,6 +74,8 @@ __all__ = [
 ProgressCallback = Callable[[str, int, int], None]
 # Packs in flight: 4 x 8 MiB keeps a 250 MB restore well under 150 MB of memory.
 _FETCH_CONCURRENCY = 4
+# Other systems named when this one has no upload (the new-laptop case).
+_SYSTEMS_SHOWN = 8
 _READ = 1024 * 1024
 # Bytes written to a file between two fdatasync calls during a restore.
 _FLUSH_EVERY = 32 * 1024 * 1024
@@ -175,15 +178,19 @@ async def find_upload(
             return [p.rstrip("/").rsplit("/", 1)[-1] for p in found["common_prefixes"]]
 
         ids = await with_retries(listing, config=config, what="listing the uploads")
+        if not ids:
+            raise RestoreError(await _no_upload_of(store, config, system_id))
+        every = ids
         if at is not None:
             cutoff = at.astimezone(UTC)
             ids = [i for i in ids if (t := upload_time(i)) is not None and t <= cutoff]
         candidates = sorted(ids, key=upload_id_order, reverse=True)
-        if not candidates:
-            when = f" at or before {at.isoformat()}" if at else ""
+        if at is not None and not candidates:
+            oldest = min(every, key=upload_id_order)
             raise RestoreError(
-                f"no upload of system {system_id!r}{when} in the bucket; check --system "
-                "(or system_id) and --at."
+                f"no upload of system {system_id!r} at or before {_when(at)} in the "
+                f"bucket; its oldest is {oldest}. Pick a later --at, or see them all with "
+                f"`akosha-sync snapshots --system {system_id}`."
             )
     for uid in candidates:
         key = manifest_key(system_id, uid)
@@ -212,9 +219,29 @@ async def find_upload(
     if upload_id and upload_id != "latest":
         raise RestoreError(
             f"upload {upload_id} of system {system_id!r} has no manifest in the bucket "
-            "(it does not exist or never finished); list the uploads and pick another."
+            "(it does not exist or never finished); `akosha-sync snapshots --system "
+            f"{system_id}` lists the ones that can be restored."
         )
     raise RestoreError(f"no committed upload of system {system_id!r} in the bucket.")
+
+
+async def _no_upload_of(store: ObjectStore, config: AkoshaSyncConfig, system_id: str) -> str:
+    """Why nothing can be restored for ``system_id``, naming the systems that can be:
+    on a new machine the system id (its host name) is not the old one's."""
+    listed = await with_retries(
+        lambda: list_system_ids(store), config=config, what="listing the systems"
+    )
+    others = [s for s in listed if s != system_id]
+    if not others:
+        return (f"no upload of system {system_id!r} in the bucket, and no other system has "
+                "any; check cloud_bucket (and cloud_endpoint) in the configuration.")
+    shown = ", ".join(others[:_SYSTEMS_SHOWN]) + (", ..." if len(others) > _SYSTEMS_SHOWN else "")
+    return (f"no upload of system {system_id!r} in the bucket. Systems in the bucket: {shown}; "
+            f"restore one with --system ID (e.g. --system {others[0]}).")
+
+
+def _when(at: datetime) -> str:
+    return at.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 # ------------------------------------------------------------------- target
