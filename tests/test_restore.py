@@ -141,7 +141,7 @@ def test_point_in_time_restore_picks_the_newest_at_or_before(
     assert first.upload_id == "20261125_120000_test-host"
     # Too early: the error names the oldest upload, so the user knows what --at can be.
     with pytest.raises(
-        RestoreError, match="at or before 2026-11-24T12:00:00Z.*its oldest is 20261125_120000"
+        RestoreError, match=r"at or before 2026-11-24T12:00:00Z.*its oldest is 20261125_120000"
     ):
         _restore(config, tmp_path / "none", at=base - timedelta(days=1))
     assert not (tmp_path / "none").exists()
@@ -156,7 +156,8 @@ def test_restore_another_systems_upload(
     out = _cli(_toml(new_laptop, tmp_path / "c.toml"))
     assert out.returncode == 1
     assert "no upload of system 'new-laptop'" in out.stderr
-    assert "Systems in the bucket: old-laptop;" in out.stderr and "--system old-laptop" in out.stderr
+    assert "Systems in the bucket: old-laptop;" in out.stderr
+    assert "--system old-laptop" in out.stderr
     assert not (tmp_path / "fresh").exists()
     out = _cli(_toml(new_laptop, tmp_path / "c.toml"), "--system", "old-laptop", "--json")
     assert out.returncode == 0, out.stderr

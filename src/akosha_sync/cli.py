@@ -21,6 +21,7 @@ __all__ = ["main"]
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_CONFIG = 2
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what a shell reports for a tool its reader left
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -117,6 +118,20 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("akosha-sync: interrupted; nothing half-written was committed.", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        return _stdout_closed()
+
+
+def _stdout_closed() -> int:
+    """The reader of our output left (``akosha-sync snapshots | head``): stop quietly,
+    as other command-line tools do, with a shell's SIGPIPE status."""
+    import os
+
+    # Later flushes (at exit) must not raise again into a traceback.
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    return EXIT_BROKEN_PIPE
 
 
 def run() -> None:
@@ -132,7 +147,10 @@ def run() -> None:
     import threading
 
     logging.shutdown()
-    sys.stdout.flush()
+    try:
+        sys.stdout.flush()
+    except BrokenPipeError:
+        code = _stdout_closed()
     sys.stderr.flush()
     if threading.active_count() == 1:
         os._exit(code)
