@@ -204,6 +204,12 @@ def test_verify_passes_then_catches_a_missing_pack_a_corrupt_piece_and_wrong_row
     assert [u["upload_id"] for u in report["uploads"]] == [first["upload_id"],
                                                            second["upload_id"]]
     assert all(u["pieces_read"] > 0 for u in report["uploads"])
+    # An upload that is not there is the user's to correct, not a failure of the store.
+    out = _cli(path, "verify", "20200101_000000_nowhere")
+    assert out.returncode == 1
+    assert out.stderr.startswith(
+        "akosha-sync verify: upload 20200101_000000_nowhere of system 'test-host' is not in "
+        "the bucket"), out.stderr
     # The record is in the bucket and shown by snapshots and status.
     infos = anyio.run(lambda: snapshots(config))
     assert [i.layout for i in infos] == ["blocks", "blocks"]
@@ -470,7 +476,7 @@ def test_prune_and_syncs_concurrently_never_leave_a_manifest_pointing_at_a_delet
 
 
 def test_prune_removes_abandoned_folders_after_the_grace_and_respects_a_lease(
-    s3_config: MakeConfig, minio_client: Minio, s3_bucket: str,
+    s3_config: MakeConfig, minio_client: Minio, s3_bucket: str, tmp_path: Path,
 ) -> None:
     from akosha_sync.repository.prune import PruneError, lease_key
 
@@ -491,6 +497,11 @@ def test_prune_removes_abandoned_folders_after_the_grace_and_respects_a_lease(
     before = _keys(minio_client, s3_bucket)
     with pytest.raises(PruneError, match="another prune holds the lease"):
         _prune(config)
+    assert _keys(minio_client, s3_bucket) == before
+    # The command says so as it is, not as a failure of the store.
+    out = _cli(write_toml(config, tmp_path / "c.toml"), "prune")
+    assert out.returncode == 1
+    assert out.stderr.startswith("akosha-sync prune: another prune holds the lease"), out.stderr
     assert _keys(minio_client, s3_bucket) == before
     # A lease older than its staleness (zero here) belonged to a prune that died.
     _prune(config, lease_stale=timedelta(0))

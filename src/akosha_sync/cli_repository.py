@@ -84,13 +84,14 @@ def run(args: argparse.Namespace) -> int:
     import anyio
 
     from akosha_sync.repository.retention import RetentionError
+    from akosha_sync.repository.store import Refusal
     from akosha_sync.sync.protocol import CloudUploadError
 
     try:
         result: int = anyio.run(handler, config, args)
-    except (CloudUploadError, RetentionError, ValueError) as exc:
+    except (CloudUploadError, Refusal, RetentionError, ValueError) as exc:
         print(f"akosha-sync {args.command}: {exc}", file=sys.stderr)
-        result = EXIT_FAILED if isinstance(exc, CloudUploadError) else EXIT_CONFIG
+        result = EXIT_FAILED if isinstance(exc, CloudUploadError | Refusal) else EXIT_CONFIG
     _exit_now(result)
     return result  # pragma: no cover - not reached
 

@@ -81,6 +81,7 @@ from akosha_sync.repository.format import (
 )
 from akosha_sync.repository.manifest import CLAIM_NAME
 from akosha_sync.repository.snapshots import StoredObject, Upload, scan_uploads
+from akosha_sync.repository.store import Refusal
 
 if TYPE_CHECKING:
     from obstore.store import ObjectStore
@@ -107,7 +108,7 @@ _REPACK_TARGET = 16 * 1024 * 1024
 ProgressCallback = Callable[[str, int, int], None]
 
 
-class PruneError(Exception):
+class PruneError(Refusal):
     """Prune refused to start or could not go on; the message says why and what to do."""
 
 

@@ -51,7 +51,7 @@ from akosha_sync.repository.manifest import (
 from akosha_sync.repository.packs import PieceError, extract_piece
 from akosha_sync.repository.pieces import piece_id, pread_all
 from akosha_sync.repository.snapshots import list_system_ids
-from akosha_sync.repository.store import with_retries
+from akosha_sync.repository.store import Refusal, with_retries
 
 if TYPE_CHECKING:
     from obstore.store import ObjectStore
@@ -81,7 +81,7 @@ _READ = 1024 * 1024
 _FLUSH_EVERY = 32 * 1024 * 1024
 
 
-class RestoreError(Exception):
+class RestoreError(Refusal):
     """The restore cannot be done; the message names the object or file and why."""
 
 

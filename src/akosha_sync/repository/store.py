@@ -39,6 +39,7 @@ if TYPE_CHECKING:
 __all__ = [
     "Failure",
     "ManifestConflictError",
+    "Refusal",
     "RetryPolicy",
     "classify",
     "commit_manifest",
@@ -58,6 +59,12 @@ MIN_PART_SIZE = 5 * 1024 * 1024
 # 5 MiB parts get 70 s, 100 MiB parts 260 s. The sync's deadline bounds the whole.
 _REQUEST_BASE_S = 60.0
 _SLOWEST_LINK_BYTES_S = 512 * 1024
+
+
+class Refusal(Exception):
+    """The repository declines what was asked (no such upload, another prune running, a
+    damaged piece) for the reason its message gives. Not a store failure: retried never,
+    and passed through :func:`with_retries` as it is rather than explained as one."""
 
 
 class Failure(Enum):
@@ -248,7 +255,7 @@ async def with_retries(
     while True:
         try:
             return await op()
-        except CloudUploadError:
+        except (CloudUploadError, Refusal):
             raise
         except Exception as exc:
             kind = classify(exc)

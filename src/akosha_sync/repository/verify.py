@@ -39,6 +39,7 @@ from akosha_sync.repository.format import LAYOUT_BLOCKS, Index, decode_index, pa
 from akosha_sync.repository.manifest import MEMORIES_NAME
 from akosha_sync.repository.packs import PieceError, extract_piece
 from akosha_sync.repository.snapshots import Upload, scan_uploads
+from akosha_sync.repository.store import Refusal
 
 if TYPE_CHECKING:
     from obstore.store import ObjectStore
@@ -46,12 +47,17 @@ if TYPE_CHECKING:
 __all__ = [
     "Subset",
     "UploadCheck",
+    "VerifyError",
     "VerifyReport",
     "parse_subset",
     "verify",
 ]
 
 ProgressCallback = Callable[[str, int, int], None]
+
+
+class VerifyError(Refusal, ValueError):
+    """Nothing to verify: the upload asked for (or any committed one) is not there."""
 
 
 class UploadCheck(msgspec.Struct, kw_only=True):
@@ -339,7 +345,7 @@ async def verify(
     if upload_id:
         chosen = [u for u in uploads if u.upload_id == upload_id]
         if not chosen:
-            raise ValueError(
+            raise VerifyError(
                 f"upload {upload_id} of system {system_id!r} is not in the bucket; "
                 "`akosha-sync snapshots` lists them."
             )
@@ -348,7 +354,7 @@ async def verify(
     else:
         chosen = complete[-1:]
         if not chosen:
-            raise ValueError(f"system {system_id!r} has no committed upload to verify.")
+            raise VerifyError(f"system {system_id!r} has no committed upload to verify.")
     sizes = await _all_sizes(store, system_id, uploads)
     rng = random.Random()  # a sample, not a secret
     done: set[str] = set()  # whole objects read in this run
