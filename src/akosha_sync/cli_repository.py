@@ -205,9 +205,13 @@ async def _cmd_verify(config: Any, args: argparse.Namespace) -> int:
 
 
 def _print_prune(report: Any) -> None:
-    verb = "would delete" if report.dry_run else "deleted"
-    print(f"prune: {verb} {len(report.deleted)} objects ({human_size(report.bytes_freed)}); "
-          f"repacked {len(report.repacked)} packs into {len(report.new_packs)}")
+    if report.dry_run:  # the new packs of a repack are only known once it is written
+        done = (f"would delete {len(report.deleted)} objects "
+                f"({human_size(report.bytes_freed)}); would repack {len(report.repacked)} packs")
+    else:
+        done = (f"deleted {len(report.deleted)} objects ({human_size(report.bytes_freed)}); "
+                f"repacked {len(report.repacked)} packs into {len(report.new_packs)}")
+    print(f"prune: {done}")
     for note in report.notes:
         print(f"  note: {note}")
     for error in report.errors:
