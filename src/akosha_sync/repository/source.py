@@ -44,7 +44,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "MAIN_TABLES", "MEMORY_LIMIT", "ROOMY_MEMORY_LIMIT", "LockedByWriter", "Source",
-    "attach_read_only", "is_out_of_memory", "open_copy", "open_locked", "row_counts",
+    "attach_read_only", "is_out_of_memory", "open_copy", "open_locked", "row_counts", "sql_str",
 ]
 
 # The tables whose rows a manifest records (whichever exist).
@@ -68,7 +68,8 @@ class LockedByWriter(Exception):
     """Another process holds the database open for writing."""
 
 
-def _sql_str(value: str) -> str:
+def sql_str(value: str) -> str:
+    """``value`` for use inside a single-quoted SQL literal (ATTACH takes no parameter)."""
     return value.replace("'", "''")
 
 
@@ -166,7 +167,7 @@ def _attach(path: Path, temp_dir: Path, memory_limit: str) -> duckdb.DuckDBPyCon
 
     con = duckdb.connect(config={"memory_limit": memory_limit, "temp_directory": str(temp_dir)})
     try:
-        con.execute(f"ATTACH '{_sql_str(str(path))}' AS src (READ_ONLY)")
+        con.execute(f"ATTACH '{sql_str(str(path))}' AS src (READ_ONLY)")
         con.execute("USE src")
     except BaseException:
         con.close()

@@ -29,7 +29,7 @@ import msgspec
 import structlog
 
 from akosha_sync._fs import atomic_write, private_dir, private_file, set_aside
-from akosha_sync.repository.source import ROOMY_MEMORY_LIMIT, attach_read_only
+from akosha_sync.repository.source import ROOMY_MEMORY_LIMIT, attach_read_only, sql_str
 
 if TYPE_CHECKING:
     # DuckDB (~0.1 s, ~30 MB) is imported by the functions that open a connection:
@@ -182,14 +182,10 @@ _DAMAGED_DUCKDB = re.compile(
 
 
 def _attach_progress(con: duckdb.DuckDBPyConnection, progress_db: Path) -> None:
-    con.execute(f"ATTACH '{_sql_str(str(progress_db))}' AS progress")
+    con.execute(f"ATTACH '{sql_str(str(progress_db))}' AS progress")
     private_file(progress_db)  # DuckDB creates it with the umask's mode
     con.execute(_PROGRESS_SCHEMA)
     con.execute("SELECT count(*) FROM progress.delivered").fetchone()  # damage shows here
-
-
-def _sql_str(value: str) -> str:
-    return value.replace("'", "''")
 
 
 def _table_columns(con: duckdb.DuckDBPyConnection, table: str) -> set[str]:
