@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
 from pathlib import Path
+
+import anyio
+
+from akosha_sync.config import AkoshaSyncConfig
+from akosha_sync.logs import configure_logging
 
 _EXE = str(Path(sys.executable).with_name("akosha-sync"))
 
@@ -30,3 +36,22 @@ def test_a_reader_that_leaves_early_gets_a_quiet_exit(tmp_path: Path) -> None:
         os.close(write_end)
     assert "Traceback" not in proc.stderr and "BrokenPipeError" not in proc.stderr, proc.stderr
     assert proc.returncode == 141, proc.stderr
+
+
+def test_the_log_file_keeps_our_events_and_not_asyncios_chatter(tmp_path: Path) -> None:
+    """Every command runs an event loop; asyncio's debug line for it is not an event."""
+    log = tmp_path / "akosha-sync.log"
+    config = AkoshaSyncConfig(state_dir=str(tmp_path / "state"), log_file=str(log))
+    configure_logging(config, stderr_level=None)
+    try:
+        anyio.run(anyio.sleep, 0)
+        logging.getLogger("akosha_sync.test").info("an event of ours")
+        logging.getLogger("asyncio").error("a real asyncio error")
+    finally:
+        root = logging.getLogger()
+        for handler in [h for h in root.handlers if getattr(h, "_akosha_sync", False)]:
+            root.removeHandler(handler)
+            handler.close()
+    text = log.read_text()
+    assert "an event of ours" in text and "a real asyncio error" in text
+    assert "Using selector" not in text, text

@@ -85,8 +85,9 @@ def configure_logging(
         stderr._akosha_sync = True  # type: ignore[attr-defined]
         root.addHandler(stderr)
 
-    # Libraries log through stdlib too; keep their chatter out of stderr.
-    for noisy in ("httpx", "httpcore", "mcp", "uvicorn.access"):
+    # Libraries log through stdlib too; keep their chatter out of stderr and the file
+    # (asyncio's "Using selector" line on every event loop, every command).
+    for noisy in ("asyncio", "httpx", "httpcore", "mcp", "uvicorn.access"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
     structlog.configure(
