@@ -4,16 +4,42 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import anyio
+from minio import Minio
 
 from akosha_sync.config import AkoshaSyncConfig
 from akosha_sync.logs import configure_logging
+from support.configfile import write_toml
 
 _EXE = str(Path(sys.executable).with_name("akosha-sync"))
+MakeConfig = Callable[..., AkoshaSyncConfig]
+
+
+def test_a_sync_names_what_it_stored_and_counts_the_packs(
+    s3_config: MakeConfig, minio_client: Minio, s3_bucket: str, tmp_path: Path
+) -> None:
+    """The human summary of a cold sync: "sent: 3 packs, index.json, manifest.json", not
+    every pack's 64-hex name on one line."""
+    config = s3_config(export_memories=False)
+    out = subprocess.run(
+        [_EXE, "--config", str(write_toml(config, tmp_path / "c.toml")), "sync"],
+        capture_output=True, text=True, timeout=120, check=False,
+        env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path / "home")},
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    packs = [o.object_name for o in minio_client.list_objects(
+        s3_bucket, prefix=f"systems/{config.system_id}/packs/", recursive=True)]
+    assert packs
+    sent = next(line for line in out.stdout.splitlines() if line.strip().startswith("sent:"))
+    expected = f"{len(packs)} pack{'s' if len(packs) != 1 else ''}, index.json, manifest.json ("
+    assert expected in sent, sent
+    assert not re.search(r"[0-9a-f]{64}", sent), sent
 
 
 def test_a_reader_that_leaves_early_gets_a_quiet_exit(tmp_path: Path) -> None:

@@ -338,7 +338,7 @@ def _describe_result(result: dict[str, Any]) -> str:
     ]
     uploaded = result.get("files_uploaded") or []
     if uploaded:
-        lines.append(f"    sent:      {', '.join(k.rsplit('/', 1)[-1] for k in uploaded)} "
+        lines.append(f"    sent:      {_sent_objects(uploaded)} "
                      f"({human_size(result.get('bytes_transferred', 0))})")
     if result.get("files_unchanged"):
         lines.append(f"    unchanged: {', '.join(result['files_unchanged'])} (not sent again)")
@@ -354,6 +354,14 @@ def _describe_result(result: dict[str, Any]) -> str:
     if result.get("error"):
         lines.append(f"    error:     {result['error']}")
     return "\n".join(lines)
+
+
+def _sent_objects(keys: list[str]) -> str:
+    """The objects a sync stored, by name; packs (named by their hash) only counted."""
+    packs = sum(1 for k in keys if k.endswith(".pack"))
+    names = [k.rsplit("/", 1)[-1] for k in keys if not k.endswith(".pack")]
+    counted = [f"{packs} pack{'s' if packs != 1 else ''}"] if packs else []
+    return ", ".join(counted + names)
 
 
 def _describe_status(status: dict[str, Any]) -> str:
