@@ -81,3 +81,22 @@ def test_the_log_file_keeps_our_events_and_not_asyncios_chatter(tmp_path: Path) 
     text = log.read_text()
     assert "an event of ours" in text and "a real asyncio error" in text
     assert "Using selector" not in text, text
+
+
+def test_a_refused_signature_is_reported_as_credentials_and_not_retried(
+    s3_config: MakeConfig, tmp_path: Path
+) -> None:
+    """A wrong secret on a read command (a list request) is the user's to fix now, not
+    network trouble to retry and wait out."""
+    config = s3_config(secret_access_key="not-the-secret-0123456789abcdef", max_retries=3,
+                       retry_backoff_seconds=5.0)
+    for command in (["snapshots"], ["restore", "--to", str(tmp_path / "r")]):
+        out = subprocess.run(
+            [_EXE, "--config", str(write_toml(config, tmp_path / "c.toml")), *command],
+            capture_output=True, text=True, timeout=60, check=False,
+            env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path / "home")},
+        )
+        assert out.returncode == 1, out.stderr
+        assert "the credentials were refused" in out.stderr, out.stderr
+        assert "retrying" not in out.stderr, out.stderr
+        assert "not-the-secret" not in out.stdout + out.stderr

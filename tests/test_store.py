@@ -30,6 +30,18 @@ CONFIG = AkoshaSyncConfig(cloud_bucket="bucket", cloud_endpoint="http://127.0.0.
          Failure.AUTH),
         (GenericError("404 Not Found: NoSuchBucket"), Failure.NO_BUCKET),
         (GenericError("400 Bad Request: InvalidArgument"), Failure.PERMANENT),
+        # obstore's whole message for a refused signature: its debug dump names a
+        # retry_timeout, which is not a timeout.
+        (GenericError(
+            "Generic S3 error: Error performing list request: Error performing GET "
+            "http://127.0.0.1:9000/b?list-type=2 in 1.05ms - Server returned non-2xx status "
+            "code: 403 Forbidden: <Error><Code>SignatureDoesNotMatch</Code></Error>\n\n"
+            "Debug source:\nGeneric { store: \"S3\", source: ListRequest { source: "
+            "RetryError(RetryErrorImpl { method: GET, retries: 0, max_retries: 0, elapsed: "
+            "1.05ms, retry_timeout: 1s, inner: Status { status: 403, body: None } }) } }"),
+         Failure.AUTH),
+        (GenericError("Server returned non-2xx status code: 500 Internal Server Error: "
+                      "retry_timeout: 1s"), Failure.TRANSIENT),
     ],
 )
 def test_classify(exc: Exception, kind: Failure) -> None:

@@ -81,8 +81,12 @@ _CONNECT_PATTERNS = re.compile(
     r"network is unreachable|name or service not known|error trying to connect",
     re.IGNORECASE,
 )
+# A status the store answered with decides first: the debug dump obstore appends to
+# every message holds its retry settings ("retry_timeout: 1s"), which must not make a
+# refused signature read as a timeout (and be retried as one).
+_STATUS = re.compile(r"status code: (\d{3})\b")
 _TRANSIENT_PATTERNS = re.compile(
-    r"connection reset|broken pipe|timed out|timeout|operation timed out|"
+    r"connection reset|broken pipe|timed out|(?<!_)timeout|operation timed out|"
     r"error sending request|connection closed|unexpected eof|incomplete message|"
     r"server error|status: 5\d\d|\b50[0-4]\b|slowdown|slow down|throttl|requesttimeout|"
     r"internalerror|serviceunavailable|too many requests|\b429\b|error decoding response body|"
@@ -110,6 +114,12 @@ def classify(exc: BaseException) -> Failure:
         return Failure.AUTH
     if _NO_BUCKET_PATTERNS.search(text):
         return Failure.NO_BUCKET
+    if status := _STATUS.search(text):
+        code = int(status.group(1))
+        if code in (401, 403):
+            return Failure.AUTH
+        if code == 429 or code >= 500:
+            return Failure.TRANSIENT
     if isinstance(exc, ConnectionRefusedError) or _CONNECT_PATTERNS.search(text):
         return Failure.CONNECT
     if isinstance(exc, TimeoutError | ConnectionError) or _TRANSIENT_PATTERNS.search(text):
