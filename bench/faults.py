@@ -219,7 +219,8 @@ def _store_killed(b: Bench, layout: str) -> Row:
         row.detect_s = time.monotonic() - killed
         result = json.loads(out) if out.strip() else {}
         row.check(sync.returncode == 1 and not result.get("success"), "the sync did not fail")
-        row.check("cloud upload failed" in str(result.get("error")), "the error is unclear")
+        row.check("cloud storage request failed" in str(result.get("error")),
+                  "the error is unclear")
         server.start()
         row.check(manifests(client, "private") == [], "a manifest for the failed upload")
         # Nothing can abort on a dead store: what it left is aborted by the next sync.

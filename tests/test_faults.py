@@ -181,7 +181,7 @@ def test_store_killed_mid_upload(
         detected = time.monotonic() - killed
         result = json.loads(out)
         assert sync.returncode == 1 and result["success"] is False
-        assert "cloud upload failed" in result["error"] and "Target:" in result["error"]
+        assert "cloud storage request failed" in result["error"] and "Target:" in result["error"]
         assert detected < BUDGET_S, f"took {detected:.1f}s to report the dead store"
 
         private_seaweedfs.start()

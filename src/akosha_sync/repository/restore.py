@@ -51,7 +51,7 @@ from akosha_sync.repository.manifest import (
 from akosha_sync.repository.packs import PieceError, extract_piece
 from akosha_sync.repository.pieces import piece_id, pread_all
 from akosha_sync.repository.snapshots import list_system_ids
-from akosha_sync.repository.store import Refusal, with_retries
+from akosha_sync.repository.store import FAILED, Refusal, with_retries
 
 if TYPE_CHECKING:
     from obstore.store import ObjectStore
@@ -581,7 +581,7 @@ async def _restore_object(
     try:
         outcome = await with_retries(attempt, config=config, what=f"reading {detail.key}")
     except CloudUploadError as exc:
-        raise RestoreError(str(exc).replace("cloud upload failed", "restore failed")) from exc
+        raise RestoreError(str(exc).replace(FAILED, "restore failed")) from exc
     if isinstance(outcome, str):
         raise RestoreError(
             f"{detail.key} {outcome}; this upload cannot be restored. Nothing was changed."
@@ -648,7 +648,7 @@ async def execute(
         except BaseExceptionGroup as group:
             raise _first(group) from None
         except CloudUploadError as exc:
-            raise RestoreError(str(exc).replace("cloud upload failed", "restore failed")) from exc
+            raise RestoreError(str(exc).replace(FAILED, "restore failed")) from exc
 
         def finish() -> None:
             for planned in plan.files:
@@ -703,7 +703,7 @@ def _first(group: BaseExceptionGroup[BaseException]) -> BaseException:
             return leaf
     for leaf in leaves:
         if isinstance(leaf, CloudUploadError):
-            return RestoreError(str(leaf).replace("cloud upload failed", "restore failed"))
+            return RestoreError(str(leaf).replace(FAILED, "restore failed"))
     return leaves[0]
 
 

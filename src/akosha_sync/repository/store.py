@@ -37,6 +37,7 @@ if TYPE_CHECKING:
     from obstore.store import ObjectStore, RetryConfig
 
 __all__ = [
+    "FAILED",
     "Failure",
     "ManifestConflictError",
     "Refusal",
@@ -84,6 +85,8 @@ _CONNECT_PATTERNS = re.compile(
 # A status the store answered with decides first: the debug dump obstore appends to
 # every message holds its retry settings ("retry_timeout: 1s"), which must not make a
 # refused signature read as a timeout (and be retried as one).
+# How every explained store failure starts (callers with a better word replace it).
+FAILED = "cloud storage request failed"
 _STATUS = re.compile(r"status code: (\d{3})\b")
 _TRANSIENT_PATTERNS = re.compile(
     r"connection reset|broken pipe|timed out|(?<!_)timeout|operation timed out|"
@@ -163,7 +166,9 @@ def explain(exc: BaseException, config: AkoshaSyncConfig, what: str) -> str:
         advice = "the store kept failing (network or server trouble); try again later"
     else:
         advice = "the store rejected the request"
-    message = f"cloud upload failed while {what}: {advice}. Target: {target}. Cause: {cause}"
+    # Not "upload": restore, verify, snapshots and prune read through here too.
+    stop = "" if advice.endswith("?") else "."
+    message = f"{FAILED} while {what}: {advice}{stop} Target: {target}. Cause: {cause}"
     return scrub(message, config)
 
 

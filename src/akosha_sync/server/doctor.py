@@ -96,7 +96,13 @@ async def _check_bucket(config: AkoshaSyncConfig) -> Check:
                      "fix the configuration first")
     import obstore
 
-    from akosha_sync.repository.store import RetryPolicy, describe_target, make_store, with_retries
+    from akosha_sync.repository.store import (
+        FAILED,
+        RetryPolicy,
+        describe_target,
+        make_store,
+        with_retries,
+    )
     from akosha_sync.sync.protocol import CloudUploadError
 
     store = make_store(config)
@@ -128,7 +134,7 @@ async def _check_bucket(config: AkoshaSyncConfig) -> Check:
         fix = _bucket_fix(str(exc))
         if step == "removing the probe object":
             fix = (f"allow deleting objects (s3:DeleteObject), then remove {key!r} by hand")
-        return _fail(name, str(exc).replace("cloud upload failed", "failed"), fix)
+        return _fail(name, str(exc).replace(FAILED, "failed"), fix)
     except TimeoutError:
         return _fail(name, f"{describe_target(config)} did not answer in time while {step}",
                      "check cloud_endpoint and the network")
