@@ -409,3 +409,33 @@ def test_packs_are_fetched_in_file_order_with_the_files_in_turn() -> None:
               "b1": uses("b"), "b2": uses("b")}
     assert _fetch_order(wanted) == ["a1", "b1", "a2", "b2", "a3"]
     assert _fetch_order({}) == []
+
+
+def test_a_target_that_is_not_a_folder_or_cannot_be_made_is_refused_before_any_download(
+    s3_config: MakeConfig, tmp_path: Path
+) -> None:
+    config = s3_config(export_memories=False)
+    _sync(config)
+    toml = _toml(config, tmp_path / "c.toml")
+    a_file = tmp_path / "a-file"
+    a_file.write_bytes(b"kept")
+    out = _cli(toml, "--to", str(a_file))
+    assert out.returncode == 1
+    assert f"{a_file} is a file, not a folder" in out.stderr, out.stderr
+    assert "Traceback" not in out.stderr and a_file.read_bytes() == b"kept"
+    # Not even root can make a folder in /proc: the OS's reason, named, no traceback.
+    out = _cli(toml, "--to", "/proc/akosha-sync-restore")
+    assert out.returncode == 1
+    assert "cannot create /proc/akosha-sync-restore" in out.stderr, out.stderr
+    assert "Traceback" not in out.stderr and "downloaded" not in out.stdout
+
+
+def test_a_system_id_that_cannot_be_one_is_refused_by_name(
+    s3_config: MakeConfig, tmp_path: Path
+) -> None:
+    toml = _toml(s3_config(), tmp_path / "c.toml")
+    out = _cli(toml, "--system", "../etc", "--to", str(tmp_path / "t"))
+    assert out.returncode == 1
+    assert "'../etc' is not a system id" in out.stderr, out.stderr
+    assert "cloud storage request failed" not in out.stderr
+    assert not (tmp_path / "t").exists()

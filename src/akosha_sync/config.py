@@ -35,6 +35,7 @@ __all__ = [
     "ConfigError",
     "ForceMethod",
     "load_config",
+    "system_id_problem",
 ]
 
 ForceMethod = Literal["auto", "cloud", "http"]
@@ -408,6 +409,15 @@ class AkoshaSyncConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown
                     values[name] = str(value) if isinstance(value, Path) else value
                     break
         return _build(values, source="settings")
+
+
+def system_id_problem(value: str) -> str | None:
+    """Why ``value`` cannot be a system id (one asked for with --system), or None."""
+    if _SYSTEM_ID_RE.match(value):
+        return None
+    return (f"{value!r} is not a system id: system ids are letters, digits, '_' and '-' "
+            "(at most 100 characters). `akosha-sync snapshots --all-systems` lists the "
+            "systems in the bucket.")
 
 
 def sanitize_system_id(name: str) -> str:

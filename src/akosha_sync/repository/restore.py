@@ -37,7 +37,7 @@ import anyio
 import msgspec
 import obstore
 
-from akosha_sync.config import AkoshaSyncConfig
+from akosha_sync.config import AkoshaSyncConfig, system_id_problem
 from akosha_sync.errors import CloudUploadError
 from akosha_sync.repository.format import LAYOUT_BLOCKS, LAYOUT_FILES, Index, Piece, decode_index
 from akosha_sync.repository.manifest import (
@@ -269,6 +269,25 @@ def restore_names(manifest: Manifest, index: Index | None) -> list[str]:
 
 def _wal_names(names: list[str]) -> list[str]:
     return [n + ".wal" for n in names if n.endswith(".duckdb")]
+
+
+def target_folder_problem(target: Path) -> str | None:
+    """Why the restore cannot write into ``target`` (created when missing), or None:
+    found before anything is downloaded."""
+    if target.exists():
+        if not target.is_dir():
+            return f"{target} is a file, not a folder; restore --to a folder (it is created)."
+        if not os.access(target, os.W_OK | os.X_OK):
+            return (f"{target} is not writable by this user; restore --to another folder or "
+                    "change its permissions.")
+        return None
+    parent = target.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        return (f"{target} cannot be created: {parent} is not a writable folder; restore "
+                "--to another folder.")
+    return None
 
 
 def inspect_target(target: Path, names: list[str]) -> dict[str, TargetFile]:
@@ -625,7 +644,11 @@ async def execute(
         raise RestoreError("; ".join(plan.problems))
     started = time.monotonic()
     target = Path(plan.target_dir)
-    target.mkdir(parents=True, exist_ok=True)
+    try:
+        target.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise RestoreError(f"cannot create {target} ({exc.strerror}); restore --to another "
+                           "folder.") from exc
     meter = _Progress(progress or (lambda phase, done, total: None), plan.bytes_to_download)
     temps = {f.name: _temp_path(Path(f.path)) for f in plan.files}
     fds: dict[str, int] = {}
@@ -722,6 +745,8 @@ async def restore(
 ) -> RestoreResult:
     """Find, plan and (unless ``dry_run``) carry out a restore; raises ``RestoreError``."""
     started = time.monotonic()
+    if problem := system_id_problem(system_id):
+        raise RestoreError(problem)
     manifest, index = await find_upload(
         store, config, system_id=system_id, upload_id=upload_id, at=at
     )
@@ -731,6 +756,8 @@ async def restore(
         manifest, index, target=target, existing=existing, force=force,
         now=now or datetime.now(UTC),
     )
+    if folder := await anyio.to_thread.run_sync(target_folder_problem, target):
+        plan = msgspec.structs.replace(plan, problems=[folder, *plan.problems])
     if plan.problems and not dry_run:
         raise RestoreError("; ".join(plan.problems))
     if dry_run:
