@@ -138,6 +138,12 @@ async def test_restore_tool_plans_then_restores_with_the_token(
         reused = await client.call_tool("akosha_restore",
                                         {"confirm_token": again["confirm_token"]})
         assert reused.is_error  # one use only
+        # A target that cannot be written is in the plan, before anything is confirmed.
+        a_file = db.parent / "not-a-folder"
+        a_file.write_text("kept")
+        blocked = await _call(client, "akosha_restore", {"to": str(a_file)})
+        assert any("is a file, not a folder" in p for p in blocked["plan"]["problems"]), blocked
+        assert a_file.read_text() == "kept"
 
 
 @pytest.mark.anyio

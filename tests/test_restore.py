@@ -3,8 +3,10 @@ leave the target as it was. Bucket contents are checked and damaged with minio."
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
+import os
 import subprocess
 import sys
 from collections.abc import Callable
@@ -423,10 +425,10 @@ def test_a_target_that_is_not_a_folder_or_cannot_be_made_is_refused_before_any_d
     assert out.returncode == 1
     assert f"{a_file} is a file, not a folder" in out.stderr, out.stderr
     assert "Traceback" not in out.stderr and a_file.read_bytes() == b"kept"
-    # Not even root can make a folder in /proc: the OS's reason, named, no traceback.
+    # Not even root can write into /proc: refused up front, with what to do.
     out = _cli(toml, "--to", "/proc/akosha-sync-restore")
     assert out.returncode == 1
-    assert "cannot create /proc/akosha-sync-restore" in out.stderr, out.stderr
+    assert "/proc" in out.stderr and "restore --to another folder" in out.stderr, out.stderr
     assert "Traceback" not in out.stderr and "downloaded" not in out.stdout
 
 
@@ -439,3 +441,48 @@ def test_a_system_id_that_cannot_be_one_is_refused_by_name(
     assert "'../etc' is not a system id" in out.stderr, out.stderr
     assert "cloud storage request failed" not in out.stderr
     assert not (tmp_path / "t").exists()
+
+
+def test_too_little_free_space_is_refused_before_any_download(tmp_path: Path) -> None:
+    from akosha_sync.repository.restore import target_folder_problem
+
+    stats = os.statvfs(tmp_path)
+    free = stats.f_bavail * stats.f_frsize
+    assert target_folder_problem(tmp_path / "new" / "folder", 1024) is None
+    problem = target_folder_problem(tmp_path / "new" / "folder", free + 1024**3)
+    assert problem is not None and f"in {tmp_path}, which has" in problem, problem
+
+
+@pytest.mark.parametrize("layout", ["blocks", "files"])
+def test_a_disk_that_fills_during_the_restore_fails_cleanly_and_leaves_the_target(
+    s3_config: MakeConfig, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, layout: str
+) -> None:
+    """The fault (ENOSPC from the filesystem after some bytes) is injected at the write:
+    nothing else here can run out of disk on demand."""
+    config = s3_config(export_memories=False, storage_layout=layout)
+    _sync(config)
+    target, before = _existing_target(tmp_path)
+    written = 0
+    real_pwrite, real_write = os.pwrite, os.write
+
+    def full(count: int) -> None:
+        nonlocal written
+        written += count
+        if written > 2 * 1024 * 1024:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    def pwrite(fd: int, data: Any, offset: int) -> int:
+        full(len(data))
+        return real_pwrite(fd, data, offset)
+
+    def write(fd: int, data: Any) -> int:
+        full(len(data))
+        return real_write(fd, data)
+
+    monkeypatch.setattr(os, "pwrite", pwrite)
+    monkeypatch.setattr(os, "write", write)
+    with pytest.raises(RestoreError, match=r"No space left on device.*nothing in it was replaced"):
+        _restore(config, target, force=True)
+    monkeypatch.undo()
+    assert written > 2 * 1024 * 1024  # the fault did happen, during the writes
+    assert _snapshot_of(target) == before  # no temp file left, nothing replaced

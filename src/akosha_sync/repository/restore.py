@@ -37,6 +37,7 @@ import anyio
 import msgspec
 import obstore
 
+from akosha_sync._output import human_size
 from akosha_sync.config import AkoshaSyncConfig, system_id_problem
 from akosha_sync.errors import CloudUploadError
 from akosha_sync.repository.format import LAYOUT_BLOCKS, LAYOUT_FILES, Index, Piece, decode_index
@@ -67,7 +68,9 @@ __all__ = [
     "find_upload",
     "inspect_target",
     "plan_restore",
+    "prepare_restore",
     "restore",
+    "target_folder_problem",
     "upload_time",
 ]
 
@@ -271,22 +274,29 @@ def _wal_names(names: list[str]) -> list[str]:
     return [n + ".wal" for n in names if n.endswith(".duckdb")]
 
 
-def target_folder_problem(target: Path) -> str | None:
-    """Why the restore cannot write into ``target`` (created when missing), or None:
-    found before anything is downloaded."""
+def target_folder_problem(target: Path, needed: int = 0) -> str | None:
+    """Why the restore cannot write ``needed`` bytes into ``target`` (created when
+    missing), or None: found before anything is downloaded."""
     if target.exists():
         if not target.is_dir():
             return f"{target} is a file, not a folder; restore --to a folder (it is created)."
         if not os.access(target, os.W_OK | os.X_OK):
             return (f"{target} is not writable by this user; restore --to another folder or "
                     "change its permissions.")
-        return None
-    parent = target.parent
-    while not parent.exists() and parent != parent.parent:
-        parent = parent.parent
-    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
-        return (f"{target} cannot be created: {parent} is not a writable folder; restore "
-                "--to another folder.")
+        folder = target
+    else:
+        folder = target.parent
+        while not folder.exists() and folder != folder.parent:
+            folder = folder.parent
+        if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
+            return (f"{target} cannot be created: {folder} is not a writable folder; restore "
+                    "--to another folder.")
+    # Databases being replaced are kept (.bak), so every restored byte needs room.
+    stats = os.statvfs(folder)
+    free = stats.f_bavail * stats.f_frsize
+    if needed > free:
+        return (f"the restored files need {human_size(needed)} in {folder}, which has "
+                f"{human_size(free)} free; free some space or restore --to another folder.")
     return None
 
 
@@ -590,7 +600,10 @@ async def _restore_object(
                 out = decompress.decompress(bytes(chunk)) if decompress else bytes(chunk)
             except Exception:  # zstandard.ZstdError: damaged frame
                 return "does not decompress: the object is damaged"
-            os.pwrite(fd, out, position)
+            try:
+                os.pwrite(fd, out, position)
+            except OSError as exc:  # the disk, not the store: not retried
+                raise _DiskError(exc) from exc
             position += len(out)
             meter.add(len(chunk))
         if count != detail.stored_size or stored.hexdigest() != detail.stored_sha256:
@@ -669,9 +682,14 @@ async def execute(
                         store, config, manifest, planned.name, fds[planned.name], meter
                     )
         except BaseExceptionGroup as group:
-            raise _first(group) from None
+            first = _first(group)
+            if isinstance(first, OSError | _DiskError):
+                raise _write_failed(target, _os_error(first)) from first
+            raise first from None
         except CloudUploadError as exc:
             raise RestoreError(str(exc).replace(FAILED, "restore failed")) from exc
+        except (OSError, _DiskError) as exc:
+            raise _write_failed(target, _os_error(exc)) from exc
 
         def finish() -> None:
             for planned in plan.files:
@@ -683,7 +701,10 @@ async def execute(
                 if index is None:
                     _check_whole(temps[planned.name], planned)
 
-        await anyio.to_thread.run_sync(finish)
+        try:
+            await anyio.to_thread.run_sync(finish)
+        except OSError as exc:
+            raise _write_failed(target, exc) from exc
         meter.progress("restore:install", 0, 0)
         # Everything is fetched and checked: now, and only now, touch the target.
         for planned in [*plan.set_aside, *plan.files]:
@@ -710,6 +731,25 @@ async def execute(
     )
 
 
+class _DiskError(Refusal):
+    """A local write failed inside a retried read of the store (files layout)."""
+
+    def __init__(self, exc: OSError) -> None:
+        super().__init__(str(exc))
+        self.os_error = exc
+
+
+def _write_failed(target: Path, exc: OSError) -> RestoreError:
+    return RestoreError(
+        f"writing the restored files into {target} failed ({exc.strerror or exc}); nothing "
+        "in it was replaced. Free some space there, or restore --to another folder."
+    )
+
+
+def _os_error(exc: OSError | _DiskError) -> OSError:
+    return exc.os_error if isinstance(exc, _DiskError) else exc
+
+
 def _first(group: BaseExceptionGroup[BaseException]) -> BaseException:
     leaves: list[BaseException] = []
 
@@ -730,6 +770,37 @@ def _first(group: BaseExceptionGroup[BaseException]) -> BaseException:
     return leaves[0]
 
 
+async def prepare_restore(
+    store: ObjectStore,
+    config: AkoshaSyncConfig,
+    *,
+    system_id: str,
+    target: Path,
+    upload_id: str | None = None,
+    at: datetime | None = None,
+    force: bool = False,
+    now: datetime | None = None,
+) -> tuple[RestorePlan, Manifest, Index | None]:
+    """The upload chosen and the plan for it, with every problem found before a byte is
+    downloaded (the target's files and folder, its free space); raises ``RestoreError``
+    when there is no such upload."""
+    if problem := system_id_problem(system_id):
+        raise RestoreError(problem)
+    manifest, index = await find_upload(
+        store, config, system_id=system_id, upload_id=upload_id, at=at
+    )
+    names = restore_names(manifest, index)
+    existing = await anyio.to_thread.run_sync(inspect_target, target, names)
+    plan = plan_restore(
+        manifest, index, target=target, existing=existing, force=force,
+        now=now or datetime.now(UTC),
+    )
+    needed = sum(f.size for f in plan.files)
+    if folder := await anyio.to_thread.run_sync(target_folder_problem, target, needed):
+        plan = msgspec.structs.replace(plan, problems=[folder, *plan.problems])
+    return plan, manifest, index
+
+
 async def restore(
     store: ObjectStore,
     config: AkoshaSyncConfig,
@@ -745,19 +816,10 @@ async def restore(
 ) -> RestoreResult:
     """Find, plan and (unless ``dry_run``) carry out a restore; raises ``RestoreError``."""
     started = time.monotonic()
-    if problem := system_id_problem(system_id):
-        raise RestoreError(problem)
-    manifest, index = await find_upload(
-        store, config, system_id=system_id, upload_id=upload_id, at=at
+    plan, manifest, index = await prepare_restore(
+        store, config, system_id=system_id, target=target, upload_id=upload_id, at=at,
+        force=force, now=now,
     )
-    names = restore_names(manifest, index)
-    existing = await anyio.to_thread.run_sync(inspect_target, target, names)
-    plan = plan_restore(
-        manifest, index, target=target, existing=existing, force=force,
-        now=now or datetime.now(UTC),
-    )
-    if folder := await anyio.to_thread.run_sync(target_folder_problem, target):
-        plan = msgspec.structs.replace(plan, problems=[folder, *plan.problems])
     if plan.problems and not dry_run:
         raise RestoreError("; ".join(plan.problems))
     if dry_run:

@@ -15,7 +15,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
-import anyio
 import msgspec
 from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
@@ -207,26 +206,15 @@ def _parse_at(at: str | None) -> datetime | None:
     return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
-async def _found(config: AkoshaSyncConfig, args: dict[str, Any]) -> tuple[Any, Any, Path]:
-    from akosha_sync.repository.restore import find_upload
+async def _plan(config: AkoshaSyncConfig, args: dict[str, Any]) -> dict[str, Any]:
+    from akosha_sync.repository.restore import prepare_restore
     from akosha_sync.repository.store import make_store
 
     target = Path(args["to"]).expanduser() if args["to"] else config.data_path
-    manifest, index = await find_upload(
+    plan, _, _ = await prepare_restore(
         make_store(config), config, system_id=args["system_id"] or config.system_id_resolved,
-        upload_id=args["upload_id"], at=_parse_at(args["at"]),
+        target=target, upload_id=args["upload_id"], at=_parse_at(args["at"]), force=True,
     )
-    return manifest, index, target
-
-
-async def _plan(config: AkoshaSyncConfig, args: dict[str, Any]) -> dict[str, Any]:
-    from akosha_sync.repository.restore import inspect_target, plan_restore, restore_names
-
-    manifest, index, target = await _found(config, args)
-    names = restore_names(manifest, index)
-    existing = await anyio.to_thread.run_sync(inspect_target, target, names)
-    plan = plan_restore(manifest, index, target=target, existing=existing, force=True,
-                        now=datetime.now(UTC))
     return dict(msgspec.to_builtins(plan))
 
 
