@@ -683,13 +683,17 @@ async def execute(
                     )
         except BaseExceptionGroup as group:
             first = _first(group)
-            if isinstance(first, OSError | _DiskError):
+            if isinstance(first, _DiskError) or _local(first):
                 raise _write_failed(target, _os_error(first)) from first
             raise first from None
         except CloudUploadError as exc:
             raise RestoreError(str(exc).replace(FAILED, "restore failed")) from exc
-        except (OSError, _DiskError) as exc:
-            raise _write_failed(target, _os_error(exc)) from exc
+        except _DiskError as exc:
+            raise _write_failed(target, exc.os_error) from exc
+        except OSError as exc:
+            if not _local(exc):
+                raise
+            raise _write_failed(target, exc) from exc
 
         def finish() -> None:
             for planned in plan.files:
@@ -739,15 +743,25 @@ class _DiskError(Refusal):
         self.os_error = exc
 
 
+def _local(exc: BaseException) -> bool:
+    """An error of this machine's files, not of the network (also OSErrors)."""
+    return isinstance(exc, OSError) and not isinstance(exc, ConnectionError | TimeoutError)
+
+
 def _write_failed(target: Path, exc: OSError) -> RestoreError:
+    fix = ("Free some space there, or restore --to another folder." if exc.errno == errno.ENOSPC
+           else "Restore --to another folder.")
     return RestoreError(
         f"writing the restored files into {target} failed ({exc.strerror or exc}); nothing "
-        "in it was replaced. Free some space there, or restore --to another folder."
+        f"in it was replaced. {fix}"
     )
 
 
-def _os_error(exc: OSError | _DiskError) -> OSError:
-    return exc.os_error if isinstance(exc, _DiskError) else exc
+def _os_error(exc: BaseException) -> OSError:
+    if isinstance(exc, _DiskError):
+        return exc.os_error
+    assert isinstance(exc, OSError)
+    return exc
 
 
 def _first(group: BaseExceptionGroup[BaseException]) -> BaseException:
