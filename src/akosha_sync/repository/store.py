@@ -82,11 +82,11 @@ _CONNECT_PATTERNS = re.compile(
     r"network is unreachable|name or service not known|error trying to connect",
     re.IGNORECASE,
 )
+# How every explained store failure starts (callers with a better word replace it).
+FAILED = "cloud storage request failed"
 # A status the store answered with decides first: the debug dump obstore appends to
 # every message holds its retry settings ("retry_timeout: 1s"), which must not make a
 # refused signature read as a timeout (and be retried as one).
-# How every explained store failure starts (callers with a better word replace it).
-FAILED = "cloud storage request failed"
 _STATUS = re.compile(r"status code: (\d{3})\b")
 _TRANSIENT_PATTERNS = re.compile(
     r"connection reset|broken pipe|timed out|(?<!_)timeout|operation timed out|"
