@@ -9,7 +9,7 @@ import pytest
 from obstore.exceptions import GenericError, PermissionDeniedError
 
 from akosha_sync.config import AkoshaSyncConfig
-from akosha_sync.repository.store import Failure, RetryPolicy, classify, with_retries
+from akosha_sync.repository.store import Failure, RetryPolicy, classify, explain, with_retries
 from akosha_sync.sync.protocol import CloudUploadError
 
 CONFIG = AkoshaSyncConfig(cloud_bucket="bucket", cloud_endpoint="http://127.0.0.1:9000",
@@ -46,6 +46,16 @@ CONFIG = AkoshaSyncConfig(cloud_bucket="bucket", cloud_endpoint="http://127.0.0.
 )
 def test_classify(exc: Exception, kind: Failure) -> None:
     assert classify(exc) is kind
+
+
+def test_the_explanation_keeps_the_store_s_answer_and_drops_the_rust_debug_dump() -> None:
+    exc = GenericError(
+        "Generic S3 error: Error performing GET http://127.0.0.1:9000/bucket/k in 1ms - "
+        "Server returned non-2xx status code: 403 Forbidden: SignatureDoesNotMatch\n\n"
+        "Debug source:\nGeneric {\n    store: \"S3\",\n    source: RetryError { .. }\n}")
+    text = explain(exc, CONFIG, "reading k")
+    assert "credentials were refused" in text and "403 Forbidden: SignatureDoesNotMatch" in text
+    assert "Debug source" not in text and "Generic {" not in text, text
 
 
 def test_backoff_grows_with_jitter() -> None:

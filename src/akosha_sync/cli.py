@@ -348,10 +348,11 @@ def _describe_result(result: dict[str, Any]) -> str:
         lines.append(f"    manifest:  {result['manifest_key']}")
         lines.append(f"    conversations: {result.get('conversation_count', 0)}"
                      f" ({result.get('new_conversation_count') or 0} new for Akosha)")
-    if result.get("method_attempts"):
-        for attempt in result["method_attempts"]:
-            lines.append(f"    tried {attempt['method']}: {attempt['error'] or 'ok'}")
-    if result.get("error"):
+    attempts = result.get("method_attempts") or []
+    for attempt in attempts:
+        lines.append(f"    tried {attempt['method']}: {attempt['error'] or 'ok'}")
+    # One method tried: its line already is the error.
+    if result.get("error") and [a["error"] for a in attempts] != [result["error"]]:
         lines.append(f"    error:     {result['error']}")
     return "\n".join(lines)
 

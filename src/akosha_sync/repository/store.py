@@ -142,7 +142,9 @@ def describe_target(config: AkoshaSyncConfig) -> str:
 
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip() or type(exc).__name__
-    # obstore messages carry a whole source chain; the useful part is short.
+    # obstore messages carry a whole source chain; the useful part is short, and the
+    # Rust debug dump after "Debug source:" is for its developers.
+    text = text.split("Debug source:", 1)[0].strip() or text
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
     summary = " | ".join(lines[:4])
     return summary[:600]
