@@ -260,6 +260,14 @@ def test_existing_database_refused_without_force_kept_as_bak_with_it(
     assert (target / "reflection.duckdb.wal").read_bytes() == (
         sample.reflection_wal_path.read_bytes())
     assert next(f for f in result.files if f.name == "reflection.duckdb").backup == str(bak)
+    # Again within the same second: the first backup (the user's own database) is never
+    # overwritten; the file this restore replaces is kept beside it under another name.
+    again = _restore(config, target, force=True, now=now)
+    assert bak.read_bytes() == b"the user's own database"
+    kept = next(f for f in again.files if f.name == "reflection.duckdb").backup
+    assert kept is not None and kept != str(bak)
+    assert Path(kept).read_bytes() == sample.reflection_path.read_bytes()
+    assert (target / "reflection.duckdb.wal.bak-20261130T080000Z").read_bytes() == b"an old WAL"
 
 
 def test_a_stale_wal_is_moved_aside_when_the_upload_has_none(

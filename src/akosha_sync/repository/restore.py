@@ -711,9 +711,14 @@ async def execute(
             raise _write_failed(target, exc) from exc
         meter.progress("restore:install", 0, 0)
         # Everything is fetched and checked: now, and only now, touch the target.
+        kept: dict[str, str] = {}
+        restored = {f.name for f in plan.files}
         for planned in [*plan.set_aside, *plan.files]:
             if planned.replaces and planned.backup and Path(planned.path).exists():
-                os.replace(planned.path, planned.backup)
+                kept[planned.name] = _keep_aside(
+                    Path(planned.path), Path(planned.backup),
+                    remove=planned.name not in restored,
+                )
         for planned in plan.files:
             os.replace(temps[planned.name], planned.path)
         _fsync_dir(target)
@@ -728,11 +733,38 @@ async def execute(
         system_id=plan.system_id,
         storage_layout=plan.storage_layout,
         target_dir=plan.target_dir,
-        files=plan.files,
+        files=[msgspec.structs.replace(f, backup=kept[f.name]) if f.name in kept else f
+               for f in plan.files],
         bytes_downloaded=downloaded,
         duration_seconds=round(time.monotonic() - started, 3),
         bytes_to_download=plan.bytes_to_download,
     )
+
+
+def _keep_aside(path: Path, backup: Path, *, remove: bool) -> str:
+    """Keep ``path`` as ``backup`` (or ``backup.1``, ... : an existing backup, maybe the
+    user's own database from a restore in the same second, is never overwritten).
+
+    A hard link keeps it without a moment in which ``path`` is gone; the new file then
+    replaces ``path`` in one rename. ``remove``: nothing takes its place (a stale WAL).
+    """
+    candidate, n = backup, 0
+    while True:
+        try:
+            os.link(path, candidate)
+            break
+        except FileExistsError:
+            n += 1
+            candidate = backup.with_name(f"{backup.name}.{n}")
+        except OSError:  # no hard links on this filesystem: a rename that checks first
+            while candidate.exists():
+                n += 1
+                candidate = backup.with_name(f"{backup.name}.{n}")
+            os.rename(path, candidate)
+            return str(candidate)
+    if remove:
+        path.unlink()
+    return str(candidate)
 
 
 class _DiskError(Refusal):
