@@ -170,8 +170,10 @@ async def _cmd_forget(config: Any, args: argparse.Namespace) -> int:
             mark = "keep  " if decision.keep else "forget"
             print(f"{mark} {decision.upload_id:<40} {decision.time[:19]}  "
                   f"{'; '.join(decision.reasons)}")
+        then = ("" if pruned is not None
+                else "; shared data is removed by `akosha-sync prune`")
         print(f"{verb} {len(report.forgotten)} of {len(report.decisions)} uploads "
-              f"({report.policy}); shared data is removed by `akosha-sync prune`")
+              f"({report.policy}){then}")
         for error in report.errors:
             print(f"error: {error}", file=sys.stderr)
         if pruned is not None:
