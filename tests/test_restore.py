@@ -494,3 +494,31 @@ def test_a_disk_that_fills_during_the_restore_fails_cleanly_and_leaves_the_targe
     monkeypatch.undo()
     assert written > 2 * 1024 * 1024  # the fault did happen, during the writes
     assert _snapshot_of(target) == before  # no temp file left, nothing replaced
+
+
+def test_a_rename_refused_midway_through_the_install_puts_the_target_back(
+    s3_config: MakeConfig, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The fault (a rename into place refused after the first file went in) is injected
+    at ``os.replace``: a real permission change cannot be timed between two renames."""
+    config = s3_config(export_memories=False)
+    _sync(config)
+    target, before = _existing_target(tmp_path)
+    (target / "knowledge_graph.duckdb").write_bytes(b"the user's own graph")
+    before = _snapshot_of(target)
+    real_replace = os.replace
+    into_place: list[str] = []
+
+    def replace(src: Any, dst: Any) -> None:
+        if ".restore-" in str(src):
+            into_place.append(str(dst))
+            if len(into_place) == 2:
+                raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(RestoreError, match=r"Permission denied.*what was there is back as it was"):
+        _restore(config, target, force=True)
+    monkeypatch.undo()
+    assert len(into_place) == 2  # one file was in place when the second was refused
+    assert _snapshot_of(target) == before  # originals back, no backup or temp left

@@ -711,16 +711,7 @@ async def execute(
             raise _write_failed(target, exc) from exc
         meter.progress("restore:install", 0, 0)
         # Everything is fetched and checked: now, and only now, touch the target.
-        kept: dict[str, str] = {}
-        restored = {f.name for f in plan.files}
-        for planned in [*plan.set_aside, *plan.files]:
-            if planned.replaces and planned.backup and Path(planned.path).exists():
-                kept[planned.name] = _keep_aside(
-                    Path(planned.path), Path(planned.backup),
-                    remove=planned.name not in restored,
-                )
-        for planned in plan.files:
-            os.replace(temps[planned.name], planned.path)
+        kept = _install(plan, temps)
         _fsync_dir(target)
     finally:
         for fd in fds.values():
@@ -739,6 +730,58 @@ async def execute(
         duration_seconds=round(time.monotonic() - started, 3),
         bytes_to_download=plan.bytes_to_download,
     )
+
+
+def _install(plan: RestorePlan, temps: dict[str, Path]) -> dict[str, str]:
+    """Keep what is replaced, then rename the restored files into place: all of it, or
+    (a rename or link refused midway) none, with the target put back as it was.
+    Returns the backups kept, by name."""
+    kept: dict[str, str] = {}
+    installed: list[str] = []
+    restored = {f.name for f in plan.files}
+    try:
+        for planned in [*plan.set_aside, *plan.files]:
+            if planned.replaces and planned.backup and Path(planned.path).exists():
+                kept[planned.name] = _keep_aside(
+                    Path(planned.path), Path(planned.backup),
+                    remove=planned.name not in restored,
+                )
+        for planned in plan.files:
+            os.replace(temps[planned.name], planned.path)
+            installed.append(planned.name)
+    except OSError as exc:
+        left = _roll_back(plan, kept, installed)
+        state = ("what was there is back as it was" if not left else
+                 "and putting back what was there failed too: " + "; ".join(left))
+        raise RestoreError(
+            f"putting the restored files in place in {plan.target_dir} failed "
+            f"({exc.strerror or exc}); {state}. Nothing was lost: check the folder's "
+            "permissions and restore again."
+        ) from exc
+    return kept
+
+
+def _roll_back(plan: RestorePlan, kept: dict[str, str], installed: list[str]) -> list[str]:
+    """Undo a partial install; returns what could not be undone (and where it is)."""
+    paths = {f.name: Path(f.path) for f in [*plan.set_aside, *plan.files]}
+    left: list[str] = []
+    for name in reversed(installed):
+        try:
+            if name in kept:
+                os.replace(kept.pop(name), paths[name])  # the original back over the new file
+            else:
+                paths[name].unlink()
+        except OSError as exc:
+            left.append(f"{paths[name]}: {exc.strerror or exc}")
+    for name, backup in kept.items():
+        try:
+            if paths[name].exists():
+                os.unlink(backup)  # a second link to the file still in place
+            else:
+                os.rename(backup, paths[name])
+        except OSError as exc:
+            left.append(f"{paths[name]} is kept as {backup} ({exc.strerror or exc})")
+    return left
 
 
 def _keep_aside(path: Path, backup: Path, *, remove: bool) -> str:
