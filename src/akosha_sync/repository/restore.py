@@ -24,11 +24,12 @@ import contextlib
 import errno
 import fcntl
 import hashlib
+import itertools
 import os
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -683,15 +684,13 @@ async def execute(
                     )
         except BaseExceptionGroup as group:
             first = _first(group)
-            if isinstance(first, _DiskError) or _local(first):
-                raise _write_failed(target, _os_error(first)) from first
+            if isinstance(first, _DiskError) or (isinstance(first, OSError) and _local(first)):
+                raise _write_failed(target, first) from first
             raise first from None
         except CloudUploadError as exc:
             raise RestoreError(str(exc).replace(FAILED, "restore failed")) from exc
-        except _DiskError as exc:
-            raise _write_failed(target, exc.os_error) from exc
-        except OSError as exc:
-            if not _local(exc):
+        except (_DiskError, OSError) as exc:
+            if isinstance(exc, OSError) and not _local(exc):
                 raise
             raise _write_failed(target, exc) from exc
 
@@ -791,23 +790,26 @@ def _keep_aside(path: Path, backup: Path, *, remove: bool) -> str:
     A hard link keeps it without a moment in which ``path`` is gone; the new file then
     replaces ``path`` in one rename. ``remove``: nothing takes its place (a stale WAL).
     """
-    candidate, n = backup, 0
-    while True:
+    for candidate in _backup_names(backup):
         try:
             os.link(path, candidate)
-            break
         except FileExistsError:
-            n += 1
-            candidate = backup.with_name(f"{backup.name}.{n}")
-        except OSError:  # no hard links on this filesystem: a rename that checks first
-            while candidate.exists():
-                n += 1
-                candidate = backup.with_name(f"{backup.name}.{n}")
-            os.rename(path, candidate)
-            return str(candidate)
-    if remove:
-        path.unlink()
+            continue
+        except OSError:
+            break
+        if remove:
+            path.unlink()
+        return str(candidate)
+    # No hard links on this filesystem: a rename, to a name checked to be free.
+    candidate = next(c for c in _backup_names(backup) if not c.exists())
+    os.rename(path, candidate)
     return str(candidate)
+
+
+def _backup_names(backup: Path) -> Iterator[Path]:
+    yield backup
+    for n in itertools.count(1):
+        yield backup.with_name(f"{backup.name}.{n}")
 
 
 class _DiskError(Refusal):
@@ -818,25 +820,19 @@ class _DiskError(Refusal):
         self.os_error = exc
 
 
-def _local(exc: BaseException) -> bool:
+def _local(exc: OSError) -> bool:
     """An error of this machine's files, not of the network (also OSErrors)."""
-    return isinstance(exc, OSError) and not isinstance(exc, ConnectionError | TimeoutError)
+    return not isinstance(exc, ConnectionError | TimeoutError)
 
 
-def _write_failed(target: Path, exc: OSError) -> RestoreError:
+def _write_failed(target: Path, error: OSError | _DiskError) -> RestoreError:
+    exc = error.os_error if isinstance(error, _DiskError) else error
     fix = ("Free some space there, or restore --to another folder." if exc.errno == errno.ENOSPC
            else "Restore --to another folder.")
     return RestoreError(
         f"writing the restored files into {target} failed ({exc.strerror or exc}); nothing "
         f"in it was replaced. {fix}"
     )
-
-
-def _os_error(exc: BaseException) -> OSError:
-    if isinstance(exc, _DiskError):
-        return exc.os_error
-    assert isinstance(exc, OSError)
-    return exc
 
 
 def _first(group: BaseExceptionGroup[BaseException]) -> BaseException:
