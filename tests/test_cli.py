@@ -16,6 +16,7 @@ from minio import Minio
 from akosha_sync.config import AkoshaSyncConfig
 from akosha_sync.logs import configure_logging
 from support.configfile import write_toml
+from support.logs import drop_our_log_handlers
 
 _EXE = str(Path(sys.executable).with_name("akosha-sync"))
 MakeConfig = Callable[..., AkoshaSyncConfig]
@@ -74,10 +75,7 @@ def test_the_log_file_keeps_our_events_and_not_asyncios_chatter(tmp_path: Path) 
         logging.getLogger("akosha_sync.test").info("an event of ours")
         logging.getLogger("asyncio").error("a real asyncio error")
     finally:
-        root = logging.getLogger()
-        for handler in [h for h in root.handlers if getattr(h, "_akosha_sync", False)]:
-            root.removeHandler(handler)
-            handler.close()
+        drop_our_log_handlers()
     text = log.read_text()
     assert "an event of ours" in text and "a real asyncio error" in text
     assert "Using selector" not in text, text

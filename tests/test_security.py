@@ -40,6 +40,7 @@ from akosha_sync.sync.protocol import CloudUploadError
 from akosha_sync.sync.runner import run_sync
 from support.akosha import AkoshaServer
 from support.configfile import write_toml
+from support.logs import drop_our_log_handlers
 from support.seaweedfs import SeaweedFS
 from support.wait import until
 from test_server import EXE, ROOT, Daemon, _session_end, daemon_factory
@@ -50,13 +51,6 @@ MakeConfig = Callable[..., AkoshaSyncConfig]
 TOKEN = "daemon-token-0123456789"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 JSON = {"Content-Type": "application/json"}
-
-
-def _drop_our_log_handlers() -> None:
-    root = logging.getLogger()
-    for handler in [h for h in root.handlers if getattr(h, "_akosha_sync", False)]:
-        root.removeHandler(handler)
-        handler.close()
 
 
 # ------------------------------------------------------------ every route
@@ -307,7 +301,7 @@ def test_everything_we_create_is_private(
         assert any(n == expected for n in names), (expected, sorted(names))
     assert any(p.endswith(".json") and "/targets/" in p for p in seen)
     assert _wrong_modes(seen) == {}
-    _drop_our_log_handlers()
+    drop_our_log_handlers()
 
 
 # ------------------------------------------------------------ plain http, session token
@@ -395,7 +389,7 @@ def test_session_token_is_sent_and_never_shown(
     assert session not in json.dumps(result)
     assert session not in config.log_path.read_text()
     assert session not in repr(config)
-    _drop_our_log_handlers()
+    drop_our_log_handlers()
 
 
 # ------------------------------------------------------------ one scrubber
@@ -456,7 +450,7 @@ def test_one_scrubber_keeps_every_secret_out_of_errors_results_and_logs(
     for where, text in outputs.items():
         for name, value in secrets.items():
             assert value not in text, f"{name} leaked into the {where}"
-    _drop_our_log_handlers()
+    drop_our_log_handlers()
 
 
 def test_scrubber_cleans_nested_values_and_secret_keys() -> None:
