@@ -100,7 +100,9 @@ def repo_root() -> Path:
 def default_venv() -> Path:
     """``$AKOSHA_VENV``, else ``<repo>/.venv-akosha`` (same rule as the build script)."""
     override = os.environ.get("AKOSHA_VENV")
-    return Path(override) if override else repo_root() / ".venv-akosha"
+    # Absolute: Akosha is launched from another working directory (make passes a
+    # relative path, as the build script takes it).
+    return Path(override).expanduser().absolute() if override else repo_root() / ".venv-akosha"
 
 
 def default_akosha_python() -> Path:
