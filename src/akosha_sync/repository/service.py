@@ -35,7 +35,8 @@ ProgressCallback = Callable[[str, int, int], None]
 log = structlog.get_logger("akosha_sync.repository")
 
 
-def _require_cloud(config: AkoshaSyncConfig, system_id: str | None = None) -> None:
+def _check_request(config: AkoshaSyncConfig, system_id: str | None = None) -> None:
+    """Refuse, before any request, a malformed ``system_id`` or a config with no bucket."""
     if system_id and (problem := system_id_problem(system_id)):
         raise ValueError(problem)
     if not config.cloud_configured:
@@ -57,7 +58,7 @@ async def snapshots(
     limit: int | None = None,
 ) -> list[UploadInfo]:
     """Every upload of this system (or ``system_id``, or all systems), oldest first."""
-    _require_cloud(config, system_id)
+    _check_request(config, system_id)
     store = make_store(config)
 
     async def op() -> list[UploadInfo]:
@@ -84,7 +85,7 @@ async def forget_uploads(
     progress: ProgressCallback | None = None,
 ) -> ForgetReport:
     """Apply ``policy`` to one system's uploads (this machine's by default)."""
-    _require_cloud(config, system_id)
+    _check_request(config, system_id)
     apply_policy([], policy)  # an empty or invalid policy raises here, before any I/O
     store = make_store(config)
     sid = system_id or config.system_id_resolved
@@ -134,7 +135,7 @@ async def verify_uploads(
     progress: ProgressCallback | None = None,
 ) -> VerifyReport:
     """Verify uploads in the bucket; the run is also remembered in ``state_dir``."""
-    _require_cloud(config, system_id)
+    _check_request(config, system_id)
     if read_data is not None:
         parse_subset(read_data)  # a bad subset is the user's to fix, not a store failure
     store = make_store(config)
@@ -163,7 +164,7 @@ async def prune_unused(
     progress: ProgressCallback | None = None,
 ) -> PruneReport:
     """Delete what no committed upload needs (see ``repository.prune``)."""
-    _require_cloud(config, system_id)
+    _check_request(config, system_id)
     store = make_store(config)
     sid = system_id or config.system_id_resolved
     return await _run(
