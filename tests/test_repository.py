@@ -356,6 +356,45 @@ def test_prune_refuses_when_a_kept_upload_already_lacks_an_object(
     assert _keys(minio_client, s3_bucket) == before
 
 
+def test_a_damaged_manifest_fails_verify_and_stops_prune_deleting_its_upload(
+    s3_config: MakeConfig, minio_client: Minio, s3_bucket: str, sample: SampleInfo,
+    tmp_path: Path,
+) -> None:
+    config = s3_config()
+    first = _sync(config)
+    add_conversations(sample.data_dir, 3, seed=12, checkpoint=True)
+    second = _sync(config)
+    key = second["manifest_key"]
+    # The newest manifest truncated, and its claim gone (as for every upload older
+    # than the in-flight grace): before, prune swept it as an abandoned folder.
+    body = get_object(minio_client, s3_bucket, key)
+    _put(minio_client, s3_bucket, key, body[: len(body) // 3])
+    minio_client.remove_object(s3_bucket, key.replace("manifest.json", "_claim.json"))
+    path = write_toml(config, tmp_path / "c.toml")
+
+    # verify's default is the newest upload, as restore's: the damaged one, not the one before.
+    out = _cli(path, "verify", "--json")
+    assert out.returncode == 1, out.stdout + out.stderr
+    report = json.loads(out.stdout)
+    assert [u["upload_id"] for u in report["uploads"]] == [second["upload_id"]]
+    assert report["uploads"][0]["problems"][0].startswith(
+        f"upload {second['upload_id']}: {key}: manifest.json does not parse")
+
+    before = _keys(minio_client, s3_bucket)
+    for args in (("prune", "--dry-run"), ("prune",)):
+        out = _cli(path, *args)
+        assert out.returncode == 1, out.stdout + out.stderr
+        assert "refusing to prune" in out.stderr
+        assert f"upload {second['upload_id']}: {key} is damaged" in out.stderr
+        assert "delete that manifest.json" in out.stderr
+    assert _keys(minio_client, s3_bucket) == before
+    # Mended, the upload restores; nothing of it went.
+    _put(minio_client, s3_bucket, key, body)
+    out = _cli(path, "restore", second["upload_id"], "--to", str(tmp_path / "r"))
+    assert out.returncode == 0, out.stderr
+    assert first["upload_id"] != second["upload_id"]
+
+
 def test_prune_leaves_the_plan_while_an_older_upload_is_in_flight(
     s3_config: MakeConfig, minio_client: Minio, s3_bucket: str, sample: SampleInfo,
 ) -> None:

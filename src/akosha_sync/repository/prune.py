@@ -21,8 +21,9 @@ The protocol (times are the store's ``LastModified``, never a local clock)
    the ``LastModified`` of a probe object written just now) makes prune refuse; an
    older one is stale (its prune died) and is replaced. Syncs never take the lease:
    they are never blocked.
-2. **Check.** If a committed upload already points at a missing object, prune refuses
-   and names the upload and the object (deleting more could only hurt; run verify).
+2. **Check.** If a committed upload already points at a missing object, or its
+   manifest does not parse (what it needs is then unknown), prune refuses and names
+   the upload and the object (deleting more could only hurt; run verify).
 3. **Repack** (new packs are written, nothing is deleted yet).
 4. **Plan.** ``systems/{sid}/locks/prune-plan.json`` lists every condemned key; its
    ``LastModified`` is *T_plan*. An upload writes its ``_claim.json`` and only then
@@ -79,7 +80,7 @@ from akosha_sync.repository.format import (
     pack_key,
     packs_prefix,
 )
-from akosha_sync.repository.manifest import CLAIM_NAME
+from akosha_sync.repository.manifest import CLAIM_NAME, MANIFEST_NAME
 from akosha_sync.repository.snapshots import StoredObject, Upload, scan_uploads
 from akosha_sync.repository.store import Refusal
 
@@ -209,6 +210,13 @@ async def _read_repo(store: ObjectStore, system_id: str) -> _Repo:
     missing: list[str] = []
     for upload in uploads:
         manifest = upload.manifest
+        if upload.damaged:
+            # Committed, but what it needs cannot be read: nothing is garbage for sure.
+            missing.append(
+                f"upload {upload.upload_id}: {upload.objects[MANIFEST_NAME].key} is damaged "
+                f"({upload.problem}); if it cannot be mended, delete that manifest.json "
+                "from the bucket by hand and the next prune removes the rest of the upload"
+            )
         if manifest is None:
             continue
         referenced.update(o.key for o in upload.objects.values())
@@ -298,8 +306,8 @@ async def prune(
     repo = await _read_repo(store, system_id)
     if repo.missing:
         raise PruneError(
-            "refusing to prune: committed uploads already point at missing objects, and "
-            "deleting more could only make it worse. Run `akosha-sync verify --all` and "
+            "refusing to prune: committed uploads are damaged or already point at missing "
+            "objects, and deleting more could only make it worse. Run `akosha-sync verify --all` and "
             "forget the damaged uploads first: " + "; ".join(repo.missing[:10])
         )
     now = await _store_now(store, system_id) if not dry_run else max(

@@ -45,6 +45,9 @@ __all__ = [
 ]
 
 
+_UNPARSABLE = "manifest.json does not parse"
+
+
 class StoredObject(msgspec.Struct, frozen=True):
     key: str
     size: int
@@ -63,6 +66,14 @@ class Upload(msgspec.Struct, kw_only=True):
     @property
     def complete(self) -> bool:
         return self.manifest is not None
+
+    @property
+    def damaged(self) -> bool:
+        """Committed (its manifest.json is there) but the manifest does not parse:
+        what it needs is unknown, so it is neither restorable nor garbage."""
+        return self.manifest is None and MANIFEST_NAME in self.objects and bool(
+            self.problem and self.problem.startswith(_UNPARSABLE)
+        )
 
     @property
     def time(self) -> datetime:
@@ -160,7 +171,7 @@ async def scan_uploads(store: ObjectStore, system_id: str) -> list[Upload]:
             except FileNotFoundError:
                 upload.problem = "manifest.json disappeared while listing (forgotten?)"
             except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-                upload.problem = f"manifest.json does not parse: {exc}"
+                upload.problem = f"{_UNPARSABLE}: {exc}"
         uploads.append(upload)
     # Upload ids are claim times (YYYYMMDD_HHMMSS_...), in order: a manifest's
     # uploaded_at and an incomplete folder's LastModified are not comparable.

@@ -36,7 +36,7 @@ import obstore
 from akosha_sync.config import AkoshaSyncConfig
 from akosha_sync.repository.checks import LevelResult, read_records, write_record
 from akosha_sync.repository.format import LAYOUT_BLOCKS, Index, decode_index, packs_prefix
-from akosha_sync.repository.manifest import MEMORIES_NAME
+from akosha_sync.repository.manifest import MANIFEST_NAME, MEMORIES_NAME
 from akosha_sync.repository.packs import PieceError, extract_piece
 from akosha_sync.repository.snapshots import Upload, scan_uploads
 from akosha_sync.repository.store import Refusal
@@ -337,11 +337,10 @@ async def verify(
     subset = parse_subset(read_data) if read_data is not None else None
     clock = now or (lambda: datetime.now(UTC))
     uploads = await scan_uploads(store, system_id)
-    incomplete = [u.upload_id for u in uploads if u.manifest is None and u.problem
-                  and "does not parse" not in u.problem]
-    damaged = [u for u in uploads if u.manifest is None and u.problem
-               and "does not parse" in u.problem]
-    complete = [u for u in uploads if u.complete]
+    incomplete = [u.upload_id for u in uploads if u.manifest is None and not u.damaged]
+    # A committed upload whose manifest does not parse is checked (and fails) like
+    # the others: the newest upload may be one, and restore would pick it too.
+    committed = [u for u in uploads if u.complete or u.damaged]
     if upload_id:
         chosen = [u for u in uploads if u.upload_id == upload_id]
         if not chosen:
@@ -350,9 +349,9 @@ async def verify(
                 "`akosha-sync snapshots` lists them."
             )
     elif all_uploads:
-        chosen = [*complete, *damaged]
+        chosen = committed
     else:
-        chosen = complete[-1:]
+        chosen = committed[-1:]
         if not chosen:
             raise VerifyError(f"system {system_id!r} has no committed upload to verify.")
     sizes = await _all_sizes(store, system_id, uploads)
@@ -368,7 +367,11 @@ async def verify(
         check = UploadCheck(upload_id=upload.upload_id, system_id=system_id)
         checks.append(check)
         if upload.manifest is None:
-            check.problem(f"{upload.upload_id}/manifest.json", upload.problem or "no manifest")
+            where = upload.objects.get(MANIFEST_NAME)
+            check.problem(
+                where.key if where else f"{upload.upload_id}/{MANIFEST_NAME}",
+                upload.problem or "no manifest",
+            )
             continue
         index = await _check_structure(store, upload, sizes, check)
         if subset is not None:
