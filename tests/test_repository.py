@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import signal
 import subprocess
 import sys
 from collections.abc import Callable
@@ -24,6 +25,7 @@ from akosha_sync.sample import SampleInfo, add_conversations
 from akosha_sync.sync.cloud import CloudSyncMethod
 from support.configfile import write_toml
 from support.verify import get_object, manifests
+from support.wait import until
 
 MakeConfig = Callable[..., AkoshaSyncConfig]
 EXE = str(Path(sys.executable).with_name("akosha-sync"))
@@ -412,7 +414,7 @@ def test_prune_leaves_the_plan_while_an_older_upload_is_in_flight(
 
     report = _prune(config, repack_below=1.0, wait_seconds=0)
     assert report.waited_for == ["20990101_000000_test-host"]
-    assert report.deleted == [] and "still running" in report.notes[0]
+    assert report.deleted == [] and "had not committed after 0 s" in report.notes[0]
     after = _keys(minio_client, s3_bucket)
     assert before <= after and plan_key("test-host") in after
     # A sync starting now reads the plan and reuses none of the condemned packs.
@@ -423,6 +425,78 @@ def test_prune_leaves_the_plan_while_an_older_upload_is_in_flight(
     used = {r["key"] for r in _index_of(minio_client, s3_bucket, third["manifest_key"])
             ["packs"].values()}
     assert not (used & condemned)
+
+
+def _garbage_and_a_claim_in_flight(
+    config: AkoshaSyncConfig, minio_client: Minio, s3_bucket: str, sample: SampleInfo
+) -> None:
+    """A forgotten upload's leftover to delete, and an upload in flight prune must wait
+    for (its claim is younger than the plan will be)."""
+    _sync(config)
+    _put(minio_client, s3_bucket, "systems/test-host/uploads/20200101_000000_test-host/"
+         "memories.json", b"[]")
+    flying = "systems/test-host/uploads/20990101_000000_test-host"
+    _put(minio_client, s3_bucket, f"{flying}/_claim.json", b"{}")
+
+
+def test_prune_says_it_waits_and_a_sigterm_gives_up_its_lease(
+    s3_config: MakeConfig, minio_client: Minio, s3_bucket: str, sample: SampleInfo,
+    tmp_path: Path,
+) -> None:
+    from akosha_sync.repository.prune import lease_key, plan_key
+
+    config = s3_config()
+    _garbage_and_a_claim_in_flight(config, minio_client, s3_bucket, sample)
+    path = write_toml(config, tmp_path / "c.toml")
+    dry = _cli(path, "prune", "--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    assert "would first wait for uploads in flight: 20990101_000000_test-host" in dry.stdout
+    assert ("  delete systems/test-host/uploads/20200101_000000_test-host/memories.json"
+            in dry.stdout)
+    err = tmp_path / "prune.err"
+    with err.open("w") as sink:
+        proc = subprocess.Popen([EXE, "--config", str(path), "prune"], stdout=subprocess.PIPE,
+                                stderr=sink, text=True)
+    try:
+        until(lambda: "prune: waiting for 1 upload(s)" in err.read_text(), timeout=60,
+              what="prune's notice that it waits")
+        assert lease_key("test-host") in _keys(minio_client, s3_bucket)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 130
+    finally:
+        proc.kill()
+        proc.wait()
+    # Interrupted like Ctrl-C: the lease is given back (it refused every prune for 30
+    # minutes); the plan stays, which only makes syncs store more, as documented.
+    keys = _keys(minio_client, s3_bucket)
+    assert lease_key("test-host") not in keys and plan_key("test-host") in keys
+    assert "Interrupting is safe" in err.read_text()
+
+
+def test_forget_prune_reports_the_forget_when_the_prune_is_refused(
+    s3_config: MakeConfig, minio_client: Minio, s3_bucket: str, sample: SampleInfo,
+    tmp_path: Path,
+) -> None:
+    from akosha_sync.repository.prune import lease_key
+
+    config = s3_config()
+    first = _sync(config)
+    add_conversations(sample.data_dir, 2, seed=5, checkpoint=True)
+    _sync(config)
+    _put(minio_client, s3_bucket, lease_key("test-host"), b"{}")  # another prune runs
+    path = write_toml(config, tmp_path / "c.toml")
+    out = _cli(path, "forget", "--keep-last", "1", "--prune", "--json")
+    assert out.returncode == 1
+    report = json.loads(out.stdout)
+    assert report["forget"]["forgotten"] == [first["upload_id"]]
+    assert report["prune"] is None
+    assert "another prune holds the lease" in report["prune_error"]
+    add_conversations(sample.data_dir, 1, seed=6, checkpoint=True)
+    _sync(config)
+    out = _cli(path, "forget", "--keep-last", "1", "--prune")
+    assert out.returncode == 1
+    assert "forgot 1 of 2 uploads" in out.stdout
+    assert "the forget is done, the prune failed: another prune holds the lease" in out.stderr
 
 
 def test_prune_and_syncs_concurrently_never_leave_a_manifest_pointing_at_a_deleted_object(
@@ -524,9 +598,12 @@ def test_prune_removes_abandoned_folders_after_the_grace_and_respects_a_lease(
     dead = "systems/test-host/uploads/20200101_000000_test-host"
     _put(minio_client, s3_bucket, f"{dead}/_claim.json", b"{}")
     _put(minio_client, s3_bucket, f"{dead}/memories.json", b"[]")
-    # Within the grace period it is an upload in flight: kept.
+    # Within the grace period it is an upload in flight: kept. With nothing else to
+    # delete, prune does not wait for it either (a killed sync's claim held it up 15 min).
     kept = _prune(config, wait_seconds=0)
-    assert kept.deleted == [] and kept.waited_for == ["20200101_000000_test-host"]
+    assert kept.deleted == [] and kept.waited_for == [] and kept.notes == []
+    assert _keys(minio_client, s3_bucket, dead) == {f"{dead}/_claim.json",
+                                                    f"{dead}/memories.json"}
     # Past it (a grace of zero here), the folder is abandoned and goes.
     gone = _prune(config, in_flight_stale=timedelta(0))
     assert sorted(gone.deleted) == [f"{dead}/_claim.json", f"{dead}/memories.json"]

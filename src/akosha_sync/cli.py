@@ -105,6 +105,8 @@ def main(argv: list[str] | None = None) -> int:
         }.get(args.command)
         from akosha_sync import cli_repository
 
+        if handler is not None or args.command in cli_repository.COMMANDS:
+            _interrupt_on_sigterm()
         if handler is None and args.command in cli_repository.COMMANDS:
             return cli_repository.run(args)
         if handler is None:
@@ -120,6 +122,18 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         return _stdout_closed()
+
+
+def _interrupt_on_sigterm() -> None:
+    """SIGTERM (``kill``, ``timeout``, a service manager) ends a one-shot command as
+    Ctrl-C does: its cleanup runs (a sync discards its claim and aborts its multipart
+    uploads, a prune gives up its lease) instead of the process vanishing mid-way."""
+    import signal
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
 
 
 def _stdout_closed() -> int:

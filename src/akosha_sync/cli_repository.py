@@ -158,19 +158,30 @@ async def _cmd_forget(config: Any, args: argparse.Namespace) -> int:
         config, _policy(args), system_id=args.system, dry_run=args.dry_run
     )
     pruned: Any = None
+    prune_error: str | None = None
     if args.prune and not args.dry_run and not report.errors:
         from akosha_sync.repository.service import prune_unused
+        from akosha_sync.repository.store import Refusal
+        from akosha_sync.sync.protocol import CloudUploadError
 
-        pruned = await prune_unused(config, system_id=args.system, dry_run=False)
+        try:
+            pruned = await prune_unused(config, system_id=args.system, dry_run=False,
+                                        progress=_PruneNotice())
+        except (CloudUploadError, Refusal) as exc:
+            # The forget is done either way: it is reported, then the prune's failure.
+            prune_error = str(exc)
     if args.json:
-        print(as_json({"forget": report, "prune": pruned} if args.prune else report))
+        print(as_json(
+            {"forget": report, "prune": pruned, "prune_error": prune_error}
+            if args.prune else report
+        ))
     else:
         verb = "would forget" if args.dry_run else "forgot"
         for decision in report.decisions:
             mark = "keep  " if decision.keep else "forget"
             print(f"{mark} {decision.upload_id:<40} {decision.time[:19]}  "
                   f"{'; '.join(decision.reasons)}")
-        then = ("" if pruned is not None
+        then = ("" if args.prune and not args.dry_run and not report.errors
                 else "; shared data is removed by `akosha-sync prune`")
         print(f"{verb} {len(report.forgotten)} of {len(report.decisions)} uploads "
               f"({report.policy}){then}")
@@ -178,7 +189,11 @@ async def _cmd_forget(config: Any, args: argparse.Namespace) -> int:
             print(f"error: {error}", file=sys.stderr)
         if pruned is not None:
             _print_prune(pruned)
-    failed = bool(report.errors) or bool(pruned is not None and pruned.errors)
+        if prune_error is not None:
+            print(f"akosha-sync forget: the forget is done, the prune failed: {prune_error}",
+                  file=sys.stderr)
+    failed = (bool(report.errors) or prune_error is not None
+              or bool(pruned is not None and pruned.errors))
     return EXIT_FAILED if failed else EXIT_OK
 
 
@@ -206,8 +221,22 @@ async def _cmd_verify(config: Any, args: argparse.Namespace) -> int:
     return EXIT_OK if report.ok else EXIT_FAILED
 
 
+_LISTED = 20  # keys a plain dry run names; --json lists every one
+
+
 def _print_prune(report: Any) -> None:
     if report.dry_run:  # the new packs of a repack are only known once it is written
+        repacked = set(report.repacked)
+        # A repacked pack is deleted too, once its live pieces are copied: listed once.
+        plain = [k for k in report.deleted if k.rsplit("/", 1)[-1][:-5] not in repacked]
+        for key in plain[:_LISTED]:
+            print(f"  delete {key}")
+        for pid in report.repacked[:_LISTED]:
+            print(f"  repack pack {pid} (its live pieces into a new pack, then delete it)")
+        if len(plain) > _LISTED or len(report.repacked) > _LISTED:
+            print("  ... and more (--json lists them all)")
+        if report.waited_for:
+            print(f"  would first wait for uploads in flight: {', '.join(report.waited_for)}")
         done = (f"would delete {len(report.deleted)} objects "
                 f"({human_size(report.bytes_freed)}); would repack {len(report.repacked)} packs")
     else:
@@ -220,10 +249,28 @@ def _print_prune(report: Any) -> None:
         print(f"  error: {error}", file=sys.stderr)
 
 
+class _PruneNotice:
+    """Says once, on stderr, that prune is waiting and why (it may wait 15 minutes)."""
+
+    def __init__(self) -> None:
+        self._said = False
+
+    def __call__(self, phase: str, done: int, total: int) -> None:
+        if phase != "prune:wait" or self._said:
+            return
+        self._said = True
+        print(f"prune: waiting for {total} upload(s) that claimed before the deletion plan "
+              "to commit or fail (a sync still running, or a killed one: a claim without "
+              "a manifest counts as in flight for 2 hours), for up to 15 minutes. "
+              "Interrupting is safe: nothing is deleted before the wait ends.",
+              file=sys.stderr, flush=True)
+
+
 async def _cmd_prune(config: Any, args: argparse.Namespace) -> int:
     from akosha_sync.repository.service import prune_unused
 
-    report = await prune_unused(config, system_id=args.system, dry_run=args.dry_run)
+    report = await prune_unused(config, system_id=args.system, dry_run=args.dry_run,
+                                progress=_PruneNotice())
     if args.json:
         print(as_json(report))
     else:

@@ -307,8 +307,8 @@ async def prune(
     if repo.missing:
         raise PruneError(
             "refusing to prune: committed uploads are damaged or already point at missing "
-            "objects, and deleting more could only make it worse. Run `akosha-sync verify --all` and "
-            "forget the damaged uploads first: " + "; ".join(repo.missing[:10])
+            "objects, and deleting more could only make it worse. Run `akosha-sync verify "
+            "--all` and forget the damaged uploads first: " + "; ".join(repo.missing[:10])
         )
     now = await _store_now(store, system_id) if not dry_run else max(
         [o.last_modified for u in repo.uploads for o in u.objects.values()]
@@ -332,7 +332,8 @@ async def prune(
             for pid, o in sparse.items()
         )
         report.repacked = sorted(sparse)
-        report.waited_for = [u.upload_id for u in flying]
+        if garbage or sparse:  # with nothing condemned there is nothing to wait for
+            report.waited_for = [u.upload_id for u in flying]
         return report
 
     await _take_lease(store, system_id, now, lease_stale)
@@ -340,7 +341,9 @@ async def prune(
         await _run_locked(store, system_id, repo, garbage, sparse, live, report,
                           wait_seconds, in_flight_stale, say, on_planned)
     finally:
-        with contextlib.suppress(FileNotFoundError):
+        # Shielded: an interrupted prune (Ctrl-C, SIGTERM) must not leave its lease to
+        # refuse every other prune for LEASE_STALE.
+        with anyio.CancelScope(shield=True), contextlib.suppress(FileNotFoundError):
             await obstore.delete_async(store, lease_key(system_id))
     return report
 
@@ -445,6 +448,14 @@ async def _run_locked(
     moved = await _repack(store, system_id, sparse, live, report) if sparse else {}
     repacked = {sparse[pid].key: sparse[pid] for pid in report.repacked}
     condemned = {o.key: o for o in garbage} | repacked
+    if not condemned:
+        # Nothing to delete: no plan, and no upload in flight to wait for (one left by
+        # a killed sync would hold prune up for nothing). A plan an earlier prune left
+        # (it stopped waiting) condemns nothing any more: remove it.
+        with contextlib.suppress(FileNotFoundError):
+            await obstore.delete_async(store, plan_key(system_id))
+        await _drop_records(store, system_id, repo.uploads)
+        return
     # 4. The plan, then its store time.
     plan = PrunePlan(host=socket.gethostname(), condemned=sorted(condemned))
     await obstore.put_async(store, plan_key(system_id), msgspec.json.encode(plan))
@@ -475,8 +486,10 @@ async def _run_locked(
         report.waited_for = sorted(set(report.waited_for) | set(old))
         if time.monotonic() >= deadline:
             report.notes.append(
-                f"uploads {', '.join(old)} were still running after {wait_seconds:.0f}s; "
-                "nothing was deleted. The plan stays; run prune again later."
+                f"uploads {', '.join(old)} had not committed after {wait_seconds:.0f} s: "
+                "syncs still running, or killed ones (a claim without a manifest counts as "
+                f"in flight for {_hours(stale)} after it was made); nothing was deleted. "
+                "The plan stays; run prune again later."
             )
             return
         say("prune:wait", 0, len(old))
@@ -504,9 +517,19 @@ async def _run_locked(
         report.bytes_freed += planned.size
     # 8. Remove the plan, and the records of uploads that are gone.
     await obstore.delete_async(store, plan_key(system_id))
-    present = {u.upload_id for u in again.uploads if u.manifest is not None}
+    await _drop_records(store, system_id, again.uploads)
+    say("prune:delete", total, total)
+
+
+async def _drop_records(store: ObjectStore, system_id: str, uploads: list[Upload]) -> None:
+    """Remove the verification records of uploads that are gone."""
+    present = {u.upload_id for u in uploads if u.manifest is not None or u.damaged}
     for key in await _list(store, checks_prefix(system_id)):
         uid = key.rsplit("/", 1)[-1].removesuffix(".json")
         if uid not in present:
             await obstore.delete_async(store, key)
-    say("prune:delete", total, total)
+
+
+def _hours(span: timedelta) -> str:
+    hours = span.total_seconds() / 3600
+    return f"{hours:g} hour{'' if hours == 1 else 's'}"
