@@ -177,6 +177,16 @@ def test_redaction_everywhere() -> None:
         assert secret not in shown
     assert c.redacted()["secret_access_key"] == REDACTED
     assert c.redacted()["access_key_id"].endswith("MPLE")
+    # A password in a URL the parser does not take (no scheme, a mistyped one) is
+    # still a password: kept out of the validation messages and the scrubber's text.
+    typo = AkoshaSyncConfig(
+        cloud_bucket="bucket", cloud_endpoint="key:endpoint-pass-88@127.0.0.1:9000",
+        akosha_url="ht!tp://user:akosha-pass-99@/mcp",
+    )
+    shown = " ".join(typo.validate()) + str(typo.redacted())
+    assert "endpoint-pass-88" not in shown and "akosha-pass-99" not in shown
+    assert "127.0.0.1:9000" in shown  # the rest of the value is still shown
+    assert {"endpoint-pass-88", "akosha-pass-99"} <= set(typo.secrets())
     # A bad value of a secret field is reported without echoing it.
     with pytest.raises(ConfigError) as info:
         load_config(environ={"AKOSHA_SYNC_HTTP_BATCH_SIZE": "x", "AKOSHA_SYNC_AKOSHA_TOKEN": "t"},

@@ -553,11 +553,20 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
+# user:password@ where a URL parser finds none: no scheme ("user:pw@host:9000"), or a
+# mistyped one ("ht!tp://user:pw@host"). Such a value is refused, and named in the refusal.
+_USERINFO = re.compile(r"(^|//)([^/?#@\s]*?):([^/?#@\s]+)@")
+
+
 def _url_password(url: str) -> str:
     try:
-        return urlsplit(url).password or ""
+        password = urlsplit(url).password
     except ValueError:
-        return ""
+        password = None
+    if password:
+        return password
+    match = _USERINFO.search(url)
+    return match.group(3) if match else ""
 
 
 def _redact_url(url: str) -> str:
@@ -567,7 +576,7 @@ def _redact_url(url: str) -> str:
     except ValueError:
         return REDACTED
     if parts.username is None and parts.password is None:
-        return url
+        return _USERINFO.sub(lambda m: f"{m.group(1)}{REDACTED}@", url, count=1)
     host = parts.hostname or ""
     if parts.port:
         host = f"{host}:{parts.port}"
