@@ -226,9 +226,11 @@ _LISTED = 20  # keys a plain dry run names; --json lists every one
 
 def _print_prune(report: Any) -> None:
     if report.dry_run:  # the new packs of a repack are only known once it is written
+        from akosha_sync.repository.format import pack_id_from_key
+
         repacked = set(report.repacked)
         # A repacked pack is deleted too, once its live pieces are copied: listed once.
-        plain = [k for k in report.deleted if k.rsplit("/", 1)[-1][:-5] not in repacked]
+        plain = [k for k in report.deleted if pack_id_from_key(k) not in repacked]
         for key in plain[:_LISTED]:
             print(f"  delete {key}")
         for pid in report.repacked[:_LISTED]:
@@ -259,10 +261,12 @@ class _PruneNotice:
         if phase != "prune:wait" or self._said:
             return
         self._said = True
+        from akosha_sync.repository.prune import WAIT_SECONDS, in_flight_rule
+
         print(f"prune: waiting for {total} upload(s) that claimed before the deletion plan "
-              "to commit or fail (a sync still running, or a killed one: a claim without "
-              "a manifest counts as in flight for 2 hours), for up to 15 minutes. "
-              "Interrupting is safe: nothing is deleted before the wait ends.",
+              f"to commit or fail (a sync still running, or a killed one: {in_flight_rule()}"
+              f"), for up to {WAIT_SECONDS / 60:g} minutes. Interrupting is safe: nothing is "
+              "deleted before the wait ends.",
               file=sys.stderr, flush=True)
 
 

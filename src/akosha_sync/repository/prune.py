@@ -90,9 +90,11 @@ if TYPE_CHECKING:
 __all__ = [
     "IN_FLIGHT_STALE",
     "LEASE_STALE",
+    "WAIT_SECONDS",
     "PruneError",
     "PruneReport",
     "condemned_pack_ids",
+    "in_flight_rule",
     "lease_key",
     "plan_key",
     "prune",
@@ -102,6 +104,7 @@ __all__ = [
 LEASE_STALE = timedelta(minutes=30)
 # Longer than the longest allowed sync (upload_timeout_seconds <= 3600).
 IN_FLIGHT_STALE = timedelta(hours=2)
+WAIT_SECONDS = 900.0  # how long prune waits for uploads in flight before it gives up
 PLAN_MARGIN = timedelta(seconds=60)
 REPACK_BELOW = 0.5  # live fraction under which a pack is rewritten
 _REPACK_TARGET = 16 * 1024 * 1024
@@ -290,7 +293,7 @@ async def prune(
     system_id: str,
     *,
     dry_run: bool,
-    wait_seconds: float = 900.0,
+    wait_seconds: float = WAIT_SECONDS,
     repack_below: float = REPACK_BELOW,
     in_flight_stale: timedelta = IN_FLIGHT_STALE,
     lease_stale: timedelta = LEASE_STALE,
@@ -487,9 +490,8 @@ async def _run_locked(
         if time.monotonic() >= deadline:
             report.notes.append(
                 f"uploads {', '.join(old)} had not committed after {wait_seconds:.0f} s: "
-                "syncs still running, or killed ones (a claim without a manifest counts as "
-                f"in flight for {_hours(stale)} after it was made); nothing was deleted. "
-                "The plan stays; run prune again later."
+                f"syncs still running, or killed ones ({in_flight_rule(stale)}); nothing "
+                "was deleted. The plan stays; run prune again later."
             )
             return
         say("prune:wait", 0, len(old))
@@ -530,6 +532,8 @@ async def _drop_records(store: ObjectStore, system_id: str, uploads: list[Upload
             await obstore.delete_async(store, key)
 
 
-def _hours(span: timedelta) -> str:
-    hours = span.total_seconds() / 3600
-    return f"{hours:g} hour{'' if hours == 1 else 's'}"
+def in_flight_rule(stale: timedelta = IN_FLIGHT_STALE) -> str:
+    """Why a killed sync holds prune up, in the words prune's messages use."""
+    hours = stale.total_seconds() / 3600
+    return (f"a claim without a manifest counts as in flight for {hours:g} "
+            f"hour{'' if hours == 1 else 's'} after it was made")

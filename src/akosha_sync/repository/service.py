@@ -14,7 +14,7 @@ import structlog
 from akosha_sync.config import AkoshaSyncConfig, system_id_problem
 from akosha_sync.repository.checks import LastRun, save_last_run
 from akosha_sync.repository.forget import ForgetReport, forget
-from akosha_sync.repository.prune import PruneReport, prune
+from akosha_sync.repository.prune import WAIT_SECONDS, PruneReport, prune
 from akosha_sync.repository.retention import Policy, apply_policy
 from akosha_sync.repository.snapshots import UploadInfo, list_snapshots, list_system_ids
 from akosha_sync.repository.store import make_store, with_retries
@@ -160,7 +160,7 @@ async def prune_unused(
     *,
     system_id: str | None = None,
     dry_run: bool,
-    wait_seconds: float = 900.0,
+    wait_seconds: float = WAIT_SECONDS,
     progress: ProgressCallback | None = None,
 ) -> PruneReport:
     """Delete what no committed upload needs (see ``repository.prune``)."""
