@@ -15,6 +15,7 @@ import fcntl
 import itertools
 import json
 import os
+import signal
 import sqlite3
 import subprocess
 import threading
@@ -243,6 +244,36 @@ def test_lost_manifest_answer_never_leaves_a_dangling_manifest(
         assert result["manifest_key"] in found
     else:
         assert not result["success"]
+
+
+def test_a_sigterm_mid_upload_ends_the_sync_like_ctrl_c_and_leaves_nothing(
+    via_proxy: MakeConfig, proxy: FaultProxy, minio_client: Minio, s3_bucket: str,
+    tmp_path: Path,
+) -> None:
+    """``timeout`` or a service manager stops a CLI sync with SIGTERM: its clean-up runs
+    (before, the process vanished and left its claim, which holds prune up)."""
+    config = via_proxy()
+    toml = write_toml(config, tmp_path / "c.toml")
+    proxy.stall(lambda r: r.method == "PUT" and r.path.endswith(".pack"), after_bytes=32 * 1024)
+    proc = subprocess.Popen([EXE, "--config", str(toml), "sync", "--json"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        until(lambda: proxy.stalled, timeout=60, what="the upload to reach the stall")
+        assert objects(minio_client, s3_bucket), "the claim is written before any pack"
+        proc.send_signal(signal.SIGTERM)
+        proxy.resume()  # the clean-up's requests go through the same proxy
+        assert proc.wait(timeout=60) == 130
+        assert proc.stderr is not None
+        assert "interrupted; nothing half-written was committed" in proc.stderr.read()
+    finally:
+        proc.kill()
+        proc.wait()
+    assert manifests(minio_client, s3_bucket) == []
+    # The claim is removed. The stalled pack's PUT may still land after its DELETE once
+    # the proxy relays it again: an unreferenced pack, which prune removes.
+    left = objects(minio_client, s3_bucket)
+    assert [k for k in left if "/uploads/" in k] == [], left
+    assert all(k.endswith(".pack") for k in left), left
 
 
 # ------------------------------------- 4. wrong key, missing bucket, no endpoint
