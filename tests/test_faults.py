@@ -33,6 +33,8 @@ from minio import Minio
 
 from akosha_sync.config import AkoshaSyncConfig, ConfigError, load_config
 from akosha_sync.sample import create_sample_databases, grow_to_size
+from akosha_sync.server.daemon import SyncDaemon
+from akosha_sync.server.queue import JobQueue
 from akosha_sync.sync.runner import run_sync
 from support.faults import (
     EXE,
@@ -325,6 +327,49 @@ def test_both_targets_down_reports_both_and_stays_retriable(
     proxy.accept()
     retried = daemon.call_tool("sync_to_akosha", {})
     assert retried["success"] is True, retried
+    assert manifests(minio_client, s3_bucket) and not restore_problems(minio_client, s3_bucket)
+
+
+def test_a_session_end_whose_sync_fails_stays_queued_and_lands_when_the_store_is_back(
+    via_proxy: MakeConfig, proxy: FaultProxy, minio_client: Minio, s3_bucket: str,
+    tmp_path: Path,
+) -> None:
+    """Nobody waits for a session end's answer: a failed sync must not be its end."""
+    config = via_proxy(akosha_url=f"http://127.0.0.1:{pick_free_port()}/mcp", max_retries=0)
+    proxy.refuse()  # the laptop is offline as the session ends
+    daemon = SyncDaemon(config)
+    daemon.queue.retry_delays = (0.5,)  # the clock seam: retry every half second
+
+    async def poll(check: Callable[[], Any], what: str) -> Any:
+        with anyio.fail_after(60):
+            while not (value := check()):
+                await anyio.sleep(0.05)
+        assert value, what
+        return value
+
+    async def scenario() -> int:
+        async with daemon.running():
+            request_id = await daemon.submit_hook(session_end())
+            assert request_id is not None
+            await poll(lambda: [q for q in daemon.queue.pending() if q.get("failed_attempts")],
+                       "the failed session end to wait for its retry")
+            assert manifests(minio_client, s3_bucket) == []
+            shown = subprocess.run(  # what the user sees meanwhile
+                [EXE, "--config", str(write_toml(config, tmp_path / "c.toml")), "status"],
+                capture_output=True, text=True, timeout=60, check=False).stdout
+            assert "queued:           1 sync request(s) waiting; 1 failed and retry at" in shown
+            assert "cloud_endpoint" in shown, shown
+            proxy.accept()  # back online: the retry lands without a new trigger
+            await poll(lambda: daemon.queue.state_of(request_id).status == "done",
+                       "the retried session end to be served")
+            return request_id
+
+    request_id = anyio.run(scenario)
+    state = JobQueue(config.state_path).state_of(request_id)
+    assert state.result is not None and state.result["success"] is True, state.result
+    history = JobQueue(config.state_path).history(50)
+    assert history[0]["success"] and not history[-1]["success"]
+    assert "cloud_endpoint" in str(history[-1]["error"])
     assert manifests(minio_client, s3_bucket) and not restore_problems(minio_client, s3_bucket)
 
 

@@ -122,3 +122,66 @@ def test_history_and_done_requests_keep_the_newest(
     assert queue.result_of(last) == {"success": True, "method": "cloud", "upload_id": "u-11"}
     assert queue.state_of(waiting).status == "pending"  # never pruned
     assert queue.state_of(running).status == "running"
+
+
+def test_a_failed_session_end_waits_to_retry_and_a_waited_for_request_is_done(
+    tmp_path: Path,
+) -> None:
+    queue = JobQueue(tmp_path)
+    queue.retry_delays = (3600.0, 7200.0)  # the clock seam: far off, then moved by hand
+    session = queue.enqueue("session-end")
+    manual = queue.enqueue("manual")
+    ids = [r.id for r in queue.claim_pending()]
+    queue.finish(ids, {"success": False, "method": "cloud", "error": "store down"},
+                 triggers=["session-end", "manual"], started_at=1.0, finished_at=2.0)
+    assert queue.state_of(manual).status == "done"  # its caller has the failure
+    state = queue.state_of(session)
+    assert state.status == "pending" and state.result is not None  # the failure it had
+    (waiting,) = queue.pending()
+    assert waiting["id"] == session and waiting["failed_attempts"] == 1
+    assert waiting["last_error"] == "store down"
+    # Not due: nothing is claimed, the idle worker is told how long to wait.
+    assert queue.pending_count() == 0 and queue.claim_pending() == []
+    assert 3590 < (queue.seconds_to_next_retry() or 0) <= 3600
+    # A new request is due at once and takes the waiting one along into its sync.
+    fresh = queue.enqueue("manual")
+    assert [r.id for r in queue.claim_pending()] == [session, fresh]
+    queue.finish([session, fresh], {"success": False, "error": "still down"},
+                 triggers=["session-end", "manual"], started_at=3.0, finished_at=4.0)
+    assert queue.pending()[0]["failed_attempts"] == 2
+    assert 7190 < (queue.seconds_to_next_retry() or 0) <= 7200  # the next delay
+    con = sqlite3.connect(tmp_path / QUEUE_FILE)
+    try:
+        with con:  # the clock moves on: the retry is due
+            con.execute("UPDATE requests SET retry_at = 0 WHERE id = ?", (session,))
+    finally:
+        con.close()
+    assert [r.id for r in queue.claim_pending()] == [session]
+    _finish(queue, [session], 1)
+    assert queue.state_of(session).status == "done" and queue.pending() == []
+    assert queue.seconds_to_next_retry() is None
+
+
+def test_a_queue_from_before_retries_gets_the_columns_and_keeps_its_requests(
+    tmp_path: Path,
+) -> None:
+    con = sqlite3.connect(tmp_path / QUEUE_FILE)
+    try:
+        with con:
+            con.executescript("""
+                CREATE TABLE requests (
+                    id INTEGER PRIMARY KEY AUTOINCREMENT, trigger TEXT NOT NULL,
+                    method TEXT NOT NULL DEFAULT 'unset', enable_fallback INTEGER,
+                    payload TEXT NOT NULL DEFAULT '{}', received_at REAL NOT NULL,
+                    status TEXT NOT NULL DEFAULT 'pending', claimed_by TEXT,
+                    history_id INTEGER);
+                INSERT INTO requests (trigger, received_at) VALUES ('session-end', 1.0);
+            """)
+    finally:
+        con.close()
+    queue = JobQueue(tmp_path)
+    (request,) = queue.claim_pending()
+    assert request.trigger == "session-end"
+    queue.finish([request.id], {"success": False, "error": "down"}, triggers=["session-end"],
+                 started_at=1.0, finished_at=2.0)
+    assert queue.pending()[0]["failed_attempts"] == 1

@@ -214,11 +214,30 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
     config = _load(args)
     status = local_status(config)
+    status["queued"] = _queued(config)
     if args.json:
         print(as_json(status))
     else:
         print(_describe_status(status))
     return EXIT_OK if not status["validation_errors"] else EXIT_CONFIG
+
+
+def _queued(config: AkoshaSyncConfig) -> list[dict[str, Any]] | str:
+    """The requests waiting in the queue (a failed session end says when it retries).
+
+    Read only if the queue exists: status never creates the state folder. A queue that
+    cannot be read is described, not raised: status must still show everything else.
+    """
+    import sqlite3
+
+    from akosha_sync.server.queue import QUEUE_FILE, JobQueue
+
+    if not (config.state_path / QUEUE_FILE).is_file():
+        return []
+    try:
+        return JobQueue(config.state_path).pending()
+    except (OSError, sqlite3.Error) as exc:
+        return f"the queue cannot be read: {exc}"
 
 
 def _parse_time(text: str) -> Any:
@@ -405,6 +424,15 @@ def _describe_status(status: dict[str, Any]) -> str:
             kinds = ", ".join(f"{k} {n}" for k, n in sorted(info.get("by_kind", {}).items()))
             lines.append(f"not deliverable:  {info['count']} records via {method} ({kinds}): "
                          "no embedding")
+    queued = status.get("queued")
+    if isinstance(queued, str):
+        lines.append(f"queued:           {queued}")
+    elif queued:
+        failed = [q for q in queued if q.get("failed_attempts")]
+        lines.append(f"queued:           {len(queued)} sync request(s) waiting"
+                     + (f"; {len(failed)} failed and retry at {failed[0]['retry_at']} "
+                        f"(attempt {failed[0]['failed_attempts'] + 1}; last error: "
+                        f"{failed[0]['last_error']})" if failed else ""))
     checked = status.get("last_verification")
     lines.append(
         f"last verify:      {checked['level']} {'ok' if checked['ok'] else 'FAILED'} at "

@@ -6,6 +6,9 @@ collapse into one follow-up sync; and a follow-up is skipped when the databases 
 not change since the sync it waited for started. Only one upload runs at a time
 (and the state-folder lock keeps a CLI run out too).
 
+A session end whose sync fails stays queued and is retried with a growing delay
+(see ``queue``); a request a caller waits for gets the failure as its answer.
+
 On shutdown a running sync gets ``grace_seconds`` to finish; otherwise it is
 cancelled, nothing is committed (the manifest is written last) and its requests
 return to pending for the next start.
@@ -32,7 +35,14 @@ import structlog
 from akosha_sync.config import AkoshaSyncConfig
 from akosha_sync.repository.service import apply_configured_retention
 from akosha_sync.server.payload import HookPayloadError, validate_hook_payload
-from akosha_sync.server.queue import UNSET, JobQueue, Request, RequestState, owner_alive
+from akosha_sync.server.queue import (
+    RETRIED_TRIGGERS,
+    UNSET,
+    JobQueue,
+    Request,
+    RequestState,
+    owner_alive,
+)
 from akosha_sync.sync.protocol import SyncResult
 from akosha_sync.sync.runner import run_sync
 from akosha_sync.sync.snapshot import SourceFingerprint, fingerprint
@@ -221,8 +231,11 @@ class SyncDaemon:
         """Claim what is pending and serve it; returns how many syncs failed."""
         wake = self._wake
         if await anyio.to_thread.run_sync(self.queue.pending_count) == 0:
-            # Bounded: requests another process queued or left behind are found too.
-            with anyio.move_on_after(_SWEEP_SECONDS):
+            # Bounded: requests another process queued or left behind are found too,
+            # and a failed session end is retried when it is due.
+            retry_in = await anyio.to_thread.run_sync(self.queue.seconds_to_next_retry)
+            nap = _SWEEP_SECONDS if retry_in is None else min(_SWEEP_SECONDS, retry_in)
+            with anyio.move_on_after(nap):
                 await wake.wait()
         self._wake = anyio.Event()
         return (await self._serve_claimed())[1]
@@ -289,6 +302,11 @@ class SyncDaemon:
                         finished_at=time.time(),
                     ))
                 recorded = True
+                if not result.get("success") and RETRIED_TRIGGERS.intersection(triggers):
+                    log.warning("the session end stays queued and is retried",
+                                trigger=trigger, error=result.get("error"),
+                                retry_in_seconds=await anyio.to_thread.run_sync(
+                                    self.queue.seconds_to_next_retry))
             except Exception:
                 log.exception("could not record the sync in the queue; its requests stay "
                               "queued", trigger=trigger)

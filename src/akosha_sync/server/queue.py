@@ -10,12 +10,21 @@ requests are never taken; a dead owner's go back to pending whenever anyone clai
 The ``requests`` and ``history`` tables keep the newest ``KEEP_DONE_REQUESTS`` and
 ``KEEP_HISTORY`` rows.
 
+A session end (or pre-compact) has nobody waiting for its answer, so when its sync
+fails (the store down, the laptop offline, another sync holding the lock past the
+budget) it is not done: it goes back to pending with a later ``retry_at``, backing
+off along ``RETRY_DELAYS`` (the last repeats, for ever), until a sync serves it.
+A request somebody waits for (a tool call, ``sync``) is done either way: its caller
+has the failure and decides. Claiming takes every pending request once any is due,
+so a retry rides along with the next sync whatever triggered it.
+
 Only the standard library is imported: the session-end hook command uses this
 module directly when the daemon is not running, and must start fast.
 """
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import logging
@@ -36,6 +45,8 @@ __all__ = [
     "KEEP_DONE_REQUESTS",
     "KEEP_HISTORY",
     "QUEUE_FILE",
+    "RETRIED_TRIGGERS",
+    "RETRY_DELAYS",
     "UNSET",
     "JobQueue",
     "Request",
@@ -48,6 +59,8 @@ QUEUE_FILE = "queue.sqlite3"
 UNSET = "unset"  # a request without an explicit method: the configured force_method runs
 KEEP_HISTORY = 1000  # newest sync records kept
 KEEP_DONE_REQUESTS = 1000  # newest finished requests kept (pending/running are never pruned)
+RETRIED_TRIGGERS = frozenset({"session-end", "pre-compact"})  # nobody waits for their answer
+RETRY_DELAYS = (30.0, 60.0, 120.0, 300.0, 900.0)  # before attempt 2, 3, ...; the last repeats
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS requests (
@@ -59,7 +72,9 @@ CREATE TABLE IF NOT EXISTS requests (
     received_at REAL NOT NULL,
     status TEXT NOT NULL DEFAULT 'pending',   -- pending | running | done
     claimed_by TEXT,                          -- owner: see process_owner()
-    history_id INTEGER
+    history_id INTEGER,                       -- the sync that served it (or failed it last)
+    attempts INTEGER NOT NULL DEFAULT 0,      -- failed syncs so far (retried triggers only)
+    retry_at REAL NOT NULL DEFAULT 0          -- not claimed before this time
 );
 CREATE INDEX IF NOT EXISTS requests_status ON requests(status);
 CREATE TABLE IF NOT EXISTS history (
@@ -169,6 +184,9 @@ def owner_alive(owner: str | None) -> bool:
 class JobQueue:
     """SQLite-backed queue; every method is a short transaction, safe across processes."""
 
+    #: The clock seam: seconds before each retry of a failed session end (tests shorten it).
+    retry_delays: tuple[float, ...] = RETRY_DELAYS
+
     def __init__(self, state_dir: Path) -> None:
         private_dir(state_dir)
         self.path = private_file(state_dir / QUEUE_FILE)  # its -wal/-shm inherit 0600
@@ -185,6 +203,7 @@ class JobQueue:
             if not check or check[0] != "ok":
                 raise sqlite3.DatabaseError(f"database disk image is malformed: {check}")
             con.executescript(_SCHEMA)
+            _add_missing_columns(con)
 
     def _recover(self, exc: sqlite3.DatabaseError) -> None:
         """Move a damaged queue file aside (never delete it) and start a new one.
@@ -251,15 +270,21 @@ class JobQueue:
     def claim_pending(self) -> list[Request]:
         """Mark every pending request running (for this process) and return them.
 
-        Requests a dead process had claimed count as pending; a live owner's stay its own.
+        Nothing is claimed until at least one request is due (its ``retry_at`` passed);
+        then every pending one is, since one sync serves them all. Requests a dead
+        process had claimed count as pending; a live owner's stay its own.
         """
         with self._connect() as con:
             con.execute("BEGIN IMMEDIATE")
             _recover_dead(con)
+            due = con.execute(
+                "SELECT count(*) FROM requests WHERE status = 'pending' AND retry_at <= ?",
+                (time.time(),),
+            ).fetchone()[0]
             rows = con.execute(
                 "SELECT id, trigger, method, enable_fallback, payload, received_at "
                 "FROM requests WHERE status = 'pending' ORDER BY id"
-            ).fetchall()
+            ).fetchall() if due else []
             if rows:
                 con.execute(
                     f"UPDATE requests SET status = 'running', claimed_by = ? "
@@ -327,7 +352,12 @@ class JobQueue:
         started_at: float,
         finished_at: float,
     ) -> int:
-        """Record the sync that served these requests; returns the history id."""
+        """Record the sync that served these requests; returns the history id.
+
+        When it failed, the retried triggers among them go back to pending, due
+        after the next of ``retry_delays``; the rest are done.
+        """
+        now = time.time()
         with self._connect() as con:
             con.execute("BEGIN IMMEDIATE")
             cur = con.execute(
@@ -348,10 +378,23 @@ class JobQueue:
                 ),
             )
             history_id = int(cur.lastrowid or 0)
+            marks = ",".join("?" * len(ids))
+            if ids and not result.get("success"):
+                for request_id, attempts in con.execute(
+                    f"SELECT id, attempts FROM requests WHERE id IN ({marks}) "
+                    f"AND trigger IN ({','.join('?' * len(RETRIED_TRIGGERS))})",
+                    (*ids, *sorted(RETRIED_TRIGGERS)),
+                ).fetchall():
+                    delay = self.retry_delays[min(attempts, len(self.retry_delays) - 1)]
+                    con.execute(
+                        "UPDATE requests SET status = 'pending', claimed_by = NULL, "
+                        "history_id = ?, attempts = attempts + 1, retry_at = ? WHERE id = ?",
+                        (history_id, now + delay, request_id),
+                    )
             if ids:
                 con.execute(
                     f"UPDATE requests SET status = 'done', history_id = ? "
-                    f"WHERE id IN ({','.join('?' * len(ids))})",
+                    f"WHERE status = 'running' AND id IN ({marks})",
                     (history_id, *ids),
                 )
             _prune(con)
@@ -359,21 +402,38 @@ class JobQueue:
             return history_id
 
     def pending_count(self) -> int:
+        """Pending requests that are due now (a failed one waiting to retry is not)."""
         with self._connect() as con:
             row = con.execute(
-                "SELECT count(*) FROM requests WHERE status = 'pending'"
+                "SELECT count(*) FROM requests WHERE status = 'pending' AND retry_at <= ?",
+                (time.time(),),
             ).fetchone()
             return int(row[0])
 
+    def seconds_to_next_retry(self) -> float | None:
+        """How long until the earliest waiting retry is due; None when none waits."""
+        with self._connect() as con:
+            row = con.execute(
+                "SELECT min(retry_at) FROM requests WHERE status = 'pending'"
+            ).fetchone()
+        return None if row[0] is None else max(0.0, float(row[0]) - time.time())
+
     def pending(self) -> list[dict[str, Any]]:
+        """Up to 50 pending requests; a failed one says how often and when it retries."""
         with self._connect() as con:
             rows = con.execute(
-                "SELECT id, trigger, method, received_at FROM requests "
-                "WHERE status = 'pending' ORDER BY id LIMIT 50"
+                "SELECT r.id, r.trigger, r.method, r.received_at, r.attempts, r.retry_at, "
+                "h.error FROM requests r LEFT JOIN history h ON h.id = r.history_id "
+                "WHERE r.status = 'pending' ORDER BY r.id LIMIT 50"
             ).fetchall()
-        return [
-            {"id": r[0], "trigger": r[1], "method": r[2], "received_at": _iso(r[3])} for r in rows
-        ]
+        out: list[dict[str, Any]] = []
+        for r in rows:
+            item: dict[str, Any] = {
+                "id": r[0], "trigger": r[1], "method": r[2], "received_at": _iso(r[3])}
+            if r[4]:
+                item.update(failed_attempts=r[4], retry_at=_iso(r[5]), last_error=r[6])
+            out.append(item)
+        return out
 
     def result_of(self, request_id: int) -> dict[str, Any] | None:
         """The result of the sync that served a request, once it is done."""
@@ -411,6 +471,16 @@ class JobQueue:
         with self._connect() as con:
             row = con.execute("SELECT result FROM history ORDER BY id DESC LIMIT 1").fetchone()
         return json.loads(row[0]) if row else None
+
+
+def _add_missing_columns(con: sqlite3.Connection) -> None:
+    """A queue written by an older version lacks the retry columns: add them."""
+    have = {row[1] for row in con.execute("PRAGMA table_info(requests)")}
+    for column, spec in (("attempts", "INTEGER NOT NULL DEFAULT 0"),
+                         ("retry_at", "REAL NOT NULL DEFAULT 0")):
+        if column not in have:
+            with contextlib.suppress(sqlite3.OperationalError):  # another process won the race
+                con.execute(f"ALTER TABLE requests ADD COLUMN {column} {spec}")
 
 
 def _recover_dead(con: sqlite3.Connection) -> int:
