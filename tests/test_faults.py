@@ -341,11 +341,7 @@ def test_a_session_end_whose_sync_fails_stays_queued_and_lands_when_the_store_is
     daemon.queue.retry_delays = (0.5,)  # the clock seam: retry every half second
 
     async def poll(check: Callable[[], Any], what: str) -> Any:
-        with anyio.fail_after(60):
-            while not (value := check()):
-                await anyio.sleep(0.05)
-        assert value, what
-        return value
+        return await anyio.to_thread.run_sync(lambda: until(check, timeout=60, what=what))
 
     async def scenario() -> int:
         async with daemon.running():
@@ -354,9 +350,10 @@ def test_a_session_end_whose_sync_fails_stays_queued_and_lands_when_the_store_is
             await poll(lambda: [q for q in daemon.queue.pending() if q.get("failed_attempts")],
                        "the failed session end to wait for its retry")
             assert manifests(minio_client, s3_bucket) == []
-            shown = subprocess.run(  # what the user sees meanwhile
-                [EXE, "--config", str(write_toml(config, tmp_path / "c.toml")), "status"],
-                capture_output=True, text=True, timeout=60, check=False).stdout
+            with anyio.fail_after(60):  # what the user sees meanwhile
+                shown = (await anyio.run_process(
+                    [EXE, "--config", str(write_toml(config, tmp_path / "c.toml")), "status"],
+                    check=False)).stdout.decode()
             assert "queued:           1 sync request(s) waiting; 1 failed and retry at" in shown
             assert "cloud_endpoint" in shown, shown
             proxy.accept()  # back online: the retry lands without a new trigger
