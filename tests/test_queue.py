@@ -185,3 +185,14 @@ def test_a_queue_from_before_retries_gets_the_columns_and_keeps_its_requests(
     queue.finish([request.id], {"success": False, "error": "down"}, triggers=["session-end"],
                  started_at=1.0, finished_at=2.0)
     assert queue.pending()[0]["failed_attempts"] == 1
+
+
+def test_a_failed_sync_that_committed_an_upload_is_not_retried(tmp_path: Path) -> None:
+    """One database unreadable, the other committed: a retry would only commit it again."""
+    queue = JobQueue(tmp_path)
+    session = queue.enqueue("session-end")
+    queue.claim_pending()
+    queue.finish([session], {"success": False, "error": "x is not a readable DuckDB database",
+                             "manifest_key": "systems/h/uploads/u/manifest.json"},
+                 triggers=["session-end"], started_at=1.0, finished_at=2.0)
+    assert queue.state_of(session).status == "done" and queue.pending() == []

@@ -522,3 +522,59 @@ def test_a_rename_refused_midway_through_the_install_puts_the_target_back(
     monkeypatch.undo()
     assert len(into_place) == 2  # one file was in place when the second was refused
     assert _snapshot_of(target) == before  # originals back, no backup or temp left
+
+
+@pytest.mark.parametrize("layout", ["blocks", "files"])
+def test_an_unreadable_database_is_kept_at_its_last_version_and_restore_says_so(
+    layout: str, s3_config: MakeConfig, sample: SampleInfo, minio_client: Minio,
+    s3_bucket: str, tmp_path: Path,
+) -> None:
+    config = s3_config(storage_layout=layout)
+    first = _sync(config)
+    good = _snapshot_of(sample.data_dir)
+    # The reflection database becomes unreadable (a disk error, a bad copy by hand).
+    sample.reflection_path.write_bytes(b"not a database " * 4096)
+    second: dict[str, Any] = anyio.run(CloudSyncMethod(config).sync)
+    assert second["success"] is False and second["manifest_key"], second
+    assert "not a readable DuckDB database" in second["error"]
+    assert (f"reflection.duckdb in this upload is the version upload {first['upload_id']} "
+            "stored") in second["error"]
+    carried = _manifest(minio_client, s3_bucket, second)["metadata"]["carried_over"]
+    assert carried == {"reflection.duckdb": first["upload_id"],
+                       "reflection.duckdb.wal": first["upload_id"]}
+    # The newest upload restores both databases, the unreadable one as it last was.
+    target = tmp_path / "restored"
+    out = _cli(_toml(config, tmp_path / "c.toml"), "--to", str(target))
+    assert out.returncode == 0, out.stderr
+    assert f"restored upload {second['upload_id']}" in out.stdout
+    assert (f"note: reflection.duckdb is the version upload {first['upload_id']} stored: it "
+            f"could not be read when {second['upload_id']} was made") in out.stdout
+    assert _snapshot_of(target) == good
+    # Mended, it is read again (its old fingerprint was kept): a full, successful upload.
+    sample.reflection_path.write_bytes(good["reflection.duckdb"])
+    third = _sync(config)
+    assert _manifest(minio_client, s3_bucket, third)["metadata"]["carried_over"] == {}
+    assert _restore(config, tmp_path / "third", upload_id=third["upload_id"]).notes == []
+
+
+def test_restore_notes_name_what_an_upload_lacks_or_holds_from_an_earlier_one() -> None:
+    from akosha_sync.repository.manifest import build_manifest
+    from akosha_sync.repository.restore import content_notes
+
+    manifest = build_manifest(
+        system_id="h", upload_id="u2", uploaded_at=datetime(2026, 1, 2, tzinfo=UTC), files={},
+        conversation_count=0, metadata={
+            "missing_databases": ["knowledge_graph.duckdb"],
+            "failed_databases": ["/d/reflection.duckdb is not a readable DuckDB database",
+                                 "/d/other.duckdb kept changing while it was being copied"],
+            "carried_over": {"reflection.duckdb": "u1", "reflection.duckdb.wal": "u1"},
+        })
+    assert content_notes(manifest, ["reflection.duckdb", "reflection.duckdb.wal"]) == [
+        "reflection.duckdb is the version upload u1 stored: it could not be read when u2 "
+        "was made",
+        "a database could not be read when u2 was made and is not in it: /d/other.duckdb "
+        "kept changing while it was being copied; an earlier upload may hold it "
+        "(akosha-sync snapshots)",
+        "knowledge_graph.duckdb is not in u2: it was not in the data folder when the upload "
+        "was made; an earlier upload may hold it (akosha-sync snapshots)",
+    ]

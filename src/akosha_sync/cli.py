@@ -308,6 +308,7 @@ def _cmd_restore(args: argparse.Namespace) -> int:
     else:
         lines.append(f"    downloaded: {human_size(result.bytes_downloaded)} in "
                      f"{result.duration_seconds:.2f} s")
+    lines.extend(f"    note: {n}" for n in result.notes)
     print("\n".join(lines))
     return EXIT_FAILED if result.problems else EXIT_OK
 

@@ -30,6 +30,7 @@ __all__ = [
     "Manifest",
     "akosha_manifest_problems",
     "build_manifest",
+    "carried_over_from",
     "claim_key",
     "decode_manifest",
     "encode_manifest",
@@ -141,6 +142,15 @@ class Manifest(msgspec.Struct, kw_only=True):
     storage_layout: str = "files"
     index: str | None = None
     bytes_new: int | None = None
+
+
+def carried_over_from(manifest: Manifest) -> dict[str, str]:
+    """File name -> the upload whose version of it this upload holds, for databases that
+    could not be read when it was made (``metadata.carried_over``); empty otherwise."""
+    found = manifest.metadata.get("carried_over")
+    if not isinstance(found, dict):
+        return {}
+    return {str(k): str(v) for k, v in found.items()}
 
 
 def _iso(moment: datetime) -> str:

@@ -45,6 +45,7 @@ from akosha_sync.repository.format import LAYOUT_BLOCKS, LAYOUT_FILES, Index, Pi
 from akosha_sync.repository.manifest import (
     MEMORIES_NAME,
     Manifest,
+    carried_over_from,
     decode_manifest,
     manifest_key,
     upload_id_order,
@@ -65,6 +66,7 @@ __all__ = [
     "RestorePlan",
     "RestoreResult",
     "TargetFile",
+    "content_notes",
     "execute",
     "find_upload",
     "inspect_target",
@@ -123,6 +125,9 @@ class RestorePlan(msgspec.Struct, frozen=True, kw_only=True):
     fetch: list[Fetch]
     bytes_to_download: int
     problems: list[str]
+    # What the user should know of this upload's content (a database it lacks, or
+    # holds at an older version); not problems: the restore goes ahead.
+    notes: list[str] = msgspec.field(default_factory=list)
 
 
 class RestoreResult(msgspec.Struct, kw_only=True):
@@ -137,6 +142,7 @@ class RestoreResult(msgspec.Struct, kw_only=True):
     bytes_to_download: int = 0
     fetch: list[Fetch] = msgspec.field(default_factory=list)
     problems: list[str] = msgspec.field(default_factory=list)  # dry run: why it would fail
+    notes: list[str] = msgspec.field(default_factory=list)  # see RestorePlan.notes
 
 
 # ------------------------------------------------------------------- finding
@@ -386,7 +392,36 @@ def plan_restore(
         fetch=[Fetch(k, s) for k, s in fetch.items()],
         bytes_to_download=sum(fetch.values()),
         problems=problems,
+        notes=content_notes(manifest, names),
     )
+
+
+def content_notes(manifest: Manifest, names: list[str]) -> list[str]:
+    """What this upload lacks or holds from an earlier one, from its metadata. Pure.
+
+    A sync that could not read a database still commits the others; it keeps the
+    unreadable one at the version an earlier upload stored (``carried_over``), or,
+    with none to keep, leaves it out (``failed_databases``, ``missing_databases``).
+    """
+    uid = manifest.upload_id
+    carried = carried_over_from(manifest)
+    notes = [
+        f"{name} is the version upload {origin} stored: it could not be read when {uid} "
+        "was made"
+        for name, origin in carried.items() if not name.endswith(".wal")
+    ]
+    failed = manifest.metadata.get("failed_databases")
+    for error in failed if isinstance(failed, list) else []:
+        if not any(name in str(error) for name in carried):
+            notes.append(f"a database could not be read when {uid} was made and is not in "
+                         f"it: {error}; an earlier upload may hold it (akosha-sync snapshots)")
+    missing = manifest.metadata.get("missing_databases")
+    for name in missing if isinstance(missing, list) else []:
+        if str(name) not in names:
+            notes.append(f"{name} is not in {uid}: it was not in the data folder when the "
+                         "upload was made; an earlier upload may hold it (akosha-sync "
+                         "snapshots)")
+    return notes
 
 
 # ------------------------------------------------------------------ execute
@@ -728,6 +763,7 @@ async def execute(
         bytes_downloaded=downloaded,
         duration_seconds=round(time.monotonic() - started, 3),
         bytes_to_download=plan.bytes_to_download,
+        notes=plan.notes,
     )
 
 
@@ -920,6 +956,7 @@ async def restore(
             bytes_to_download=plan.bytes_to_download,
             fetch=plan.fetch,
             problems=plan.problems,
+            notes=plan.notes,
         )
     result = await execute(store, config, plan, manifest, index, progress=progress)
     result.duration_seconds = round(time.monotonic() - started, 3)

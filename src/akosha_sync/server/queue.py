@@ -11,8 +11,8 @@ The ``requests`` and ``history`` tables keep the newest ``KEEP_DONE_REQUESTS`` a
 ``KEEP_HISTORY`` rows.
 
 A session end (or pre-compact) has nobody waiting for its answer, so when its sync
-fails (the store down, the laptop offline, another sync holding the lock past the
-budget) it is not done: it goes back to pending with a later ``retry_at``, backing
+fails and commits nothing (the store down, the laptop offline, another sync holding
+the lock past the budget) it is not done: it goes back to pending with a later ``retry_at``, backing
 off along ``RETRY_DELAYS`` (the last repeats, for ever), until a sync serves it.
 A request somebody waits for (a tool call, ``sync``) is done either way: its caller
 has the failure and decides. Claiming takes every pending request once any is due,
@@ -379,7 +379,9 @@ class JobQueue:
             )
             history_id = int(cur.lastrowid or 0)
             marks = ",".join("?" * len(ids))
-            if ids and not result.get("success"):
+            # Committed with a database left out (unreadable: carried over at its last
+            # version) is done: a retry would commit the same again, or need the user.
+            if ids and not result.get("success") and not result.get("manifest_key"):
                 for request_id, attempts in con.execute(
                     f"SELECT id, attempts FROM requests WHERE id IN ({marks}) "
                     f"AND trigger IN ({','.join('?' * len(RETRIED_TRIGGERS))})",

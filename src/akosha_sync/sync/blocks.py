@@ -31,6 +31,7 @@ from akosha_sync.repository.manifest import (
     COMPRESSION_FORMAT,
     FileEntry,
     Manifest,
+    carried_over_from,
     decode_manifest,
 )
 from akosha_sync.repository.prune import condemned_pack_ids
@@ -163,7 +164,7 @@ async def sync_blocks(
         upload.new_state[name] = StoredFile(
             fingerprint=upload.fingerprints.get(name), entry=file_entry
         )
-        if new_pieces == 0 and name not in upload.unchanged:
+        if new_pieces == 0 and name not in upload.unchanged and name not in upload.carried_over:
             upload.unchanged.append(name)
 
 async def _blocks_database(
@@ -215,6 +216,8 @@ async def _blocks_database(
     progress(f"snapshot:{name}", 0, fp.db.size + (fp.wal.size if fp.wal else 0))
     opened = await _open_source(method, upload, name, path, snapshot_dir)
     if opened is None:
+        if name not in upload.missing:
+            _carry_over(upload, state, writer, previous, previous_index, name)
         return
     source, held_fp = opened
     # Held (still locked) until its records are exported; on failure _sync closes it.
@@ -245,6 +248,43 @@ async def _blocks_database(
         await memories.add(source.con, kinds)
     # Nothing more to read from it: let a writer in now.
     await anyio.to_thread.run_sync(upload.sources.pop(name).close)
+
+def _carry_over(
+    upload: Upload,
+    state: TargetState | None,
+    writer: RepositoryWriter,
+    previous: Manifest | None,
+    previous_index: Index | None,
+    name: str,
+) -> None:
+    """A database that could not be read keeps its last stored version in this upload.
+
+    Otherwise the upload, the newest one, would hold the other database only, and a
+    ``restore latest`` would bring back half the memory with no word said. Its pieces
+    are checked as any reused piece is; its fingerprint stays the old one, so the next
+    sync reads the database again.
+    """
+    if previous is None or previous_index is None or name not in previous_index.files:
+        return
+    names = [n for n in (name, name + _WAL_SUFFIX) if n in previous_index.files]
+    if not all(writer.can_reuse(previous_index.files[n]) for n in names):
+        return
+    for n in names:
+        writer.reuse_file(n, previous_index.files[n])
+        old = previous.file_details.get(n)
+        upload.extra[n] = {
+            "conversation_count": old.conversation_count if old else None,
+            "wal": old.wal if old else None,
+            "row_counts": old.row_counts if old else None,
+        }
+        # Carried over again: the version is still the one that upload stored.
+        upload.carried_over[n] = carried_over_from(previous).get(n) or previous.upload_id
+    stored = state.files.get(name) if state else None
+    if stored is not None:
+        upload.fingerprints[name] = stored.fingerprint
+    log.warning("database not readable; its last stored version is kept in this upload",
+                file=name, stored_by=upload.carried_over[name])
+
 
 async def _open_source(
     method: CloudContext, upload: Upload, name: str, path: Path, snapshot_dir: Path

@@ -246,8 +246,8 @@ class CloudSyncMethod:
                             for name, snap in list(upload.snapshots.items()):
                                 if kinds := self._kinds_of(name):
                                     await memories.add(Path(snap.path), kinds)
-                    if not upload.files:
-                        raise _NothingToUpload(upload)
+                    if not set(upload.files) - set(upload.carried_over):
+                        raise _NothingToUpload(upload)  # nothing read: no new upload
                     conversations, new_conversations = await self._finish_memories(
                         upload, memories
                     )
@@ -268,6 +268,7 @@ class CloudSyncMethod:
                     "hostname": socket.gethostname(),
                     "missing_databases": upload.missing,
                     "failed_databases": upload.errors,
+                    "carried_over": upload.carried_over,
                     "new_conversation_count": new_conversations,
                     "memories": {k: len(v) for k, v in upload.exported.items()},
                     "undeliverable": dict(upload.undeliverable),
@@ -322,7 +323,11 @@ class CloudSyncMethod:
             files_uploaded=upload.uploaded_keys,
             bytes_transferred=upload.bytes_sent,
             upload_id=upload.upload_id,
-            error="; ".join(upload.errors) or None,
+            error="; ".join(upload.errors + [
+                f"{name} in this upload is the version upload {origin} stored"
+                for name, origin in upload.carried_over.items()
+                if name in config.database_paths
+            ]) or None,
             files_unchanged=upload.unchanged,
             files_missing=upload.missing,
             bytes_stored=manifest.total_size_bytes,

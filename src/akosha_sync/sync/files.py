@@ -100,6 +100,7 @@ async def sync_database(
     except SnapshotError as exc:
         upload.errors.append(str(exc))
         log.error("database not readable; skipped", database=str(path), error=str(exc))
+        await _carry_over(method, upload, state, name)
         return []
     upload.snapshots[name] = snap
     sends: list[Send] = []
@@ -147,6 +148,29 @@ async def send(
     upload.files[item.name] = entry
     upload.uploaded_keys.append(key)
     upload.new_state[item.name] = StoredFile(fingerprint=item.fingerprint, entry=entry)
+
+async def _carry_over(
+    method: CloudContext, upload: Upload, state: TargetState | None, name: str
+) -> None:
+    """An unreadable database keeps its last stored objects in this upload (as
+    blocks.py's ``_carry_over``: else ``restore latest`` brings back half the memory)."""
+    stored = state.files if state else {}
+    names = [n for n in (name, name + _WAL_SUFFIX) if n in stored]
+    if name not in names:
+        return
+    for n in names:
+        if not await _object_intact(method, stored[n].entry):
+            return
+    for n in names:
+        entry = stored[n].entry
+        origin = entry.reused_from or entry.key.split("/")[-2]
+        upload.files[n] = msgspec.structs.replace(entry, reused_from=origin)
+        # The old fingerprint: the next sync reads the database again.
+        upload.new_state[n] = stored[n]
+        upload.carried_over[n] = origin
+    log.warning("database not readable; its last stored version is kept in this upload",
+                file=name, stored_by=upload.carried_over[name])
+
 
 def _reuse(
     upload: Upload, name: str, entry: FileEntry, fp: Any, **extra: Any

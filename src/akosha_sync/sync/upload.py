@@ -35,6 +35,9 @@ class Upload:
         self.unchanged: list[str] = []
         self.missing: list[str] = []
         self.errors: list[str] = []
+        # A database that could not be read, kept at its last stored version: file
+        # name (database and WAL) -> the upload that stored it.
+        self.carried_over: dict[str, str] = {}
         self.snapshots: dict[str, Snapshot] = {}
         self.new_state: dict[str, StoredFile] = {}
         self.exported: dict[str, list[str]] = {}  # per kind; delivered once committed
