@@ -279,3 +279,51 @@ async def test_a_sqlite_or_duckdb_error_is_answered_and_recorded(
     assert answers[1] is not None and "Could not set lock" in answers[1]["error"]
     recorded = [json.dumps(h) for h in daemon.queue.history(3)]
     assert "database is locked" in recorded[2] and "Could not set lock" in recorded[1]
+
+
+@pytest.mark.anyio
+async def test_a_request_at_idle_syncs_even_when_nothing_changed(
+    s3_config: MakeConfig, minio_client: Minio, s3_bucket: str
+) -> None:
+    """Only a request that arrived while a sync ran shares its result; one made later
+    runs, and finds the bucket as it is now (here: its upload deleted by hand)."""
+    from support.faults import objects, restore_problems
+
+    config = s3_config()
+    daemon = SyncDaemon(config)
+    async with daemon.running():
+        with anyio.fail_after(60):
+            first = await daemon.wait_for(await daemon.submit("manual"))
+        assert first["success"], first["error"]
+        for key in objects(minio_client, s3_bucket):
+            minio_client.remove_object(s3_bucket, key)
+        with anyio.fail_after(60):
+            again = await daemon.wait_for(await daemon.submit("manual"))
+    assert again["success"], again["error"]
+    # A real sync: it found its pieces gone and sent them again (within the same second
+    # it may take the same upload id: its claim was deleted with the rest).
+    assert "skipped" not in again and again["bytes_transferred"] > 0
+    assert manifests(minio_client, s3_bucket) == [again["manifest_key"]]
+    assert restore_problems(minio_client, s3_bucket) == []
+
+
+@pytest.mark.anyio
+async def test_a_request_made_while_a_sync_runs_shares_its_result_if_nothing_changed(
+    s3_config: MakeConfig, minio_client: Minio, s3_bucket: str
+) -> None:
+    config = s3_config()
+    daemon = SyncDaemon(config)
+    async with daemon.running():
+        with _holding_sync_lock(config), anyio.fail_after(60):
+            first_id = await daemon.submit("manual")
+            # The worker has claimed it and waits for the lock: the sync has started.
+            await anyio.to_thread.run_sync(
+                lambda: until(lambda: daemon.current is not None, what="the first sync"))
+            second_id = await daemon.submit("session-end")
+        with anyio.fail_after(60):
+            first = await daemon.wait_for(first_id)
+            second = await daemon.wait_for(second_id)
+    assert first["success"], first["error"]
+    assert second["skipped"] == "databases unchanged since the sync it waited for"
+    assert second["upload_id"] == first["upload_id"]
+    assert manifests(minio_client, s3_bucket) == [first["manifest_key"]]

@@ -88,8 +88,9 @@ class SyncDaemon:
         self._listeners: dict[int, ProgressListener] = {}
         self._task_group: anyio.abc.TaskGroup | None = None
         self._loop_thread = threading.get_ident()
-        # Sources as they were when the last sync started, per (method, fallback).
-        self._last_sync: dict[tuple[str, bool | None], tuple[float, Any]] = {}
+        # Per (method, fallback): when the last successful sync started and finished,
+        # and the sources as they were when it started.
+        self._last_sync: dict[tuple[str, bool | None], tuple[float, float, Any]] = {}
 
     # ----------------------------------------------------------- lifecycle
     @contextlib.asynccontextmanager
@@ -328,12 +329,14 @@ class SyncDaemon:
         sources = self._sources()
         if (
             previous is not None
-            and previous[1] == sources
-            and all(r.received_at >= previous[0] for r in requests)
+            and previous[2] == sources
+            and all(previous[0] <= r.received_at <= previous[1] for r in requests)
             and (last := self.queue.last_result()) is not None
             and last.get("success")
         ):
-            # They waited for a sync that already covered the current data.
+            # They arrived while that sync ran, and it covered the current data. A request
+            # made after it ended runs (an unchanged sync is cheap, and it checks the
+            # bucket: the upload answered last time may have been deleted since).
             return {**last, "skipped": "databases unchanged since the sync it waited for",
                     "triggered_by": requests[0].trigger}, time.time()
         started = time.time()
@@ -360,7 +363,7 @@ class SyncDaemon:
         finally:
             self.current = None  # _serve sets _idle once the sync is recorded
         if result.get("success"):
-            self._last_sync[key] = (started, sources)
+            self._last_sync[key] = (started, time.time(), sources)
         return result, started
 
     def _notify(self, ids: list[int], result: dict[str, Any]) -> None:
