@@ -219,3 +219,23 @@ def test_uninstall_claude_removes_the_http_mode_too(
     _run(home, "--config", toml, "uninstall", "claude", "--write")
     assert settings.read_text() == text
     assert not (home / ".claude.json").exists()
+
+
+def test_install_http_warns_when_the_token_is_not_in_the_environment(
+    tmp_path: Path, make_config: MakeConfig
+) -> None:
+    """Claude Code sends $AKOSHA_SYNC_DAEMON_TOKEN: a token only in the file means 401s."""
+    home = tmp_path / "home"
+    home.mkdir()
+    token = "t0ken-for-the-daemon"
+    toml = str(write_toml(make_config(daemon_token=token), tmp_path / "c.toml"))
+    bare = {k: v for k, v in os.environ.items() if "DAEMON_TOKEN" not in k}
+    shown = subprocess.run([EXE, "--config", toml, "install", "claude", "--mode", "http"],
+                           env={**bare, "HOME": str(home)}, capture_output=True, text=True,
+                           timeout=60, check=True).stdout
+    assert "Warning: the entries send the daemon token from the environment variable " \
+           "AKOSHA_SYNC_DAEMON_TOKEN, which is not set here" in shown
+    assert token not in shown
+    exported = _run(home, "--config", toml, "install", "claude", "--mode", "http",
+                    env={"AKOSHA_SYNC_DAEMON_TOKEN": token}).stdout
+    assert "Warning" not in exported and token not in exported

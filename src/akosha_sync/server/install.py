@@ -59,6 +59,7 @@ _UNIT_MARKER = "# Written by `akosha-sync install service`"
 _HOOK_ROUTE = "/hooks/session-end"
 _OUR_COMMAND = re.compile(r"akosha[-_]sync\S*(?:\s.*)?\shook\s+(?:session-end|pre-compact)\s*$")
 _BACKUPS_KEPT = 5
+_TOKEN_VAR = "AKOSHA_SYNC_DAEMON_TOKEN"  # noqa: S105 - a variable name, not a secret
 
 
 class InstallError(ValueError):
@@ -160,6 +161,13 @@ def install_claude(
     if mode == "http":
         print("\nThe http mode needs the daemon running: akosha-sync install service, or "
               "akosha-sync serve --transport http")
+        if config.daemon_token and not os.environ.get(_TOKEN_VAR):
+            # Claude Code expands the variable from its own environment, not our file.
+            print(f"\nWarning: the entries send the daemon token from the environment "
+                  f"variable {_TOKEN_VAR}, which is not set here (the token comes from "
+                  "the configuration). Export it, with that value, where Claude Code "
+                  "starts (your shell profile), or the daemon refuses every hook and tool "
+                  "call with 401.")
     settings = _JsonFile.load(settings_path)
     plugins = settings.data.get("enabledPlugins")
     if isinstance(plugins, dict) and any(
