@@ -303,7 +303,8 @@ class SyncDaemon:
                         finished_at=time.time(),
                     ))
                 recorded = True
-                if not result.get("success") and RETRIED_TRIGGERS.intersection(triggers):
+                if (not result.get("success") and not result.get("manifest_key")
+                        and RETRIED_TRIGGERS.intersection(triggers)):
                     log.warning("the session end stays queued and is retried",
                                 trigger=trigger, error=result.get("error"),
                                 retry_in_seconds=await anyio.to_thread.run_sync(

@@ -12,8 +12,9 @@ The ``requests`` and ``history`` tables keep the newest ``KEEP_DONE_REQUESTS`` a
 
 A session end (or pre-compact) has nobody waiting for its answer, so when its sync
 fails and commits nothing (the store down, the laptop offline, another sync holding
-the lock past the budget) it is not done: it goes back to pending with a later ``retry_at``, backing
-off along ``RETRY_DELAYS`` (the last repeats, for ever), until a sync serves it.
+the lock past the budget) it is not done: it goes back to pending with a later
+``retry_at``, backing off along ``RETRY_DELAYS`` (the last repeats, for ever), until
+a sync serves it.
 A request somebody waits for (a tool call, ``sync``) is done either way: its caller
 has the failure and decides. Claiming takes every pending request once any is due,
 so a retry rides along with the next sync whatever triggered it.

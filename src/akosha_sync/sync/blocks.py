@@ -249,6 +249,7 @@ async def _blocks_database(
     # Nothing more to read from it: let a writer in now.
     await anyio.to_thread.run_sync(upload.sources.pop(name).close)
 
+
 def _carry_over(
     upload: Upload,
     state: TargetState | None,

@@ -149,6 +149,7 @@ async def send(
     upload.uploaded_keys.append(key)
     upload.new_state[item.name] = StoredFile(fingerprint=item.fingerprint, entry=entry)
 
+
 async def _carry_over(
     method: CloudContext, upload: Upload, state: TargetState | None, name: str
 ) -> None:
