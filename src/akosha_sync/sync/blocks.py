@@ -202,13 +202,7 @@ async def _blocks_database(
     ):
         # Not even re-read: size, mtime and inode of both files are unchanged.
         for n in names:
-            writer.reuse_file(n, previous_index.files[n])
-            old = previous.file_details.get(n)
-            upload.extra[n] = {
-                "conversation_count": old.conversation_count if old else None,
-                "wal": old.wal if old else None,
-                "row_counts": old.row_counts if old else None,
-            }
+            _reuse_previous(upload, writer, previous, previous_index, n)
             upload.unchanged.append(n)
         upload.fingerprints[name] = fp
         log.info("unchanged; reusing the stored pieces", file=name)
@@ -250,6 +244,20 @@ async def _blocks_database(
     await anyio.to_thread.run_sync(upload.sources.pop(name).close)
 
 
+def _reuse_previous(
+    upload: Upload, writer: RepositoryWriter, previous: Manifest, previous_index: Index,
+    name: str,
+) -> None:
+    """Put the previous upload's ``name`` in this one, pieces and manifest details."""
+    writer.reuse_file(name, previous_index.files[name])
+    old = previous.file_details.get(name)
+    upload.extra[name] = {
+        "conversation_count": old.conversation_count if old else None,
+        "wal": old.wal if old else None,
+        "row_counts": old.row_counts if old else None,
+    }
+
+
 def _carry_over(
     upload: Upload,
     state: TargetState | None,
@@ -271,13 +279,7 @@ def _carry_over(
     if not all(writer.can_reuse(previous_index.files[n]) for n in names):
         return
     for n in names:
-        writer.reuse_file(n, previous_index.files[n])
-        old = previous.file_details.get(n)
-        upload.extra[n] = {
-            "conversation_count": old.conversation_count if old else None,
-            "wal": old.wal if old else None,
-            "row_counts": old.row_counts if old else None,
-        }
+        _reuse_previous(upload, writer, previous, previous_index, n)
         # Carried over again: the version is still the one that upload stored.
         upload.carried_over[n] = carried_over_from(previous).get(n) or previous.upload_id
     stored = state.files.get(name) if state else None

@@ -164,7 +164,7 @@ async def _carry_over(
             return
     for n in names:
         entry = stored[n].entry
-        origin = entry.reused_from or entry.key.split("/")[-2]
+        origin = _origin(entry)
         upload.files[n] = msgspec.structs.replace(entry, reused_from=origin)
         # The old fingerprint: the next sync reads the database again.
         upload.new_state[n] = stored[n]
@@ -176,9 +176,13 @@ async def _carry_over(
 def _reuse(
     upload: Upload, name: str, entry: FileEntry, fp: Any, **extra: Any
 ) -> None:
-    origin = entry.reused_from or entry.key.split("/")[-2]
-    reused = msgspec.structs.replace(entry, reused_from=origin, **extra)
+    reused = msgspec.structs.replace(entry, reused_from=_origin(entry), **extra)
     upload.files[name] = reused
     upload.unchanged.append(name)
     upload.new_state[name] = StoredFile(fingerprint=fp, entry=reused)
     log.info("unchanged; reusing the stored object", file=name, key=entry.key)
+
+
+def _origin(entry: FileEntry) -> str:
+    """The upload whose folder holds the object (``.../uploads/{id}/{name}``)."""
+    return entry.reused_from or entry.key.split("/")[-2]
