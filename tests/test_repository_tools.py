@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import io
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ from akosha_sync.config import AkoshaSyncConfig
 from akosha_sync.sample import SampleInfo, add_conversations
 from akosha_sync.server.app import build_mcp_server
 from akosha_sync.server.daemon import SyncDaemon
+from support.faults import objects, restore_problems
 from support.verify import manifests
 
 MakeConfig = Callable[..., AkoshaSyncConfig]
@@ -50,16 +52,17 @@ async def test_every_tool_carries_annotations(s3_config: MakeConfig) -> None:
     async with daemon.running(), Client(build_mcp_server(daemon)) as client:
         tools = {t.name: t.annotations for t in (await client.list_tools()).tools}
     assert set(tools) == {"sync_to_akosha", "akosha_sync_status", "akosha_list_snapshots",
-                          "akosha_verify", "akosha_restore", "akosha_forget"}
+                          "akosha_verify", "akosha_restore", "akosha_forget", "akosha_prune"}
     hints = {name: (a.read_only_hint, a.destructive_hint, a.open_world_hint)
              for name, a in tools.items() if a is not None}
     assert hints == {
         "sync_to_akosha": (False, False, True),
         "akosha_sync_status": (True, False, False),
         "akosha_list_snapshots": (True, False, True),
-        "akosha_verify": (True, False, True),
+        "akosha_verify": (False, False, True),  # it writes the local check record
         "akosha_restore": (False, True, True),
         "akosha_forget": (False, True, True),
+        "akosha_prune": (False, True, True),
     }
 
 
@@ -84,6 +87,9 @@ async def test_list_verify_and_forget_tools(
         assert report["ok"] is True and report["level"] == "structure+read-data+open"
         assert report["uploads"][0]["upload_id"] == second["upload_id"]
         assert any(m and m.startswith("verify") for _, _, m in progress.seen)
+        both = await client.call_tool("akosha_verify", {"upload_id": first["upload_id"],
+                                                        "all_uploads": True})
+        assert both.is_error and "not both" in both.content[0].text  # type: ignore[union-attr]
 
         plan = await _call(client, "akosha_forget", {"keep_last": 1})
         assert plan["dry_run"] is True and plan["forgotten"] == [first["upload_id"]]
@@ -94,6 +100,41 @@ async def test_list_verify_and_forget_tools(
         assert done["forgotten"] == [first["upload_id"]]
         assert [m.split("/")[3] for m in manifests(minio_client, s3_bucket)] == [
             second["upload_id"]]
+
+
+@pytest.mark.anyio
+async def test_prune_tool_plans_then_deletes_only_what_no_upload_needs(
+    s3_config: MakeConfig, minio_client: Minio, s3_bucket: str, sample: SampleInfo,
+) -> None:
+    daemon = SyncDaemon(s3_config())
+    async with daemon.running(), Client(build_mcp_server(daemon)) as client:
+        first = await _call(client, "sync_to_akosha", {})
+        add_conversations(sample.data_dir, 3, seed=11, checkpoint=True)
+        await _call(client, "sync_to_akosha", {})
+        await _call(client, "akosha_forget", {"keep_last": 1, "dry_run": False})
+        # Garbage a stranger can name: a pack no index lists, a forgotten upload's file.
+        stray_pack = f"systems/test-host/packs/cd/{'cd' * 32}.pack"
+        stray = f"systems/test-host/uploads/{first['upload_id']}/left-behind.duckdb"
+        for key in (stray_pack, stray):
+            minio_client.put_object(s3_bucket, key, io.BytesIO(b"junk"), 4)
+        before = set(objects(minio_client, s3_bucket))
+
+        too_long = await client.call_tool("akosha_prune", {"wait_seconds": 3600})
+        assert too_long.is_error and "wait_seconds" in too_long.content[0].text  # type: ignore[union-attr]
+        plan = await _call(client, "akosha_prune", {})
+        assert plan["dry_run"] is True and {stray_pack, stray} <= set(plan["deleted"])
+        assert set(objects(minio_client, s3_bucket)) == before  # the plan deleted nothing
+
+        progress = _Progress()
+        done = await _call(client, "akosha_prune", {"dry_run": False},
+                           progress_callback=progress)
+        assert done["errors"] == [] and set(done["deleted"]) == set(plan["deleted"])
+        after = set(objects(minio_client, s3_bucket))
+        assert not (after & set(done["deleted"])) and not any("/locks/" in k for k in after)
+        assert any(m and m.startswith("prune") for _, _, m in progress.seen)
+    # What is left restores, read back with minio.
+    assert restore_problems(minio_client, s3_bucket) == []
+    assert len(manifests(minio_client, s3_bucket)) == 1
 
 
 @pytest.mark.anyio

@@ -136,6 +136,8 @@ async def verify_uploads(
 ) -> VerifyReport:
     """Verify uploads in the bucket; the run is also remembered in ``state_dir``."""
     _check_request(config, system_id)
+    if upload_id and all_uploads:
+        raise ValueError("give one upload id or ask for all uploads, not both")
     if read_data is not None:
         parse_subset(read_data)  # a bad subset is the user's to fix, not a store failure
     store = make_store(config)

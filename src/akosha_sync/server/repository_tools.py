@@ -1,10 +1,10 @@
-"""MCP tools over the bucket as a repository: list, verify, restore, forget.
+"""MCP tools over the bucket as a repository: list, verify, restore, forget, prune.
 
 Each returns a structured result; long ones report progress like ``sync_to_akosha``.
-``akosha_restore`` and ``akosha_forget`` are destructive and plan first: restore
-returns a plan and a one-time ``confirm_token`` (valid for :data:`TOKEN_TTL` seconds,
-in this server process only) and restores only when called again with it; forget
-deletes only with ``dry_run=False``.
+``akosha_restore``, ``akosha_forget`` and ``akosha_prune`` are destructive and plan
+first: restore returns a plan and a one-time ``confirm_token`` (valid for
+:data:`TOKEN_TTL` seconds, in this server process only) and restores only when called
+again with it; forget and prune delete only with ``dry_run=False``.
 """
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ from mcp.types import ToolAnnotations
 from akosha_sync.config import AkoshaSyncConfig
 from akosha_sync.server.progress import Progress, with_progress
 
-__all__ = ["DESTRUCTIVE", "READ_ONLY", "TOKEN_TTL", "add_repository_tools"]
+__all__ = ["CHECKS", "DESTRUCTIVE", "PRUNE_WAIT_MAX", "READ_ONLY", "TOKEN_TTL",
+           "add_repository_tools"]
 
 T = TypeVar("T")
 TOKEN_TTL = 600.0
@@ -31,6 +32,11 @@ TOKEN_TTL = 600.0
 # Shared with app.py's own tools. Every tool here reaches the bucket: open world.
 READ_ONLY = ToolAnnotations(read_only_hint=True, destructive_hint=False, open_world_hint=True)
 DESTRUCTIVE = ToolAnnotations(read_only_hint=False, destructive_hint=True, open_world_hint=True)
+# verify changes nothing in the bucket, but it writes its local check record (which
+# forget's "keep the newest verified" rule reads): not read-only, never destructive.
+CHECKS = ToolAnnotations(read_only_hint=False, destructive_hint=False, idempotent_hint=True,
+                         open_world_hint=True)
+PRUNE_WAIT_MAX = 900.0  # the CLI's own wait; a tool call may choose less
 
 Level = Literal["structure", "read-data", "open"]
 
@@ -63,7 +69,7 @@ def add_repository_tools(server: MCPServer, config: AkoshaSyncConfig) -> None:
         return {"system_id": system_id or config.system_id_resolved, "count": len(infos),
                 "snapshots": msgspec.to_builtins(infos)}
 
-    @server.tool(annotations=READ_ONLY)
+    @server.tool(annotations=CHECKS)
     async def akosha_verify(
         ctx: Context, upload_id: str | None = None, level: Level = "structure",
         all_uploads: bool = False,
@@ -73,6 +79,8 @@ def add_repository_tools(server: MCPServer, config: AkoshaSyncConfig) -> None:
         piece; "open": also restore into a temporary folder and compare DuckDB row counts
         with the manifest. upload_id: one upload (default: the newest); all_uploads: all.
         ok is false when any problem was found; each problem names upload and object.
+        The run is remembered locally (forget always keeps the newest upload that passed
+        "open").
         """
         from akosha_sync.repository.service import verify_uploads
 
@@ -179,6 +187,37 @@ def add_repository_tools(server: MCPServer, config: AkoshaSyncConfig) -> None:
         async def work(progress: Progress) -> Any:
             return await forget_uploads(config, policy, system_id=system_id,
                                         dry_run=dry_run, progress=progress)
+
+        try:
+            report = await with_progress(ctx, work)
+        except Exception as exc:
+            raise _fail(exc) from exc
+        return dict(msgspec.to_builtins(report))
+
+    @server.tool(annotations=DESTRUCTIVE)
+    async def akosha_prune(
+        ctx: Context,
+        system_id: str | None = None,
+        dry_run: bool = True,
+        wait_seconds: float = 120.0,
+    ) -> dict[str, Any]:
+        """Delete what no committed upload needs (after akosha_forget) and repack packs
+        that are mostly unused; safe while other machines keep syncing (restic's prune).
+        Returns what is (dry_run=true, the default) or was deleted, bytes freed, packs
+        repacked. Deletes only with dry_run=false.
+        wait_seconds: how long to wait for syncs that started before the deletion plan
+        (0 to 900, default 120); if one still runs, nothing is deleted and a note says to
+        run prune again later.
+        """
+        from akosha_sync.repository.service import prune_unused
+
+        if not 0 <= wait_seconds <= PRUNE_WAIT_MAX:
+            raise ToolError(f"wait_seconds must be between 0 and {PRUNE_WAIT_MAX:g} "
+                            f"(got {wait_seconds:g})")
+
+        async def work(progress: Progress) -> Any:
+            return await prune_unused(config, system_id=system_id, dry_run=dry_run,
+                                      wait_seconds=wait_seconds, progress=progress)
 
         try:
             report = await with_progress(ctx, work)
