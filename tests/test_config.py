@@ -88,6 +88,8 @@ def test_system_id_resolution_and_charset(monkeypatch: pytest.MonkeyPatch) -> No
         ("ftp://host", False),
         ("file:///srv/backup", True),
         ("file://relative/path", False),
+        ("https://s3.example.com ", False),  # object_store panicked on these
+        ("https://s3.example.com\n", False),
     ],
 )
 def test_endpoint_rules(endpoint: str, ok: bool) -> None:
@@ -102,6 +104,17 @@ def test_bucket_and_credentials_rules() -> None:
     assert AkoshaSyncConfig(cloud_endpoint="https://s3.example.com").validate()  # no bucket
     errors = AkoshaSyncConfig(access_key_id="AKIA123").validate()
     assert len(errors) == 1 and "secret_access_key" in errors[0]
+
+
+def test_pasted_whitespace_and_one_file_for_two_databases_are_refused() -> None:
+    secret = "wJalrXUtnFEMI/K7MDENG\n"
+    errors = AkoshaSyncConfig(cloud_region="us-east-1\n", access_key_id="AKIA123 ",
+                              secret_access_key=secret).validate()
+    assert [e.split(" ")[0] for e in errors] == ["cloud_region", "access_key_id",
+                                                 "secret_access_key"], errors
+    assert not any("AKIA123" in e or "wJalr" in e for e in errors)  # keys never shown
+    errors = AkoshaSyncConfig(knowledge_graph_db="reflection.duckdb").validate()
+    assert len(errors) == 1 and "give each its own file name" in errors[0], errors
 
 
 def test_priority_defaults_toml_env(tmp_path: Path) -> None:

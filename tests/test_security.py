@@ -286,6 +286,11 @@ def test_everything_we_create_is_private(
         assert result["success"], result
     assert any(p.endswith(".duckdb") for p in staged), sorted(staged)
     assert not any(p.endswith("memories.json") for p in seen), sorted(seen)
+    # verify (another process) keeps its check record in the state folder.
+    subprocess.run([EXE, "--config",
+                    str(write_toml(config, tmp_path / "modes.toml")), "verify"], check=True,
+                   capture_output=True)
+    seen.update(_modes(config.state_path))
     # The daemon (another process, same umask): queue, daemon file, its log lines.
     daemon = daemon_factory(config)
     answer = httpx.post(f"{daemon.url}/hooks/session-end", json=_session_end(), timeout=5)
@@ -297,7 +302,7 @@ def test_everything_we_create_is_private(
     seen.update(_modes(config.state_path, config.log_path.parent))
     names = {Path(p).name for p in seen}
     for expected in ("queue.sqlite3", "delivered.duckdb", "akosha-sync.log", "sync.lock",
-                     "targets", "snapshots"):
+                     "targets", "snapshots", "last_verify.json"):
         assert any(n == expected for n in names), (expected, sorted(names))
     assert any(p.endswith(".json") and "/targets/" in p for p in seen)
     assert _wrong_modes(seen) == {}

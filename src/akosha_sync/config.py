@@ -257,6 +257,18 @@ class AkoshaSyncConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown
             )
         if not self.cloud_region.strip():
             problems.append("cloud_region is empty; use 'auto' or your bucket's region.")
+        elif _has_space(self.cloud_region):
+            problems.append(
+                f"cloud_region {self.cloud_region!r} contains a space or a line break; use the "
+                "region's name alone, like 'us-east-1' or 'auto'."
+            )
+        # Keys go into every request's signature: a stray newline (a pasted value) would
+        # make each request fail deep in the HTTP client. The values are never shown.
+        for name in ("access_key_id", "secret_access_key"):
+            if _has_space(getattr(self, name)):
+                problems.append(
+                    f"{name} contains a space or a line break; paste the key alone."
+                )
         problems.extend(self._endpoint_problems())
         if self.cloud_bucket and not self.is_local_target and not _BUCKET_RE.match(
             self.cloud_bucket
@@ -292,6 +304,11 @@ class AkoshaSyncConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown
             value = getattr(self, name)
             if not value or "/" in value or value in (".", ".."):
                 problems.append(f"{name} {value!r} must be a bare file name inside data_dir.")
+        if self.reflection_db and self.reflection_db == self.knowledge_graph_db:
+            problems.append(
+                f"reflection_db and knowledge_graph_db are both {self.reflection_db!r}; they "
+                "are two databases: give each its own file name."
+            )
         # Long sessions (issue 10).
         _check_range(problems, "sync_interval_minutes", self.sync_interval_minutes, 0, 1440)
         # Security (issue 9): the token would travel in clear text.
@@ -344,6 +361,11 @@ class AkoshaSyncConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown
         if not endpoint:
             return []
         shown = _redact_url(endpoint)
+        if _has_space(endpoint):
+            return [
+                f"cloud_endpoint {shown!r} contains a space or a line break; give the URL "
+                "alone, like 'https://s3.example.com'."
+            ]
         parts = urlsplit(endpoint)
         if parts.scheme == "file":
             if not parts.path.startswith("/") or parts.netloc not in ("", "localhost"):
@@ -537,6 +559,10 @@ def _type_name(kind: Any) -> str:
     return {bool: "true or false", int: "a whole number", float: "a number", str: "text"}.get(
         kind, str(kind)
     )
+
+
+def _has_space(value: str) -> bool:
+    return any(ch.isspace() or not ch.isprintable() for ch in value)
 
 
 def _check_range(problems: list[str], name: str, value: float, low: float, high: float) -> None:

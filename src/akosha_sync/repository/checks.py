@@ -11,12 +11,13 @@ remove the record of an upload they remove.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import msgspec
 import obstore
+
+from akosha_sync._fs import atomic_write
 
 if TYPE_CHECKING:
     from obstore.store import ObjectStore
@@ -108,11 +109,7 @@ class LastRun(msgspec.Struct, kw_only=True):
 
 
 def save_last_run(state_dir: Path, run: LastRun) -> None:
-    state_dir.mkdir(parents=True, exist_ok=True)
-    path = state_dir / "last_verify.json"
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_bytes(msgspec.json.encode(run))
-    os.replace(tmp, path)
+    atomic_write(state_dir / "last_verify.json", msgspec.json.encode(run))  # 0600
 
 
 def load_last_run(state_dir: Path) -> LastRun | None:

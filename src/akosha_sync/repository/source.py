@@ -39,6 +39,8 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from akosha_sync._fs import private_dir
+
 if TYPE_CHECKING:
     import duckdb
 
@@ -153,7 +155,7 @@ def attach_read_only(path: Path, temp_dir: Path) -> duckdb.DuckDBPyConnection:
     more try under :data:`ROOMY_MEMORY_LIMIT`."""
     import duckdb
 
-    temp_dir.mkdir(parents=True, exist_ok=True)
+    private_dir(temp_dir, tighten=False)  # DuckDB spills table data here
     try:
         return _attach(path, temp_dir, MEMORY_LIMIT)
     except duckdb.Error as exc:
