@@ -233,3 +233,28 @@ def test_from_settings_reads_session_buddy_names() -> None:
 def test_only_tls_or_loopback_skips_hashing_request_bodies(endpoint: str, protected: bool) -> None:
     config = AkoshaSyncConfig(cloud_endpoint=endpoint, allow_plain_http=True)
     assert config.transport_protects_payload is protected
+
+
+def test_a_folder_setting_that_names_a_file_is_a_problem_not_a_traceback(
+    tmp_path: Path,
+) -> None:
+    a_file = tmp_path / "a-file"
+    a_file.write_text("mine")
+    config = AkoshaSyncConfig(data_dir=str(a_file), state_dir=str(a_file / "state"),
+                              log_file=str(tmp_path))
+    errors = config.validate()
+    assert errors == [
+        f"data_dir {str(a_file)!r} is a file; point it at a folder, or move that file away.",
+        f"state_dir {str(a_file / 'state')!r} cannot be a folder: {str(a_file)!r} is a file; "
+        "point it at a folder, or move that file away.",
+        f"log_file {str(tmp_path)!r} is a folder; name a file in it, like "
+        f"'{tmp_path / 'akosha-sync.log'}'.",
+    ], errors
+    # status reports them instead of raising, and changes nothing.
+    from akosha_sync.sync.status import local_status
+
+    status = local_status(config)
+    assert status["validation_errors"] == errors
+    assert not any(d["exists"] for d in status["databases"].values())
+    assert a_file.read_text() == "mine"
+    assert AkoshaSyncConfig(data_dir=str(tmp_path / "not" / "yet")).validate() == []

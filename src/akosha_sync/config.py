@@ -325,6 +325,7 @@ class AkoshaSyncConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown
                 f"retention_keep_within {self.retention_keep_within!r} is not a duration; "
                 "write it like restic: '30d', '12h', '1y6m', '3w'."
             )
+        problems.extend(self._path_problems())
         if self.storage_layout not in ("blocks", "files"):
             problems.append(
                 f"storage_layout is {self.storage_layout!r}; use 'blocks' (incremental pieces "
@@ -355,6 +356,22 @@ class AkoshaSyncConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown
             for name in self.__struct_fields__
             if name.startswith(prefix)
         }
+
+    def _path_problems(self) -> list[str]:
+        """The one check that looks at the disk (a few stats): a folder setting that
+        names a file, which every command would otherwise meet as a traceback."""
+        problems = [
+            problem
+            for name, path in (("data_dir", self.data_path), ("state_dir", self.state_path),
+                               ("log_file's folder", self.log_path.parent))
+            if (problem := _not_a_folder(name, path))
+        ]
+        if self.log_path.is_dir():
+            problems.append(
+                f"log_file {str(self.log_path)!r} is a folder; name a file in it, like "
+                f"'{self.log_path / 'akosha-sync.log'}'."
+            )
+        return problems
 
     def _endpoint_problems(self) -> list[str]:
         endpoint = self.cloud_endpoint
@@ -559,6 +576,17 @@ def _type_name(kind: Any) -> str:
     return {bool: "true or false", int: "a whole number", float: "a number", str: "text"}.get(
         kind, str(kind)
     )
+
+
+def _not_a_folder(name: str, path: Path) -> str:
+    """Why ``path`` cannot be (or become) a folder, or ''."""
+    probe = path
+    while not probe.exists() and probe.parent != probe:  # False too under a file
+        probe = probe.parent
+    if probe.is_dir():
+        return ""
+    what = "is a file" if probe == path else f"cannot be a folder: {str(probe)!r} is a file"
+    return f"{name} {str(path)!r} {what}; point it at a folder, or move that file away."
 
 
 def _has_space(value: str) -> bool:

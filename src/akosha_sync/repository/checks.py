@@ -115,5 +115,5 @@ def save_last_run(state_dir: Path, run: LastRun) -> None:
 def load_last_run(state_dir: Path) -> LastRun | None:
     try:
         return msgspec.json.decode((state_dir / "last_verify.json").read_bytes(), type=LastRun)
-    except (FileNotFoundError, msgspec.DecodeError, msgspec.ValidationError):
+    except (FileNotFoundError, NotADirectoryError, msgspec.DecodeError, msgspec.ValidationError):
         return None

@@ -76,7 +76,7 @@ def wal_path(db: Path) -> Path:
 def _stat(path: Path) -> FileStat | None:
     try:
         st = path.stat()
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):  # under a file: not there either
         return None
     return FileStat(size=st.st_size, mtime_ns=st.st_mtime_ns, inode=st.st_ino)
 

@@ -66,7 +66,7 @@ def load_state(state_dir: Path, tid: str) -> TargetState | None:
     path = _state_file(state_dir, tid)
     try:
         return msgspec.json.decode(path.read_bytes(), type=TargetState)
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         return None
     except (msgspec.DecodeError, msgspec.ValidationError) as exc:
         try:
