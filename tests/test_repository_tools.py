@@ -185,6 +185,11 @@ async def test_restore_tool_plans_then_restores_with_the_token(
         blocked = await _call(client, "akosha_restore", {"to": str(a_file)})
         assert any("is a file, not a folder" in p for p in blocked["plan"]["problems"]), blocked
         assert a_file.read_text() == "kept"
+        # Relative to what? The daemon's working folder is nobody's guess: refused.
+        relative = await client.call_tool("akosha_restore", {"to": "restored"})
+        assert relative.is_error and "absolute" in relative.content[0].text  # type: ignore[union-attr]
+        bad_id = await client.call_tool("akosha_restore", {"upload_id": "../x"})
+        assert bad_id.is_error and "not an upload id" in bad_id.content[0].text  # type: ignore[union-attr]
 
 
 @pytest.mark.anyio

@@ -451,6 +451,26 @@ def test_a_system_id_that_cannot_be_one_is_refused_by_name(
     assert not (tmp_path / "t").exists()
 
 
+def test_arguments_that_name_nothing_or_two_things_are_refused_by_name(
+    s3_config: MakeConfig, tmp_path: Path
+) -> None:
+    toml = _toml(s3_config(), tmp_path / "c.toml")
+    target = str(tmp_path / "t")
+    cases = [
+        # (arguments, exit code, what stderr must say)
+        (["--system", "", "--to", target], 1, "'' is not a system id"),
+        (["--to", ""], 2, "--to is empty"),
+        (["..", "--to", target], 1, "'..' is not an upload id"),
+        (["20261125_120000_test-host", "--at", "2026-11-25T12:00", "--to", target], 1,
+         "give one"),
+    ]
+    for args, code, said in cases:
+        out = _cli(toml, *args)
+        assert (out.returncode, said in out.stderr) == (code, True), (args, out.stderr)
+        assert "Traceback" not in out.stderr and "request failed" not in out.stderr
+    assert not (tmp_path / "t").exists()
+
+
 def test_too_little_free_space_is_refused_before_any_download(tmp_path: Path) -> None:
     from akosha_sync.repository.restore import target_folder_problem
 

@@ -61,7 +61,7 @@ def _parser() -> argparse.ArgumentParser:
     restore.add_argument("--at", metavar="TIME", default=None,
                          help="the newest upload at or before this ISO time (UTC unless it "
                          "names a zone), e.g. 2026-11-25T12:00")
-    restore.add_argument("--to", metavar="DIR", type=Path, default=None,
+    restore.add_argument("--to", metavar="DIR", default=None,
                          help="restore into this folder (default: data_dir)")
     restore.add_argument("--force", action="store_true",
                          help="replace existing databases, keeping each as NAME.bak-<time>")
@@ -273,11 +273,15 @@ def _cmd_restore(args: argparse.Namespace) -> int:
         return EXIT_CONFIG
     configure_logging(config, stderr_level=None)
     progress = None if (args.quiet or args.json) else _ProgressPrinter()
-    target = (args.to or config.data_path).expanduser().resolve()
+    if args.to is not None and not args.to.strip():
+        print("akosha-sync: --to is empty; name the folder to restore into (--to . for "
+              "the current one).", file=sys.stderr)
+        return EXIT_CONFIG
+    target = (Path(args.to) if args.to else config.data_path).expanduser().resolve()
     try:
         result = anyio.run(lambda: restore(
             make_store(config), config,
-            system_id=args.system or config.system_id_resolved,
+            system_id=config.system_id_resolved if args.system is None else args.system,
             target=target,
             upload_id=args.upload_id,
             at=at,

@@ -66,6 +66,14 @@ def make_upload_id(system_id: str, now: datetime, attempt: int = 0) -> str:
     return base if attempt == 0 else f"{base}.{attempt + 1}"
 
 
+def upload_id_problem(value: str) -> str | None:
+    """Why ``value`` cannot name an upload (one a user asked for), or None."""
+    if _UPLOAD_ID_RE.match(value) and value.strip(".") != "":
+        return None
+    return (f"{value!r} is not an upload id (they look like 20261204_181500_myhost); "
+            "`akosha-sync snapshots` lists them.")
+
+
 def upload_id_order(upload_id: str) -> tuple[str, int]:
     """Sort key putting upload ids in time order (``..._host.10`` after ``..._host.9``)."""
     base, dot, suffix = upload_id.rpartition(".")

@@ -49,6 +49,7 @@ from akosha_sync.repository.manifest import (
     decode_manifest,
     manifest_key,
     upload_id_order,
+    upload_id_problem,
     uploads_prefix,
 )
 from akosha_sync.repository.packs import PieceError, extract_piece
@@ -178,6 +179,13 @@ async def find_upload(
     ``at`` when given.
     """
     if upload_id and upload_id != "latest":
+        if problem := upload_id_problem(upload_id):
+            raise RestoreError(problem)
+        if at is not None:  # one would be silently ignored
+            raise RestoreError(
+                f"both an upload id ({upload_id}) and a time ({_when(at)}) were given; give "
+                "one: the id restores that upload, the time the newest at or before it."
+            )
         candidates = [upload_id]
     else:
 

@@ -245,11 +245,21 @@ def _parse_at(at: str | None) -> datetime | None:
     return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
+def _target(config: AkoshaSyncConfig, to: str | None) -> Path:
+    if not to:
+        return config.data_path
+    target = Path(to).expanduser()
+    if not target.is_absolute():  # it would land in whatever folder the daemon runs in
+        raise ValueError(f"to {to!r} is a relative path; give the folder as an absolute "
+                         "path (or ~/...), or omit it for the configured data_dir")
+    return target
+
+
 async def _plan(config: AkoshaSyncConfig, args: dict[str, Any]) -> dict[str, Any]:
     from akosha_sync.repository.restore import prepare_restore
     from akosha_sync.repository.store import make_store
 
-    target = Path(args["to"]).expanduser() if args["to"] else config.data_path
+    target = _target(config, args["to"])
     plan, _, _ = await prepare_restore(
         make_store(config), config, system_id=args["system_id"] or config.system_id_resolved,
         target=target, upload_id=args["upload_id"], at=_parse_at(args["at"]), force=True,
@@ -261,7 +271,7 @@ async def _restore(config: AkoshaSyncConfig, args: dict[str, Any], progress: Pro
     from akosha_sync.repository.restore import restore
     from akosha_sync.repository.store import make_store
 
-    target = Path(args["to"]).expanduser() if args["to"] else config.data_path
+    target = _target(config, args["to"])
     return await restore(
         make_store(config), config, system_id=args["system_id"] or config.system_id_resolved,
         target=target, upload_id=args["upload_id"], at=_parse_at(args["at"]), force=True,
