@@ -289,6 +289,9 @@ def test_bad_hook_bodies_and_token(
         no_id = http.post("/hooks/session-end", headers=auth,
                           json={"hook_event_name": "SessionEnd"})
         assert no_id.status_code == 400 and "session_id" in no_id.json()["error"]
+        deep = http.post("/hooks/session-end", content=b"[" * 30_000 + b"]" * 30_000,
+                         headers={**auth, "Content-Type": "application/json"})
+        assert deep.status_code == 400 and "nested" in deep.json()["error"]
         assert http.post("/hooks/session-end", json=_session_end(), headers=auth
                          ).status_code == 202
     log = config.log_path.read_text()
@@ -349,6 +352,10 @@ def test_hook_command_without_daemon_records_and_drains(
 ) -> None:
     config = s3_config(daemon_port=9)  # nothing listens there
     toml = write_toml(config, tmp_path / "hook.toml")
+    deep = subprocess.run([EXE, "--config", str(toml), "hook", "session-end"],
+                          input="[" * 30_000 + "]" * 30_000, text=True, capture_output=True,
+                          timeout=30, check=False)
+    assert (deep.returncode, "nested too deeply" in deep.stderr) == (0, True), deep.stderr
     started = time.monotonic()
     done = subprocess.run([EXE, "--config", str(toml), "hook", "session-end"],
                           input=json.dumps(_session_end()), text=True, capture_output=True,

@@ -103,6 +103,10 @@ def run_hook(config: AkoshaSyncConfig, raw: str, *, config_path: str | None = No
     except (ValueError, HookPayloadError) as exc:
         print(f"akosha-sync hook: ignored: {exc}", file=sys.stderr)
         return 0  # never fail the user's session over a malformed hook input
+    except RecursionError:
+        print("akosha-sync hook: ignored: the input is nested too deeply to be a hook "
+              "payload", file=sys.stderr)
+        return 0  # never fail the user's session over a malformed hook input
     if not config.upload_on_session_end:
         return 0
     url = read_daemon_url(config)

@@ -76,6 +76,8 @@ def build_http_app(daemon: SyncDaemon, server: MCPServer, *, host: str) -> ASGIA
             body: Any = json.loads(raw or b"null")
         except ValueError as exc:
             return _error(400, f"the body is not JSON: {exc}")
+        except RecursionError:  # small enough, but nested deeper than any hook payload
+            return _error(400, "the body is not a hook payload: it is nested too deeply")
         received = time.time()
         try:
             request_id = await daemon.submit_hook(body)
