@@ -98,3 +98,28 @@ def test_a_refused_signature_is_reported_as_credentials_and_not_retried(
         assert "the credentials were refused" in out.stderr, out.stderr
         assert "retrying" not in out.stderr, out.stderr
         assert "not-the-secret" not in out.stdout + out.stderr
+
+
+def test_a_failed_sync_states_its_error_once_on_stderr(
+    s3_config: MakeConfig, tmp_path: Path
+) -> None:
+    """The summary on stdout, the error on stderr, once (it was printed three times)."""
+    import socket
+
+    with socket.socket() as closed:  # a free port nothing listens on
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    config = s3_config(cloud_endpoint=f"http://127.0.0.1:{port}", force_method="cloud",
+                       max_retries=0)
+    out = subprocess.run(
+        [_EXE, "--config", str(write_toml(config, tmp_path / "c.toml")), "sync"],
+        capture_output=True, text=True, timeout=60, check=False,
+        env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path / "home")},
+    )
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert out.stdout.startswith("  [FAILED] "), out.stdout
+    # stdout: what each method met; stderr: the error. No third copy.
+    assert "\n    error:" not in out.stdout, out.stdout
+    assert out.stdout.count("could not connect") == 1, out.stdout
+    assert out.stderr.count("could not connect") == 1, out.stderr
+    assert out.stderr.startswith("akosha-sync: sync failed: "), out.stderr

@@ -118,7 +118,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"akosha-sync: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     except KeyboardInterrupt:
-        print("akosha-sync: interrupted; nothing half-written was committed.", file=sys.stderr)
+        # A Ctrl-C may land after the manifest's PUT: the upload is then complete.
+        outcome = ("; an upload is either whole (its manifest written) or discarded, never "
+                   "half-written: `akosha-sync snapshots` lists the whole ones"
+                   if getattr(args, "command", None) == "sync" else "")
+        print(f"akosha-sync: interrupted{outcome}.", file=sys.stderr)
         return 130
     except BrokenPipeError:
         return _stdout_closed()
@@ -202,7 +206,7 @@ def _cmd_sync(args: argparse.Namespace) -> int:
     if args.json:
         print(as_json(result))
     else:
-        print(_describe_result(result))
+        print(_describe_result(result, error_line=bool(result.get("success"))))
     if not result.get("success"):
         print(f"akosha-sync: sync failed: {result.get('error')}", file=sys.stderr)
         return EXIT_FAILED
@@ -368,11 +372,14 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 # ------------------------------------------------------------------ output
-def _describe_result(result: dict[str, Any]) -> str:
+def _describe_result(result: dict[str, Any], *, error_line: bool = True) -> str:
+    """The result in a few lines; ``error_line=False`` when the caller prints the error
+    itself (``sync`` does, on stderr: once is enough)."""
     mark = "ok" if result.get("success") else "FAILED"
     lines = [
-        f"  [{mark}] {result.get('method')} sync {result.get('upload_id') or ''} "
-        f"in {result.get('duration_seconds', 0):.2f} s",
+        " ".join(filter(None, [f"  [{mark}]", result.get("method"), "sync",
+                               result.get("upload_id"),
+                               f"in {result.get('duration_seconds', 0):.2f} s"])),
     ]
     uploaded = result.get("files_uploaded") or []
     if uploaded:
@@ -390,7 +397,9 @@ def _describe_result(result: dict[str, Any]) -> str:
     for attempt in attempts:
         lines.append(f"    tried {attempt['method']}: {attempt['error'] or 'ok'}")
     # One method tried: its line already is the error.
-    if result.get("error") and [a["error"] for a in attempts] != [result["error"]]:
+    if error_line and result.get("error") and [a["error"] for a in attempts] != [
+        result["error"]
+    ]:
         lines.append(f"    error:     {result['error']}")
     return "\n".join(lines)
 
