@@ -20,7 +20,7 @@ from minio import Minio
 from akosha_sync.config import AkoshaSyncConfig
 from akosha_sync.repository.manifest import FileEntry, build_manifest, encode_manifest
 from akosha_sync.repository.retention import Policy, RetentionError
-from akosha_sync.repository.service import forget_uploads, snapshots
+from akosha_sync.repository.service import forget_uploads, prune_unused, snapshots
 from akosha_sync.sample import SampleInfo, add_conversations
 from akosha_sync.sync.cloud import CloudSyncMethod
 from support.configfile import write_toml
@@ -672,3 +672,16 @@ def test_forget_never_removes_the_newest_upload_that_passed_verify_open(
     kept = {d.upload_id: d.reasons for d in report.decisions if d.keep}
     assert kept[ids[1]] == ["newest upload that passed verify --open (always kept)"]
     assert {m.split("/")[3] for m in manifests(minio_client, s3_bucket)} == set(ids[1:])
+
+
+def test_prune_of_a_system_with_nothing_in_the_bucket_writes_nothing(
+    s3_config: MakeConfig, minio_client: Minio, s3_bucket: str,
+) -> None:
+    """A mistyped --system used to leave a lease and a clock probe behind."""
+    config = s3_config()
+    _sync(config)
+    before = _keys(minio_client, s3_bucket, prefix="")
+    report = anyio.run(lambda: prune_unused(config, system_id="ghost", dry_run=False))
+    assert report.deleted == [] and report.errors == []
+    assert any("nothing to prune" in n for n in report.notes), report.notes
+    assert _keys(minio_client, s3_bucket, prefix="") == before

@@ -313,6 +313,12 @@ async def prune(
             "objects, and deleting more could only make it worse. Run `akosha-sync verify "
             "--all` and forget the damaged uploads first: " + "; ".join(repo.missing[:10])
         )
+    if not repo.uploads and not repo.packs:  # nothing to read the clock for, or to lock
+        report.notes.append(
+            f"system {system_id!r} has no uploads and no packs in the bucket: nothing to "
+            "prune. `akosha-sync snapshots --all-systems` lists the systems there."
+        )
+        return report
     now = await _store_now(store, system_id) if not dry_run else max(
         [o.last_modified for u in repo.uploads for o in u.objects.values()]
         + [o.last_modified for o in repo.packs.values()],
