@@ -235,6 +235,10 @@ def test_deleted_pack_fails_naming_it_and_leaves_target(
     key = next(iter(index["packs"].values()))["key"]
     minio_client.remove_object(s3_bucket, key)
     target, before = _existing_target(tmp_path)
+    # The dry run asks the bucket too: it must not promise a restore that cannot be.
+    dry = _cli(_toml(config, tmp_path / "c.toml"), "--to", str(target), "--force", "--dry-run")
+    assert dry.returncode == 1, dry.stdout + dry.stderr
+    assert f"problem: {key} is missing from the bucket" in dry.stdout, dry.stdout
     out = _cli(_toml(config, tmp_path / "c.toml"), "--to", str(target), "--force")
     assert out.returncode == 1
     assert key in out.stderr and "missing" in out.stderr

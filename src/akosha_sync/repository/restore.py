@@ -909,10 +909,13 @@ async def prepare_restore(
     at: datetime | None = None,
     force: bool = False,
     now: datetime | None = None,
+    check_objects: bool = False,
 ) -> tuple[RestorePlan, Manifest, Index | None]:
     """The upload chosen and the plan for it, with every problem found before a byte is
     downloaded (the target's files and folder, its free space); raises ``RestoreError``
-    when there is no such upload."""
+    when there is no such upload. ``check_objects`` also asks the bucket whether every
+    object to fetch is there at its size (for a plan shown to a user: a restore itself
+    finds out as it fetches)."""
     if problem := system_id_problem(system_id):
         raise RestoreError(problem)
     manifest, index = await find_upload(
@@ -927,7 +930,38 @@ async def prepare_restore(
     needed = sum(f.size for f in plan.files)
     if folder := await anyio.to_thread.run_sync(target_folder_problem, target, needed):
         plan = msgspec.structs.replace(plan, problems=[folder, *plan.problems])
+    if check_objects and (absent := await _absent(store, config, plan.fetch)):
+        plan = msgspec.structs.replace(plan, problems=[*plan.problems, *absent])
     return plan, manifest, index
+
+
+async def _absent(store: ObjectStore, config: AkoshaSyncConfig, fetch: list[Fetch]) -> list[str]:
+    """A problem for each object to fetch that the bucket lacks or holds at another size."""
+    found: dict[str, int | None] = {}
+    limiter = anyio.CapacityLimiter(8)
+
+    async def head(key: str) -> None:
+        async def ask() -> int | None:
+            try:
+                return int((await obstore.head_async(store, key))["size"])
+            except FileNotFoundError:
+                return None
+
+        async with limiter:
+            found[key] = await with_retries(ask, config=config, what=f"looking up {key}")
+
+    async with anyio.create_task_group() as tg:
+        for item in fetch:
+            tg.start_soon(head, item.key)
+    return [
+        f"{item.key} is missing from the bucket: this upload cannot be restored whole; "
+        "pick an earlier one (`akosha-sync verify --all` shows which are whole)"
+        if found[item.key] is None else
+        f"{item.key} is {found[item.key]} bytes in the bucket, not the {item.size} the "
+        "upload recorded: it is damaged; pick an earlier upload"
+        for item in fetch
+        if found[item.key] != item.size
+    ]
 
 
 async def restore(
@@ -947,7 +981,7 @@ async def restore(
     started = time.monotonic()
     plan, manifest, index = await prepare_restore(
         store, config, system_id=system_id, target=target, upload_id=upload_id, at=at,
-        force=force, now=now,
+        force=force, now=now, check_objects=dry_run,
     )
     if plan.problems and not dry_run:
         raise RestoreError("; ".join(plan.problems))

@@ -263,6 +263,7 @@ async def _plan(config: AkoshaSyncConfig, args: dict[str, Any]) -> dict[str, Any
     plan, _, _ = await prepare_restore(
         make_store(config), config, system_id=args["system_id"] or config.system_id_resolved,
         target=target, upload_id=args["upload_id"], at=_parse_at(args["at"]), force=True,
+        check_objects=True,
     )
     return dict(msgspec.to_builtins(plan))
 
