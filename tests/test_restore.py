@@ -285,8 +285,15 @@ def test_a_stale_wal_is_moved_aside_when_the_upload_has_none(
     (target / "knowledge_graph.duckdb.wal").write_bytes(b"a WAL of another database")
     with pytest.raises(RestoreError, match=r"knowledge_graph\.duckdb\.wal"):
         _restore(config, target)
+    # The dry run and the result both say so (it was done without a word).
+    dry = _cli(_toml(config, tmp_path / "c.toml"), "--to", str(target), "--force", "--dry-run")
+    assert "knowledge_graph.duckdb.wal: to be set aside as knowledge_graph.duckdb.wal.bak-" in (
+        dry.stdout), dry.stdout
     now = datetime(2026, 11, 30, 8, 0, 0, tzinfo=UTC)
-    _restore(config, target, force=True, now=now)
+    done = _restore(config, target, force=True, now=now)
+    assert [(f.name, f.backup) for f in done.set_aside] == [
+        ("knowledge_graph.duckdb.wal",
+         str(target / "knowledge_graph.duckdb.wal.bak-20261130T080000Z"))]
     assert not (target / "knowledge_graph.duckdb.wal").exists()
     assert (target / "knowledge_graph.duckdb.wal.bak-20261130T080000Z").read_bytes() == (
         b"a WAL of another database")

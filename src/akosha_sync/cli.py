@@ -309,6 +309,10 @@ def _cmd_restore(args: argparse.Namespace) -> int:
     for f in result.files:
         kept = f" (existing kept as {Path(f.backup).name})" if f.backup else ""
         lines.append(f"    {f.name}: {human_size(f.size)} sha256 {f.sha256[:16]}{kept}")
+    for f in result.set_aside:
+        lines.append(f"    {f.name}: {'to be ' if result.dry_run else ''}set aside as "
+                     f"{Path(f.backup or '').name} (the upload has no WAL; DuckDB would "
+                     "replay this one into the restored database)")
     if result.dry_run:
         lines.append(f"    to download: {human_size(result.bytes_to_download)} in "
                      f"{len(result.fetch)} object(s)")

@@ -144,6 +144,7 @@ class RestoreResult(msgspec.Struct, kw_only=True):
     fetch: list[Fetch] = msgspec.field(default_factory=list)
     problems: list[str] = msgspec.field(default_factory=list)  # dry run: why it would fail
     notes: list[str] = msgspec.field(default_factory=list)  # see RestorePlan.notes
+    set_aside: list[PlannedFile] = msgspec.field(default_factory=list)  # see RestorePlan
 
 
 # ------------------------------------------------------------------- finding
@@ -772,6 +773,8 @@ async def execute(
         duration_seconds=round(time.monotonic() - started, 3),
         bytes_to_download=plan.bytes_to_download,
         notes=plan.notes,
+        set_aside=[msgspec.structs.replace(f, backup=kept.get(f.name, f.backup))
+                   for f in plan.set_aside],
     )
 
 
@@ -995,6 +998,7 @@ async def restore(
             bytes_downloaded=0,
             duration_seconds=round(time.monotonic() - started, 3),
             dry_run=True,
+            set_aside=plan.set_aside,
             bytes_to_download=plan.bytes_to_download,
             fetch=plan.fetch,
             problems=plan.problems,
