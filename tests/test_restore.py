@@ -609,3 +609,27 @@ def test_restore_notes_name_what_an_upload_lacks_or_holds_from_an_earlier_one() 
         "knowledge_graph.duckdb is not in u2: it was not in the data folder when the upload "
         "was made; an earlier upload may hold it (akosha-sync snapshots)",
     ]
+
+
+def test_temporary_files_of_a_killed_restore_are_removed_by_the_next(
+    s3_config: MakeConfig, sample: SampleInfo, tmp_path: Path
+) -> None:
+    config = s3_config(export_memories=False)
+    _sync(config)
+    target = tmp_path / "target"
+    target.mkdir()
+    dead = subprocess.Popen(["true"])
+    dead.wait()  # its pid names no process now (reaped)
+    left = target / f".reflection.duckdb.restore-{dead.pid}.tmp"
+    left.write_bytes(b"half a database")
+    running = subprocess.Popen(["sleep", "600"])  # stands for a restore still running
+    try:
+        live = target / f".reflection.duckdb.restore-{running.pid}.tmp"
+        live.write_bytes(b"in use")
+        _restore(config, target)
+        assert not left.exists()
+        assert live.read_bytes() == b"in use"
+    finally:
+        running.kill()
+        running.wait()
+    assert (target / "reflection.duckdb").read_bytes() == sample.reflection_path.read_bytes()

@@ -438,6 +438,25 @@ def _temp_path(final: Path) -> Path:
     return final.with_name(f".{final.name}.restore-{os.getpid()}.tmp")
 
 
+def _remove_stale_temps(target: Path, names: list[str]) -> None:
+    """Delete the temporary files of restores that died (kill -9, a power cut): a
+    database's worth of disk each. A temp of a process that still runs is its own."""
+    for name in names:
+        for temp in target.glob(f".{name}.restore-*.tmp"):
+            pid = temp.name[len(f".{name}.restore-"):-len(".tmp")]
+            if not pid.isdigit() or int(pid) == os.getpid():
+                continue
+            try:
+                os.kill(int(pid), 0)
+                continue  # alive (or not ours to signal: EPERM): leave it
+            except ProcessLookupError:
+                pass
+            except PermissionError:
+                continue
+            with contextlib.suppress(OSError):
+                temp.unlink()
+
+
 class _Progress:
     def __init__(self, progress: ProgressCallback, total: int) -> None:
         self.progress = progress
@@ -707,6 +726,7 @@ async def execute(
     except OSError as exc:
         raise RestoreError(f"cannot create {target} ({exc.strerror}); restore --to another "
                            "folder.") from exc
+    await anyio.to_thread.run_sync(_remove_stale_temps, target, [f.name for f in plan.files])
     meter = _Progress(progress or (lambda phase, done, total: None), plan.bytes_to_download)
     temps = {f.name: _temp_path(Path(f.path)) for f in plan.files}
     fds: dict[str, int] = {}
