@@ -573,6 +573,11 @@ def test_an_unreadable_database_is_kept_at_its_last_version_and_restore_says_so(
     carried = _manifest(minio_client, s3_bucket, second)["metadata"]["carried_over"]
     assert carried == {"reflection.duckdb": first["upload_id"],
                        "reflection.duckdb.wal": first["upload_id"]}
+    listed = subprocess.run([_EXE, "--config", str(_toml(config, tmp_path / "c.toml")),
+                             "snapshots"], capture_output=True, text=True, check=True,
+                            env={"PATH": "/usr/bin:/bin"}).stdout
+    row = next(line for line in listed.splitlines() if line.startswith(second["upload_id"]))
+    assert f"complete, reflection.duckdb as of {first['upload_id']};" in row, listed
     # The newest upload restores both databases, the unreadable one as it last was.
     target = tmp_path / "restored"
     out = _cli(_toml(config, tmp_path / "c.toml"), "--to", str(target))

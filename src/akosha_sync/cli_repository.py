@@ -127,6 +127,9 @@ async def _cmd_snapshots(config: Any, args: argparse.Namespace) -> int:
             if check else "never verified"
         )
         state = "complete" if info.complete else f"INCOMPLETE ({info.problem})"
+        databases = sorted(n for n in info.carried_over if not n.endswith(".wal"))
+        if databases:  # the sync could not read them: an earlier version is inside
+            state += "".join(f", {n} as of {info.carried_over[n]}" for n in databases)
         print(
             f"{info.upload_id:<40} {info.time[:19].replace('T', ' '):<20} "
             f"{len(info.files):>5} {human_size(info.logical_size):>9} "

@@ -25,6 +25,7 @@ from akosha_sync.repository.manifest import (
     CLAIM_NAME,
     MANIFEST_NAME,
     Manifest,
+    carried_over_from,
     decode_manifest,
     upload_id_order,
     uploads_prefix,
@@ -117,6 +118,8 @@ class UploadInfo(msgspec.Struct, kw_only=True):
     conversation_count: int | None
     problem: str | None = None
     last_verification: dict[str, Any] | None = None
+    # Databases unreadable when it was made, held at an earlier upload's version.
+    carried_over: dict[str, str] = msgspec.field(default_factory=dict)
 
 
 def parse_time(text: str) -> datetime:
@@ -216,6 +219,7 @@ def summarize(upload: Upload, record: CheckRecord | None = None) -> UploadInfo:
         last_verification=(
             {"level": last[0], **msgspec.to_builtins(last[1])} if last else None
         ),
+        carried_over=carried_over_from(manifest) if manifest else {},
     )
 
 
