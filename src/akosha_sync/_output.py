@@ -15,9 +15,9 @@ def as_json(data: Any) -> str:
 
 
 def human_size(n: float) -> str:
-    """``1536`` -> ``1.5 KB`` (binary units, as ``ls -h``)."""
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1024 or unit == "GB":
+    """``1536`` -> ``1.5 KiB``: binary units, named as binary (restic and rclone do)."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
-    return f"{n:.1f} GB"
+    return f"{n:.1f} GiB"
