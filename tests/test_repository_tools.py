@@ -96,6 +96,9 @@ async def test_list_verify_and_forget_tools(
         assert len(manifests(minio_client, s3_bucket)) == 2
         empty = await client.call_tool("akosha_forget", {})
         assert empty.is_error and "empty policy" in empty.content[0].text  # type: ignore[union-attr]
+        # Named as this tool's arguments, not the command line's flags.
+        assert "keep_last, keep_hourly" in empty.content[0].text  # type: ignore[union-attr]
+        assert "--" not in empty.content[0].text  # type: ignore[union-attr]
         done = await _call(client, "akosha_forget", {"keep_last": 1, "dry_run": False})
         assert done["forgotten"] == [first["upload_id"]]
         assert [m.split("/")[3] for m in manifests(minio_client, s3_bucket)] == [
@@ -216,3 +219,19 @@ def test_retention_settings_are_validated(make_config: MakeConfig) -> None:
     problems = make_config(retention_keep_last=-1, retention_keep_within="a month").validate()
     assert any("retention_keep_last is -1" in p for p in problems)
     assert any("retention_keep_within 'a month' is not a duration" in p for p in problems)
+
+
+def test_library_messages_are_put_in_the_tools_terms() -> None:
+    from akosha_sync.server.repository_tools import in_tool_terms
+
+    assert in_tool_terms(
+        "no upload at or before X; its oldest is U. Pick a later --at, or see them all with "
+        "`akosha-sync snapshots --system old-laptop`."
+    ) == ("no upload at or before X; its oldest is U. Pick a later `at`, or see them all "
+          "with akosha_list_snapshots(system_id=old-laptop).")
+    assert in_tool_terms("/x is a file, not a folder; restore --to a folder (it is created).") \
+        == "/x is a file, not a folder; restore into a folder (it is created)."
+    assert in_tool_terms("restore one with --system ID (e.g. --system laptop).") == (
+        "restore one with system_id (e.g. system_id=laptop).")
+    assert in_tool_terms("pick an earlier one (`akosha-sync verify --all` shows which)") == (
+        "pick an earlier one (akosha_verify(all_uploads=true) shows which)")

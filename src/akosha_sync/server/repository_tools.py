@@ -9,6 +9,7 @@ again with it; forget and prune delete only with ``dry_run=False``.
 
 from __future__ import annotations
 
+import re
 import secrets
 import time
 from datetime import UTC, datetime
@@ -41,8 +42,33 @@ PRUNE_WAIT_MAX = 900.0  # the CLI's own wait; a tool call may choose less
 Level = Literal["structure", "read-data", "open"]
 
 
+# The library's messages name the command line's flags and commands; a tool's caller
+# knows the tools and their arguments. Longest forms first.
+_IN_TOOL_TERMS = [
+    (re.compile(r"`akosha-sync snapshots --system ([\w-]+)`"),
+     r"akosha_list_snapshots(system_id=\1)"),
+    (re.compile(r"`akosha-sync snapshots --all-systems`"), "akosha_list_snapshots"),
+    (re.compile(r"`akosha-sync snapshots`"), "akosha_list_snapshots"),
+    (re.compile(r"`akosha-sync verify --all`"), "akosha_verify(all_uploads=true)"),
+    (re.compile(r"verify --open"), 'akosha_verify(level="open")'),
+    (re.compile(r"--system ID"), "system_id"),
+    (re.compile(r"--system ([\w-]+)"), r"system_id=\1"),
+    (re.compile(r"[Rr]estore --to "), "restore into "),
+    (re.compile(r"--keep-(\w+)"), r"keep_\1"),
+    (re.compile(r"--(at|to)\b"), r"`\1`"),
+    (re.compile(r"--force does not override this"), "nothing overrides this"),
+]
+
+
+def in_tool_terms(message: str) -> str:
+    """``message`` with the CLI's flags and commands named as the MCP tools' ones."""
+    for pattern, replacement in _IN_TOOL_TERMS:
+        message = pattern.sub(replacement, message)
+    return message
+
+
 def _fail(exc: Exception) -> ToolError:
-    return ToolError(str(exc))
+    return ToolError(in_tool_terms(str(exc)))
 
 
 def add_repository_tools(server: MCPServer, config: AkoshaSyncConfig) -> None:
@@ -265,7 +291,10 @@ async def _plan(config: AkoshaSyncConfig, args: dict[str, Any]) -> dict[str, Any
         target=target, upload_id=args["upload_id"], at=_parse_at(args["at"]), force=True,
         check_objects=True,
     )
-    return dict(msgspec.to_builtins(plan))
+    shown = dict(msgspec.to_builtins(plan))
+    for field in ("problems", "notes"):
+        shown[field] = [in_tool_terms(text) for text in shown[field]]
+    return shown
 
 
 async def _restore(config: AkoshaSyncConfig, args: dict[str, Any], progress: Progress) -> Any:
