@@ -71,6 +71,12 @@ def test_keep_within_counts_from_the_newest_upload_not_now() -> None:
     assert kept == [f"h{i:02d}" for i in range(8, -1, -1)] + ["d01"]
 
 
+@pytest.mark.parametrize("span", ["3000y", "99999999999d", "1" + "0" * 30 + "h"])
+def test_keep_within_longer_than_the_calendar_keeps_everything(span: str) -> None:
+    # It raised OverflowError, which the tools then blamed on the store.
+    assert len(_kept(Policy(keep_within=span))) == len(_series())
+
+
 def test_rules_combine_and_every_decision_has_reasons() -> None:
     decisions = apply_policy(_series(), Policy(keep_last=2, keep_daily=2))
     by_id = {d.upload_id: d for d in decisions}

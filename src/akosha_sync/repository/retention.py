@@ -120,10 +120,16 @@ def subtract_duration(moment: datetime, text: str) -> datetime:
     total_months = moment.year * 12 + (moment.month - 1) - (years * 12 + months)
     year, month = divmod(total_months, 12)
     month += 1
+    earliest = datetime.min.replace(tzinfo=UTC)  # a longer span than the calendar: keep all
+    if year < 1:
+        return earliest
     # Clamp the day (31 March minus one month is the last day of February).
     day = min(moment.day, _days_in_month(year, month))
     shifted = moment.replace(year=year, month=month, day=day)
-    return shifted - timedelta(days=days, hours=hours)
+    try:
+        return shifted - timedelta(days=days, hours=hours)
+    except OverflowError:
+        return earliest
 
 
 def _days_in_month(year: int, month: int) -> int:
