@@ -219,6 +219,15 @@ def test_http_and_sse_transports_health_and_hook(
     status, result = anyio.run(talk)
     assert status["daemon"]["transport"] == "http"
     assert result["success"] is True
+    # A second daemon on the same port: one sentence, and the first one keeps serving.
+    port = daemon.url.rsplit(":", 1)[1]
+    second = subprocess.run([EXE, "--config", str(daemon.toml), "serve", "--transport",
+                             "http", "--port", port], capture_output=True, text=True,
+                            timeout=60, check=False)
+    assert second.returncode == 2, second.stderr
+    assert f"cannot listen on 127.0.0.1:{port}: Address already in use" in second.stderr
+    assert "Traceback" not in second.stderr and "ExceptionGroup" not in second.stderr
+    assert daemon.status()["status"] == "ok"
     assert daemon.stop() == 0
 
 

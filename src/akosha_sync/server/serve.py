@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import signal
+import socket
 from typing import Literal
 
 import anyio
@@ -55,8 +57,11 @@ async def serve(
 
     Raises ``ServeRefused`` before anything starts for an unsafe HTTP bind.
     """
+    listener: socket.socket | None = None
     if transport != "stdio":
         check_bind(config, host or config.daemon_host)
+        listener = _listen(host or config.daemon_host,
+                           config.daemon_port if port is None else port)
     daemon = SyncDaemon(config, grace_seconds=grace_seconds)
     daemon.transport = transport
     server = build_mcp_server(daemon)
@@ -71,10 +76,37 @@ async def serve(
                 await server.run_stdio_async()
                 log.info("stdin closed; shutting down")
             else:
-                await _serve_http(daemon, server, host or config.daemon_host,
-                                  config.daemon_port if port is None else port, stop)
+                assert listener is not None
+                await _serve_http(daemon, server, host or config.daemon_host, listener, stop)
             tg.cancel_scope.cancel()
         signals.cancel_scope.cancel()
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """The daemon's listening socket, bound before anything starts: a port in use is a
+    sentence, not a traceback from inside uvicorn's startup."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+        sock = socket.socket(family, kind, proto)
+    except OSError as exc:
+        raise ServeRefused(f"cannot listen on {host!r}: {exc}; use --host with an address "
+                           "of this machine, such as 127.0.0.1") from exc
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does
+        sock.bind(address)
+        sock.listen(128)
+    except OSError as exc:
+        sock.close()
+        busy = " (is another akosha-sync daemon running?)"
+        raise ServeRefused(
+            f"cannot listen on {host}:{port}: {exc.strerror}"
+            + (busy if exc.errno == errno.EADDRINUSE else "")
+            + "; stop what holds it, or pick another port with --port (0 picks a free one) "
+            "or daemon_port."
+        ) from exc
+    sock.setblocking(False)
+    return sock
 
 
 async def _until(stop: anyio.Event, tg: anyio.abc.TaskGroup) -> None:
@@ -94,7 +126,7 @@ async def _watch_signals(stop: anyio.Event) -> None:
 
 
 async def _serve_http(
-    daemon: SyncDaemon, server: object, host: str, port: int, stop: anyio.Event
+    daemon: SyncDaemon, server: object, host: str, listener: socket.socket, stop: anyio.Event
 ) -> None:
     import uvicorn
 
@@ -112,8 +144,8 @@ async def _serve_http(
 
             return contextlib.nullcontext()
 
-    uv = _Server(uvicorn.Config(app, host=host, port=port, log_config=None, access_log=False,
-                                lifespan="on", timeout_graceful_shutdown=3))
+    uv = _Server(uvicorn.Config(app, host=host, port=listener.getsockname()[1], log_config=None,
+                                access_log=False, lifespan="on", timeout_graceful_shutdown=3))
 
     async def stopper() -> None:
         await stop.wait()
@@ -131,7 +163,8 @@ async def _serve_http(
         async with anyio.create_task_group() as tg:
             tg.start_soon(stopper)
             tg.start_soon(announce)
-            await uv.serve()
+            await uv.serve(sockets=[listener])
             tg.cancel_scope.cancel()
     finally:
+        listener.close()
         remove_daemon_file(daemon.config)
