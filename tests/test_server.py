@@ -356,6 +356,47 @@ def test_sigterm_mid_sync_keeps_the_request_for_the_next_start(
     assert again.stop() == 0
 
 
+def test_a_tool_call_waiting_at_sigterm_gets_an_answer_and_its_request_stays_queued(
+    s3_config: MakeConfig, daemon_factory: Callable[[AkoshaSyncConfig], Daemon],
+    minio_client: Minio, s3_bucket: str,
+) -> None:
+    """Before, the HTTP server stopped first and dropped the caller's connection."""
+    import anyio
+
+    config = s3_config()
+    daemon = daemon_factory(config)
+    assert daemon.proc is not None
+    proc = daemon.proc
+
+    async def call_then_terminate() -> dict[str, Any]:
+        with anyio.fail_after(20):  # far less than the sync's budget: an answer, not a wait
+            return await _call_then_terminate()
+
+    async def _call_then_terminate() -> dict[str, Any]:
+        async with Client(f"{daemon.url}/mcp") as client, anyio.create_task_group() as tg:
+            answer: dict[str, Any] = {}
+
+            async def call() -> None:
+                result = await client.call_tool("sync_to_akosha", {})
+                answer.update(result.structured_content or {"none": True})
+
+            tg.start_soon(call)
+            await anyio.to_thread.run_sync(
+                lambda: until(lambda: daemon.status()["running"], what="the sync to start"))
+            proc.send_signal(signal.SIGTERM)
+        return answer
+
+    with _holding_sync_lock(config):  # the sync cannot finish within the 1 s grace
+        answer = anyio.run(call_then_terminate)
+        assert proc.wait(30) == 0
+    assert answer["success"] is False and answer["queued"] is True, answer
+    assert "shutting down" in answer["error"], answer
+    assert manifests(minio_client, s3_bucket) == []
+    again = daemon_factory(config)  # the request was kept: the next start runs it
+    until(lambda: manifests(minio_client, s3_bucket), what="the resumed upload")
+    assert again.stop() == 0
+
+
 def test_hook_command_without_daemon_records_and_drains(
     s3_config: MakeConfig, tmp_path: Path, minio_client: Minio, s3_bucket: str
 ) -> None:

@@ -87,6 +87,7 @@ class SyncDaemon:
         self._results: dict[int, dict[str, Any]] = {}
         self._listeners: dict[int, ProgressListener] = {}
         self._task_group: anyio.abc.TaskGroup | None = None
+        self._settled = False  # shutdown's grace is over: waiters are answered at once
         self._loop_thread = threading.get_ident()
         # Per (method, fallback): when the last successful sync started and finished,
         # and the sources as they were when it started.
@@ -110,13 +111,25 @@ class SyncDaemon:
                 with anyio.CancelScope(shield=True):
                     await self._shutdown(tg)
 
-    async def _shutdown(self, tg: anyio.abc.TaskGroup) -> None:
+    async def settle(self) -> None:
+        """The first half of a shutdown, while the transport still serves: the running
+        sync gets ``grace_seconds`` to finish, then every caller still waiting gets its
+        answer (its request stays queued), so none is left hanging on a dropped
+        connection. Idempotent; ``running()`` calls it on the way out too."""
+        if self._settled:
+            return
         if not self._idle.is_set():
             log.info("waiting for the running sync to finish", grace_seconds=self.grace_seconds)
             with anyio.move_on_after(self.grace_seconds):
                 await self._idle.wait()
-            if not self._idle.is_set():
-                log.warning("sync cancelled at shutdown; its requests stay queued")
+        self._settled = True
+        for event in list(self._done.values()):
+            event.set()
+
+    async def _shutdown(self, tg: anyio.abc.TaskGroup) -> None:
+        await self.settle()
+        if not self._idle.is_set():
+            log.warning("sync cancelled at shutdown; its requests stay queued")
         tg.cancel_scope.cancel()
 
     # -------------------------------------------------------------- intake
@@ -180,6 +193,15 @@ class SyncDaemon:
                     # between still sets it.
                     if request_id in self._results:
                         return self._results.pop(request_id)
+                    if self._settled:
+                        return {
+                            **self._failure(
+                                UNSET, f"the daemon is shutting down; request {request_id} "
+                                "stays queued and runs when a daemon starts again",
+                                trigger=""),
+                            "request_id": request_id,
+                            "queued": True,
+                        }
                     state, owner_gone = await anyio.to_thread.run_sync(
                         self._look_up, request_id)
                     status = state.status

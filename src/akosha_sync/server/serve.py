@@ -72,7 +72,7 @@ async def serve(
         signals.start_soon(_watch_signals, stop)
         async with daemon.running(), anyio.create_task_group() as tg:
             if transport == "stdio":
-                tg.start_soon(_until, stop, tg)
+                tg.start_soon(_until, stop, daemon, tg)
                 await server.run_stdio_async()
                 log.info("stdin closed; shutting down")
             else:
@@ -109,8 +109,9 @@ def _listen(host: str, port: int) -> socket.socket:
     return sock
 
 
-async def _until(stop: anyio.Event, tg: anyio.abc.TaskGroup) -> None:
+async def _until(stop: anyio.Event, daemon: SyncDaemon, tg: anyio.abc.TaskGroup) -> None:
     await stop.wait()
+    await daemon.settle()  # answers the waiting tool calls while stdout still works
     tg.cancel_scope.cancel()
 
 
@@ -149,6 +150,9 @@ async def _serve_http(
 
     async def stopper() -> None:
         await stop.wait()
+        # Serve on through the sync's grace: a waiting tool call gets its result (or a
+        # "shutting down, still queued" answer) instead of a dropped connection.
+        await daemon.settle()
         uv.should_exit = True
 
     async def announce() -> None:
