@@ -123,3 +123,11 @@ def test_a_failed_sync_states_its_error_once_on_stderr(
     assert out.stdout.count("could not connect") == 1, out.stdout
     assert out.stderr.count("could not connect") == 1, out.stderr
     assert out.stderr.startswith("akosha-sync: sync failed: "), out.stderr
+
+
+def test_version() -> None:
+    from akosha_sync import __version__
+
+    out = subprocess.run([_EXE, "--version"], capture_output=True, text=True, timeout=30,
+                         check=True)
+    assert out.stdout == f"akosha-sync {__version__}\n"

@@ -157,6 +157,10 @@ def test_loading_reports_every_bad_type_and_unknown_key(tmp_path: Path) -> None:
     assert any("did you mean 'cloud_bucket'" in p for p in problems)
     assert any("max_retries must be a whole number" in p for p in problems)
     assert any("chunk_size_mb" in p for p in problems)
+    # Each names where its value came from (the variable was blamed on the file).
+    assert f"max_retries must be a whole number, not 'lots' (from {toml})" in problems
+    assert ("chunk_size_mb must be a whole number, not 'big' (from the environment "
+            "variable AKOSHA_SYNC_CHUNK_SIZE_MB)") in problems, problems
 
 
 def test_invalid_toml_is_a_clear_error(tmp_path: Path) -> None:

@@ -35,6 +35,9 @@ def _parser() -> argparse.ArgumentParser:
         help="TOML configuration file (default: $AKOSHA_SYNC_CONFIG or "
         "~/.config/akosha-sync/config.toml)",
     )
+    from akosha_sync import __version__
+
+    parser.add_argument("--version", action="version", version=f"akosha-sync {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     sync = sub.add_parser("sync", help="sync the databases now")

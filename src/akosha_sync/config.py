@@ -478,17 +478,23 @@ def load_config(
     """
     env = os.environ if environ is None else environ
     values: dict[str, Any] = {}
+    sources: dict[str, str] = {}  # where each value came from, for the error messages
     explicit = path if path is not None else env.get("AKOSHA_SYNC_CONFIG")
     file_path = Path(explicit or DEFAULT_CONFIG_PATH).expanduser()
     if file_path.exists():
         values.update(_read_toml(file_path))
+        sources.update(dict.fromkeys(values, str(file_path)))
     elif explicit:
         raise ConfigError([f"config file {str(file_path)!r} does not exist; create it or "
                            "drop --config / AKOSHA_SYNC_CONFIG."])
-    values.update(_from_environ(env))
-    if overrides:
-        values.update({k: v for k, v in overrides.items() if v is not None})
-    return _build(values, source=str(file_path))
+    for name, (variable, value) in _from_environ(env).items():
+        values[name] = value
+        sources[name] = f"the environment variable {variable}"
+    for name, value in (overrides or {}).items():
+        if value is not None:
+            values[name] = value
+            sources[name] = "the command line"
+    return _build(values, source=sources)
 
 
 # ------------------------------------------------------------------ helpers
@@ -506,13 +512,14 @@ def _read_toml(path: Path) -> dict[str, Any]:
     return data
 
 
-def _from_environ(env: Mapping[str, str]) -> dict[str, Any]:
-    values: dict[str, Any] = {}
+def _from_environ(env: Mapping[str, str]) -> dict[str, tuple[str, str]]:
+    """Setting -> (the variable it came from, its value)."""
+    values: dict[str, tuple[str, str]] = {}
     for prefix in reversed(ENV_PREFIXES):  # later prefixes in ENV_PREFIXES lose
         for name in AkoshaSyncConfig.__struct_fields__:
             key = prefix + name.upper()
             if key in env:
-                values[name] = env[key]
+                values[name] = (key, env[key])
     return values
 
 
@@ -536,8 +543,10 @@ def _coerce(name: str, value: Any, kind: type) -> Any:
     return value
 
 
-def _build(values: dict[str, Any], *, source: str) -> AkoshaSyncConfig:
+def _build(values: dict[str, Any], *, source: str | Mapping[str, str]) -> AkoshaSyncConfig:
+    """``source``: where the values came from, one place or one per setting."""
     fields = AkoshaSyncConfig.__struct_fields__
+    where = (lambda name: source) if isinstance(source, str) else source.get
     problems: list[str] = []
     clean: dict[str, Any] = {}
     types = {f.name: f.type for f in msgspec.structs.fields(AkoshaSyncConfig)}
@@ -545,7 +554,7 @@ def _build(values: dict[str, Any], *, source: str) -> AkoshaSyncConfig:
         if name not in fields:
             close = difflib.get_close_matches(name, fields, n=1)
             hint = f"; did you mean {close[0]!r}?" if close else ""
-            problems.append(f"unknown setting {name!r} in {source}{hint}")
+            problems.append(f"unknown setting {name!r} in {where(name)}{hint}")
             continue
         kind = types[name]
         try:
@@ -553,7 +562,8 @@ def _build(values: dict[str, Any], *, source: str) -> AkoshaSyncConfig:
             msgspec.convert({name: coerced}, _single_field_type(name))
         except (ValueError, msgspec.ValidationError):
             shown = REDACTED if name in SECRET_FIELDS else repr(value)
-            problems.append(f"{name} must be {_type_name(kind)}, not {shown} (from {source})")
+            problems.append(f"{name} must be {_type_name(kind)}, not {shown} (from "
+                            f"{where(name)})")
             continue
         clean[name] = coerced
     if problems:
