@@ -131,3 +131,18 @@ def test_version() -> None:
     out = subprocess.run([_EXE, "--version"], capture_output=True, text=True, timeout=30,
                          check=True)
     assert out.stdout == f"akosha-sync {__version__}\n"
+
+
+def test_https_to_a_plain_http_store_says_to_write_http(
+    s3_config: MakeConfig, tmp_path: Path
+) -> None:
+    plain = s3_config()
+    config = s3_config(cloud_endpoint=plain.cloud_endpoint.replace("http://", "https://"),
+                       force_method="cloud", max_retries=0)
+    out = subprocess.run(
+        [_EXE, "--config", str(write_toml(config, tmp_path / "c.toml")), "sync"],
+        capture_output=True, text=True, timeout=60, check=False,
+        env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path / "home")},
+    )
+    assert out.returncode == 1
+    assert "cloud_endpoint must start with http://" in out.stderr, out.stderr

@@ -88,6 +88,8 @@ def test_system_id_resolution_and_charset(monkeypatch: pytest.MonkeyPatch) -> No
         ("ftp://host", False),
         ("file:///srv/backup", True),
         ("file://relative/path", False),
+        ("https://s3.example.com/", True),
+        ("http://127.0.0.1:9000/akosha", False),  # the bucket is not part of the endpoint
         ("https://s3.example.com ", False),  # object_store panicked on these
         ("https://s3.example.com\n", False),
     ],

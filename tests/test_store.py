@@ -58,6 +58,23 @@ def test_the_explanation_keeps_the_store_s_answer_and_drops_the_rust_debug_dump(
     assert "Debug source" not in text and "Generic {" not in text, text
 
 
+def test_no_credentials_at_all_is_not_called_a_refused_key(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """With no keys, obstore asks the EC2 metadata service; its refusal (or silence) is
+    not the user's key being refused."""
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.delenv(name, raising=False)
+    exc = GenericError("Generic S3 error: Error performing PUT http://169.254.169.254/latest/"
+                       "api/token in 1.3ms - Server returned non-2xx status code: 403 Forbidden")
+    text = explain(exc, AkoshaSyncConfig(cloud_bucket="bucket"), "reserving an upload id")
+    assert "no credentials were found" in text and "set the keys" in text, text
+    assert "were refused" not in text
+    keyed = explain(exc, AkoshaSyncConfig(cloud_bucket="bucket", access_key_id="AKIA1234",
+                                          secret_access_key="s" * 20), "reading k")
+    assert "the credentials were refused" in keyed
+
+
 def test_backoff_grows_with_jitter() -> None:
     policy = RetryPolicy(5, 1.0, cap=60)
     for attempt in range(5):

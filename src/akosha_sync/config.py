@@ -396,6 +396,14 @@ class AkoshaSyncConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown
                 f"cloud_endpoint {shown!r} is not a URL; use 'https://HOST' for S3/R2, "
                 "'http://127.0.0.1:PORT' for a local MinIO/SeaweedFS, or 'file:///PATH'."
             ]
+        if parts.path.strip("/") or parts.query or parts.fragment:
+            # The bucket is addressed by path below the endpoint: a path here would put
+            # every object under a wrong key (seen: '.../akosha/akosha/systems/...').
+            server = urlunsplit((parts.scheme, parts.netloc, "", "", ""))
+            return [
+                f"cloud_endpoint {shown!r} has a path; give the server alone "
+                f"({_redact_url(server)!r}) and the bucket in cloud_bucket."
+            ]
         if (
             parts.scheme == "http"
             and not _is_loopback(parts.hostname)

@@ -155,7 +155,15 @@ def explain(exc: BaseException, config: AkoshaSyncConfig, what: str) -> str:
     kind = classify(exc)
     target = describe_target(config)
     cause = _first_line(exc)
-    if kind is Failure.AUTH:
+    if kind is Failure.AUTH and not config.resolved_access_key_id and (
+        _NO_CREDENTIALS_PATTERNS.search(str(exc))
+    ):
+        advice = (
+            "no credentials were found: none in the configuration (access_key_id / "
+            "secret_access_key), none in AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, and no "
+            "instance role answered (there is one only on AWS machines); set the keys"
+        )
+    elif kind is Failure.AUTH:
         advice = (
             "the credentials were refused; check access_key_id / secret_access_key "
             "(or AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY) and the key's permissions"
@@ -168,6 +176,11 @@ def explain(exc: BaseException, config: AkoshaSyncConfig, what: str) -> str:
         advice = "the store kept failing (network or server trouble); try again later"
     else:
         advice = "the store rejected the request"
+    if (kind in (Failure.CONNECT, Failure.TRANSIENT) and "error sending request" in cause
+            and config.cloud_endpoint.startswith("https://")):
+        # What a TLS handshake with a plain-http server (a local MinIO) looks like.
+        advice += (" (if that server speaks plain http, as a local MinIO or SeaweedFS "
+                   "usually does, cloud_endpoint must start with http://)")
     # Not "upload": restore, verify, snapshots and prune read through here too.
     stop = "" if advice.endswith("?") else "."
     message = f"{FAILED} while {what}: {advice}{stop} Target: {target}. Cause: {cause}"
