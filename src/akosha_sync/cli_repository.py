@@ -126,7 +126,9 @@ async def _cmd_snapshots(config: Any, args: argparse.Namespace) -> int:
             f"{check['level']} {'ok' if check['ok'] else 'FAILED'} {check['at'][:16]}"
             if check else "never verified"
         )
-        state = "complete" if info.complete else f"INCOMPLETE ({info.problem})"
+        problem = info.problem or ""
+        state = ("complete" if info.complete else problem if problem.startswith("forgotten")
+                 else f"INCOMPLETE ({problem})")
         databases = sorted(n for n in info.carried_over if not n.endswith(".wal"))
         if databases:  # the sync could not read them: an earlier version is inside
             state += "".join(f", {n} as of {info.carried_over[n]}" for n in databases)

@@ -35,6 +35,7 @@ if TYPE_CHECKING:
     from obstore.store import ObjectStore
 
 __all__ = [
+    "FORGOTTEN",
     "StoredObject",
     "Upload",
     "UploadInfo",
@@ -122,6 +123,9 @@ class UploadInfo(msgspec.Struct, kw_only=True):
     carried_over: dict[str, str] = msgspec.field(default_factory=dict)
 
 
+FORGOTTEN = "forgotten"  # how the problem of a forgotten upload's folder begins
+
+
 def parse_time(text: str) -> datetime:
     moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
     if moment.tzinfo is None:
@@ -164,7 +168,7 @@ async def scan_uploads(store: ObjectStore, system_id: str) -> list[Upload]:
             upload.problem = (
                 "no manifest.json: a sync still running, or one that died before committing"
                 if CLAIM_NAME in objects
-                else "no manifest.json and no claim: forgotten; prune removes what is left"
+                else f"{FORGOTTEN} (no manifest.json and no claim); prune removes what is left"
             )
         else:
             try:
@@ -176,6 +180,14 @@ async def scan_uploads(store: ObjectStore, system_id: str) -> list[Upload]:
             except (msgspec.DecodeError, msgspec.ValidationError) as exc:
                 upload.problem = f"{_UNPARSABLE}: {exc}"
         uploads.append(upload)
+    # A forgotten files-layout upload can hold whole objects that later uploads reuse:
+    # prune keeps them, so "prune removes what is left" would not come true.
+    reused = {d.key for u in uploads if u.manifest for d in u.manifest.file_details.values()}
+    for upload in uploads:
+        keys = {o.key for o in upload.objects.values()}
+        if upload.manifest is None and CLAIM_NAME not in upload.objects and keys <= reused:
+            upload.problem = (f"{FORGOTTEN}; it holds only files that later uploads reuse, "
+                              "kept while they need them")
     # Upload ids are claim times (YYYYMMDD_HHMMSS_...), in order: a manifest's
     # uploaded_at and an incomplete folder's LastModified are not comparable.
     return uploads
