@@ -110,6 +110,7 @@ def _exit_now(code: int) -> None:
 
 async def _cmd_snapshots(config: Any, args: argparse.Namespace) -> int:
     from akosha_sync.repository.service import snapshots
+    from akosha_sync.repository.snapshots import FORGOTTEN
 
     infos = await snapshots(config, system_id=args.system, all_systems=args.all_systems)
     if args.json:
@@ -127,7 +128,7 @@ async def _cmd_snapshots(config: Any, args: argparse.Namespace) -> int:
             if check else "never verified"
         )
         problem = info.problem or ""
-        state = ("complete" if info.complete else problem if problem.startswith("forgotten")
+        state = ("complete" if info.complete else problem if problem.startswith(FORGOTTEN)
                  else f"INCOMPLETE ({problem})")
         databases = sorted(n for n in info.carried_over if not n.endswith(".wal"))
         if databases:  # the sync could not read them: an earlier version is inside
@@ -221,8 +222,9 @@ async def _cmd_verify(config: Any, args: argparse.Namespace) -> int:
                   f"({upload.objects_checked} objects, {upload.pieces_read} pieces read)")
             for problem in upload.problems:
                 print(f"  - {problem}")
-        print(f"verify {report.level}: {len(report.uploads)} uploads, "
-              f"{report.problem_count} problems")
+        count, problems = len(report.uploads), report.problem_count
+        print(f"verify {report.level}: {count} upload{'s' if count != 1 else ''}, "
+              f"{problems} problem{'s' if problems != 1 else ''}")
     return EXIT_OK if report.ok else EXIT_FAILED
 
 
