@@ -99,6 +99,14 @@ async def test_list_verify_and_forget_tools(
         # Named as this tool's arguments, not the command line's flags.
         assert "keep_last, keep_hourly" in empty.content[0].text  # type: ignore[union-attr]
         assert "--" not in empty.content[0].text  # type: ignore[union-attr]
+        # A misspelt argument is refused, not dropped: "system" would have meant this
+        # machine's uploads, and they would have been forgotten.
+        typo = await client.call_tool("akosha_forget", {"keep_last": 1, "dry_run": False,
+                                                        "system": "another-host"})
+        assert typo.is_error, typo.content
+        assert "takes no argument 'system'" in typo.content[0].text  # type: ignore[union-attr]
+        assert "system_id" in typo.content[0].text  # type: ignore[union-attr]
+        assert len(manifests(minio_client, s3_bucket)) == 2
         done = await _call(client, "akosha_forget", {"keep_last": 1, "dry_run": False})
         assert done["forgotten"] == [first["upload_id"]]
         assert [m.split("/")[3] for m in manifests(minio_client, s3_bucket)] == [

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal
 
 from mcp.server.mcpserver import Context, MCPServer
+from mcp.server.mcpserver.exceptions import ToolError
 from mcp.types import ToolAnnotations
 from pydantic import WithJsonSchema
 
@@ -41,9 +42,29 @@ _INSTRUCTIONS = (
 )
 
 
+class _StrictServer(MCPServer):
+    """Refuses a tool call with an argument the tool does not take. The SDK drops it
+    silently: a misspelt ``system_id`` would make ``akosha_forget`` act on this
+    machine's uploads instead of the other machine's."""
+
+    _arguments: dict[str, frozenset[str]] | None = None
+
+    async def call_tool(
+        self, name: str, arguments: dict[str, Any], context: Context[Any, Any] | None = None
+    ) -> Any:
+        if self._arguments is None:
+            self._arguments = {t.name: frozenset(t.input_schema.get("properties", {}))
+                               for t in await self.list_tools()}
+        known = self._arguments.get(name)
+        if known is not None and (unknown := sorted(set(arguments) - known)):
+            raise ToolError(f"{name} takes no argument {', '.join(map(repr, unknown))}; its "
+                            f"arguments are {', '.join(sorted(known)) or 'none'}")
+        return await super().call_tool(name, arguments, context)
+
+
 def build_mcp_server(daemon: SyncDaemon) -> MCPServer:
     """An MCPServer whose tools delegate to ``daemon``."""
-    server = MCPServer(name="akosha-sync", version=__version__, instructions=_INSTRUCTIONS)
+    server = _StrictServer(name="akosha-sync", version=__version__, instructions=_INSTRUCTIONS)
 
     @server.tool(annotations=_SYNC)
     async def sync_to_akosha(
