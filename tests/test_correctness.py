@@ -342,6 +342,7 @@ def test_the_lock_wait_counts_against_the_budget(s3_config: MakeConfig) -> None:
         os.close(fd)
     assert result["success"] is False
     assert "another akosha-sync process is uploading" in result["error"]
+    assert result["method"] == config.force_method  # what was asked for, not "lock"
     assert took < 4.0, f"a 1 s budget took {took:.1f} s"
 
 

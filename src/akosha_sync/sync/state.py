@@ -103,9 +103,8 @@ async def sync_lock(state_dir: Path, *, timeout: float) -> AsyncIterator[None]:
                 if time.monotonic() >= deadline:
                     raise SyncError(
                         f"another akosha-sync process is uploading (lock {path}); "
-                        "wait for it to finish, or check `akosha-sync status`.",
-                        "lock",
-                    ) from None
+                        "wait for it to finish, or check `akosha-sync status`."
+                    ) from None  # no method failed: the result names the one asked for
                 await anyio.sleep(0.1)
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
