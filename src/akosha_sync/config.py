@@ -366,7 +366,7 @@ class AkoshaSyncConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown
                                ("log_file's folder", self.log_path.parent))
             if (problem := _not_a_folder(name, path))
         ]
-        if self.log_path.is_dir():
+        if _is_dir(self.log_path):
             problems.append(
                 f"log_file {str(self.log_path)!r} is a folder; name a file in it, like "
                 f"'{self.log_path / 'akosha-sync.log'}'."
@@ -599,12 +599,22 @@ def _type_name(kind: Any) -> str:
 def _not_a_folder(name: str, path: Path) -> str:
     """Why ``path`` cannot be (or become) a folder, or ''."""
     probe = path
-    while not probe.exists() and probe.parent != probe:  # False too under a file
-        probe = probe.parent
-    if probe.is_dir():
+    try:
+        while not probe.exists() and probe.parent != probe:  # False too under a file
+            probe = probe.parent
+        if probe.is_dir():
+            return ""
+    except OSError:  # not ours to look at (permissions): the command that uses it says so
         return ""
     what = "is a file" if probe == path else f"cannot be a folder: {str(probe)!r} is a file"
     return f"{name} {str(path)!r} {what}; point it at a folder, or move that file away."
+
+
+def _is_dir(path: Path) -> bool:
+    try:
+        return path.is_dir()
+    except OSError:
+        return False
 
 
 def _has_space(value: str) -> bool:
