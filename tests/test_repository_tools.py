@@ -80,6 +80,10 @@ async def test_list_verify_and_forget_tools(
                                                                  second["upload_id"]]
         assert listed["snapshots"][1]["complete"] is True
         assert (await _call(client, "akosha_list_snapshots", {"limit": 1}))["count"] == 1
+        every = await _call(client, "akosha_list_snapshots", {"all_systems": True})
+        assert every["system_id"] == "all"
+        assert {(s["system_id"], s["upload_id"]) for s in every["snapshots"]} == {
+            ("test-host", first["upload_id"]), ("test-host", second["upload_id"])}
 
         progress = _Progress()
         report = await _call(client, "akosha_verify", {"level": "open"},

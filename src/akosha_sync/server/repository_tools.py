@@ -47,7 +47,8 @@ Level = Literal["structure", "read-data", "open"]
 _IN_TOOL_TERMS = [
     (re.compile(r"`akosha-sync snapshots --system ([\w-]+)`"),
      r"akosha_list_snapshots(system_id=\1)"),
-    (re.compile(r"`akosha-sync snapshots --all-systems`"), "akosha_list_snapshots"),
+    (re.compile(r"`akosha-sync snapshots --all-systems`"),
+     "akosha_list_snapshots(all_systems=true)"),
     (re.compile(r"`akosha-sync snapshots`"), "akosha_list_snapshots"),
     (re.compile(r"`akosha-sync verify --all`"), "akosha_verify(all_uploads=true)"),
     (re.compile(r"verify --open"), 'akosha_verify(level="open")'),
@@ -77,22 +78,27 @@ def add_repository_tools(server: MCPServer, config: AkoshaSyncConfig) -> None:
 
     @server.tool(annotations=READ_ONLY)
     async def akosha_list_snapshots(
-        system_id: str | None = None, limit: int | None = 20
+        system_id: str | None = None, limit: int | None = 20, all_systems: bool = False,
     ) -> dict[str, Any]:
-        """The uploads in the bucket, newest last: id, time, files, logical size, bytes
-        new, conversations, complete or not (a sync that never committed is listed as
-        incomplete), and the last verification. Reads the bucket, not local state.
+        """The uploads in the bucket, newest last: id, system, time, files, logical size,
+        bytes new, conversations, complete or not (a sync that never committed is listed
+        as incomplete), and the last verification. Reads the bucket, not local state.
 
         system_id: another machine's uploads (default: this one's).
+        all_systems: every machine's uploads (on a new machine: find the old one's id).
         limit: at most this many of the newest (default 20; null for all).
         """
         from akosha_sync.repository.service import snapshots
 
+        if all_systems and system_id:
+            raise ToolError("give system_id or all_systems, not both")
         try:
-            infos = await snapshots(config, system_id=system_id, limit=limit)
+            infos = await snapshots(config, system_id=system_id, all_systems=all_systems,
+                                    limit=limit)
         except Exception as exc:
             raise _fail(exc) from exc
-        return {"system_id": system_id or config.system_id_resolved, "count": len(infos),
+        shown = "all" if all_systems else system_id or config.system_id_resolved
+        return {"system_id": shown, "count": len(infos),
                 "snapshots": msgspec.to_builtins(infos)}
 
     @server.tool(annotations=CHECKS)
