@@ -146,3 +146,25 @@ def test_https_to_a_plain_http_store_says_to_write_http(
     )
     assert out.returncode == 1
     assert "cloud_endpoint must start with http://" in out.stderr, out.stderr
+
+
+def test_the_readme_s_first_command_runs_the_demo_end_to_end(tmp_path: Path) -> None:
+    """``make demo`` (= ``akosha-sync demo``): three syncs to a file:// store, then the
+    newest upload restored and compared with the sources; a second run works too."""
+    import hashlib
+
+    for run in ("first", "again"):
+        out = subprocess.run(
+            [_EXE, "demo", "--dir", str(tmp_path / "demo")], capture_output=True, text=True,
+            timeout=180, check=False,
+            env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path / "home")},
+        )
+        assert out.returncode == 0, (run, out.stdout[-2000:], out.stderr[-2000:])
+        assert out.stdout.count("  [ok] cloud sync ") == 3, out.stdout
+        assert "byte for byte the same as" in out.stdout and ": yes" in out.stdout
+    data, restored = tmp_path / "demo" / "claude-data", tmp_path / "demo" / "restored"
+    digest = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in data.iterdir()
+              if p.is_file()}
+    assert digest and digest == {
+        p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in restored.iterdir()}
+    assert not (tmp_path / "home").exists()  # everything stays in the demo's folder

@@ -374,8 +374,31 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     third = anyio.run(method.sync)
     print("\nThird sync, after 3 new conversations (held in the WAL):")
     print(_describe_result(third))
-    print(f"\nRun it again with: akosha-sync demo --dir {root}")
-    return EXIT_OK if second["success"] and third["success"] else EXIT_FAILED
+    if not (second["success"] and third["success"]):
+        return EXIT_FAILED
+    return _demo_restore(config, root / "restored", data)
+
+
+def _demo_restore(config: AkoshaSyncConfig, target: Path, data: Path) -> int:
+    """The demo's last step: the newest upload read back, compared with the sources."""
+    import shutil
+
+    import anyio
+
+    from akosha_sync.repository.restore import restore
+    from akosha_sync.repository.store import make_store
+
+    shutil.rmtree(target, ignore_errors=True)  # the demo's own folder, from a run before
+    result = anyio.run(lambda: restore(make_store(config), config,
+                                       system_id=config.system_id_resolved, target=target))
+    same = all((target / f.name).read_bytes() == (data / f.name).read_bytes()
+               for f in result.files)
+    print(f"\nRestore of the newest upload ({result.upload_id}) into {target}:")
+    for f in result.files:
+        print(f"    {f.name}: {human_size(f.size)} sha256 {f.sha256[:16]}")
+    print(f"    byte for byte the same as {data}: {'yes' if same else 'NO'}")
+    print(f"\nRun it again with: akosha-sync demo --dir {target.parent}")
+    return EXIT_OK if same else EXIT_FAILED
 
 
 # ------------------------------------------------------------------ output
