@@ -228,6 +228,11 @@ def test_http_and_sse_transports_health_and_hook(
     assert f"cannot listen on 127.0.0.1:{port}: Address already in use" in second.stderr
     assert "Traceback" not in second.stderr and "ExceptionGroup" not in second.stderr
     assert daemon.status()["status"] == "ok"
+    # status names the daemon that runs (the refused one did not take its place).
+    shown = subprocess.run([EXE, "--config", str(daemon.toml), "status", "--json"],
+                           capture_output=True, text=True, timeout=60, check=True)
+    assert daemon.proc is not None
+    assert json.loads(shown.stdout)["daemon"] == {"pid": daemon.proc.pid, "url": daemon.url}
     assert daemon.stop() == 0
 
 

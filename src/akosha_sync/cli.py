@@ -222,6 +222,9 @@ def _cmd_status(args: argparse.Namespace) -> int:
     config = _load(args)
     status = local_status(config)
     status["queued"] = _queued(config)
+    from akosha_sync.server.hook import running_daemon
+
+    status["daemon"] = running_daemon(config)
     if args.json:
         print(as_json(status))
     else:
@@ -477,6 +480,11 @@ def _describe_status(status: dict[str, Any]) -> str:
                      + (f"; {len(failed)} failed and retry at {failed[0]['retry_at']} "
                         f"(attempt {failed[0]['failed_attempts'] + 1}; last error: "
                         f"{failed[0]['last_error']})" if failed else ""))
+    if "daemon" in status:
+        daemon = status["daemon"]
+        lines.append(f"daemon:           {daemon['url']} (pid {daemon['pid']})" if daemon else
+                     "daemon:           none over HTTP (hooks queue session ends and start a "
+                     "one-shot drain)")
     checked = status.get("last_verification")
     lines.append(
         f"last verify:      {checked['level']} {'ok' if checked['ok'] else 'FAILED'} at "

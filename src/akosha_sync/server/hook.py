@@ -27,6 +27,7 @@ __all__ = [
     "read_daemon_url",
     "remove_daemon_file",
     "run_hook",
+    "running_daemon",
     "write_daemon_file",
 ]
 
@@ -55,14 +56,21 @@ def remove_daemon_file(config: AkoshaSyncConfig) -> None:
         pass
 
 
-def read_daemon_url(config: AkoshaSyncConfig) -> str:
-    """The URL in the daemon file if its process is alive, else the configured one."""
+def running_daemon(config: AkoshaSyncConfig) -> dict[str, Any] | None:
+    """``{"pid", "url"}`` of the HTTP daemon serving this state folder, if it runs."""
     try:
         info = json.loads((config.state_path / DAEMON_FILE).read_text(encoding="utf-8"))
-        os.kill(int(info["pid"]), 0)
-        return str(info["url"])
+        pid = int(info["pid"])
+        os.kill(pid, 0)
+        return {"pid": pid, "url": str(info["url"])}
     except (OSError, ValueError, KeyError, TypeError):
-        return config.daemon_url
+        return None
+
+
+def read_daemon_url(config: AkoshaSyncConfig) -> str:
+    """The URL in the daemon file if its process is alive, else the configured one."""
+    daemon = running_daemon(config)
+    return str(daemon["url"]) if daemon else config.daemon_url
 
 
 def _forward(url: str, body: bytes, token: str) -> tuple[int, str]:

@@ -98,7 +98,7 @@ def _listen(host: str, port: int) -> socket.socket:
         sock.listen(128)
     except OSError as exc:
         sock.close()
-        busy = " (is another akosha-sync daemon running?)"
+        busy = " (another akosha-sync daemon? `akosha-sync status` names the one running)"
         raise ServeRefused(
             f"cannot listen on {host}:{port}: {exc.strerror}"
             + (busy if exc.errno == errno.EADDRINUSE else "")
