@@ -427,8 +427,9 @@ def _describe_result(result: dict[str, Any], *, error_line: bool = True) -> str:
         lines.append(f"    conversations: {result.get('conversation_count', 0)}"
                      f" ({result.get('new_conversation_count') or 0} new for Akosha)")
     attempts = result.get("method_attempts") or []
-    for attempt in attempts:
-        lines.append(f"    tried {attempt['method']}: {attempt['error'] or 'ok'}")
+    if len(attempts) > 1 or any(a["error"] for a in attempts):  # a lone success says nothing
+        for attempt in attempts:
+            lines.append(f"    tried {attempt['method']}: {attempt['error'] or 'ok'}")
     # One method tried: its line already is the error.
     if error_line and result.get("error") and [a["error"] for a in attempts] != [
         result["error"]
