@@ -168,3 +168,18 @@ def test_the_readme_s_first_command_runs_the_demo_end_to_end(tmp_path: Path) -> 
     assert digest and digest == {
         p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in restored.iterdir()}
     assert not (tmp_path / "home").exists()  # everything stays in the demo's folder
+
+
+def test_the_process_ends_even_when_a_worker_thread_is_left_waiting() -> None:
+    """After an interrupt, AnyIO's idle worker threads (not daemons) could be left
+    blocked on their queue; the interpreter's exit then waited for them forever."""
+    left_behind = (
+        "import queue, threading\n"
+        "from akosha_sync import cli\n"
+        "threading.Thread(target=queue.Queue().get, name='AnyIO worker thread').start()\n"
+        "cli.main = lambda: 7\n"
+        "cli.run()\n"
+    )
+    out = subprocess.run([sys.executable, "-c", left_behind], capture_output=True, text=True,
+                         timeout=30, check=False)
+    assert out.returncode == 7, out.stderr

@@ -159,13 +159,17 @@ def run() -> None:
     """The ``akosha-sync`` program: :func:`main`, then a quick exit.
 
     Tearing the interpreter down (every module, the object store's runtime) takes
-    ~60 ms, a third of an unchanged re-sync. Once the output is flushed and no other
-    thread is left, there is nothing for it to do, so the process ends at once.
+    ~60 ms, a third of an unchanged re-sync. Once the output is flushed there is
+    nothing for it to do, so the process ends at once. Threads still alive get a few
+    seconds first: after an interrupt, AnyIO's idle worker threads can be left waiting
+    for work that never comes, and the interpreter's own exit would wait for them
+    forever (a restore stopped with SIGTERM hung after saying "interrupted").
     """
     code = main()
     import logging
     import os
     import threading
+    import time
 
     logging.shutdown()
     try:
@@ -173,9 +177,16 @@ def run() -> None:
     except BrokenPipeError:
         code = _stdout_closed()
     sys.stderr.flush()
-    if threading.active_count() == 1:
-        os._exit(code)
-    sys.exit(code)
+    until = time.monotonic() + _THREADS_GRACE_SECONDS
+    for thread in threading.enumerate():
+        # An AnyIO worker's result has no reader once main() returned: not waited for.
+        if (thread is not threading.current_thread() and not thread.daemon
+                and not thread.name.startswith("AnyIO worker")):
+            thread.join(max(0.0, until - time.monotonic()))
+    os._exit(code)
+
+
+_THREADS_GRACE_SECONDS = 3.0
 
 
 # ------------------------------------------------------------------ commands
