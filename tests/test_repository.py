@@ -24,6 +24,7 @@ from akosha_sync.repository.service import forget_uploads, prune_unused, snapsho
 from akosha_sync.sample import SampleInfo, add_conversations
 from akosha_sync.sync.cloud import CloudSyncMethod
 from support.configfile import write_toml
+from support.faults import restore_problems
 from support.verify import get_object, manifests
 from support.wait import until
 
@@ -689,3 +690,37 @@ def test_prune_of_a_system_with_nothing_in_the_bucket_writes_nothing(
     assert report.deleted == [] and report.errors == []
     assert any("nothing to prune" in n for n in report.notes), report.notes
     assert _keys(minio_client, s3_bucket, prefix="") == before
+
+
+def test_forget_by_id_removes_exactly_the_uploads_named_and_unblocks_prune(
+    s3_config: MakeConfig, minio_client: Minio, s3_bucket: str, sample: SampleInfo,
+    tmp_path: Path,
+) -> None:
+    """A damaged upload between good ones blocks prune; no --keep-* policy can remove it
+    without the good older ones: forget takes upload ids, as restic's does."""
+    config = s3_config(export_memories=False)
+    ids = []
+    for seed in range(3):
+        add_conversations(sample.data_dir, 2, seed=60 + seed, checkpoint=True)
+        ids.append(_sync(config)["upload_id"])
+    # The middle one loses its index: prune refuses while it is there.
+    _put(minio_client, s3_bucket, f"systems/test-host/uploads/{ids[1]}/index.json", b"{")
+    toml = write_toml(config, tmp_path / "c.toml")
+    assert _cli(toml, "prune", "--dry-run").returncode == 1
+    both = _cli(toml, "forget", ids[1], "--keep-last", "1")
+    assert both.returncode == 2 and "not both" in both.stderr, both.stderr
+    unknown = _cli(toml, "forget", "20200101_000000_test-host")
+    assert unknown.returncode == 1 and "no such committed upload" in unknown.stderr
+    assert "request failed" not in unknown.stderr
+
+    out = _cli(toml, "forget", ids[1], "--prune")
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert f"forget {ids[1]}" in out.stdout and "forgot 1 of 3 uploads" in out.stdout
+    assert {m.split("/")[3] for m in manifests(minio_client, s3_bucket)} == {ids[0], ids[2]}
+    assert restore_problems(minio_client, s3_bucket) == []
+    # Each upload is dated by its id (the sync's start), as restore --at compares.
+    infos = anyio.run(lambda: snapshots(config))
+    for info in infos:
+        i = info.upload_id
+        assert info.time == f"{i[:4]}-{i[4:6]}-{i[6:8]}T{i[9:11]}:{i[11:13]}:{i[13:15]}Z"
+        assert info.committed_at and info.committed_at >= info.time[:19]

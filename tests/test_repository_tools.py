@@ -111,6 +111,8 @@ async def test_list_verify_and_forget_tools(
         assert "takes no argument 'system'" in typo.content[0].text  # type: ignore[union-attr]
         assert "system_id" in typo.content[0].text  # type: ignore[union-attr]
         assert len(manifests(minio_client, s3_bucket)) == 2
+        named = await _call(client, "akosha_forget", {"upload_ids": [first["upload_id"]]})
+        assert named["dry_run"] is True and named["forgotten"] == [first["upload_id"]]
         done = await _call(client, "akosha_forget", {"keep_last": 1, "dry_run": False})
         assert done["forgotten"] == [first["upload_id"]]
         assert [m.split("/")[3] for m in manifests(minio_client, s3_bucket)] == [

@@ -638,3 +638,46 @@ def test_temporary_files_of_a_killed_restore_are_removed_by_the_next(
         running.kill()
         running.wait()
     assert (target / "reflection.duckdb").read_bytes() == sample.reflection_path.read_bytes()
+
+
+@pytest.mark.parametrize("layout", ["blocks", "files"])
+def test_after_verify_finds_damage_the_next_upload_stores_those_bytes_again(
+    layout: str, s3_config: MakeConfig, sample: SampleInfo, minio_client: Minio,
+    s3_bucket: str, tmp_path: Path,
+) -> None:
+    """A damaged object keeps its size, so the bucket listing cannot tell: before, every
+    later sync reused it and said ok, and none of their uploads could be restored."""
+    import io
+
+    from akosha_sync.repository.service import verify_uploads
+
+    config = s3_config(storage_layout=layout)
+    first = _sync(config)
+    if layout == "blocks":
+        index = _index(minio_client, s3_bucket, first)
+        piece = index["files"]["knowledge_graph.duckdb"]["pieces"][1]
+        key, at = index["packs"][piece[1]]["key"], piece[2] + piece[3] // 2
+    else:
+        key = _manifest(minio_client, s3_bucket, first)["file_details"][
+            "knowledge_graph.duckdb"]["key"]
+        at = 100
+    data = bytearray(get_object(minio_client, s3_bucket, key))
+    data[at] ^= 0xFF  # same size: only reading the bytes shows it
+    minio_client.put_object(s3_bucket, key, io.BytesIO(bytes(data)), len(data))
+
+    found = anyio.run(lambda: verify_uploads(config, read_data="100%"))
+    assert not found.ok and any(key in p and "forget" in p for p in found.uploads[0].problems)
+    damaged = json.loads(get_object(minio_client, s3_bucket, "systems/test-host/damaged.json"))
+    assert damaged == {"keys": [key]}
+
+    add_conversations(sample.data_dir, 2, seed=31, checkpoint=True)  # only reflection changes
+    second = _sync(config)
+    assert key not in json.dumps(_manifest(minio_client, s3_bucket, second))
+    if layout == "blocks":
+        assert key not in json.dumps(_index(minio_client, s3_bucket, second))
+    check = anyio.run(lambda: verify_uploads(config, upload_id=second["upload_id"],
+                                             read_data="100%"))
+    assert check.ok, check.uploads[0].problems
+    target = tmp_path / "restored"
+    _restore(config, target, upload_id=second["upload_id"])
+    assert _snapshot_of(target) == _snapshot_of(sample.data_dir)

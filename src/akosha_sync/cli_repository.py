@@ -38,7 +38,11 @@ def add_commands(sub: Any) -> None:
     which.add_argument("--all-systems", action="store_true", help="every system's uploads")
     snaps.add_argument("--json", action="store_true", help="print JSON")
 
-    forget = sub.add_parser("forget", help="remove uploads a retention policy does not keep")
+    forget = sub.add_parser("forget", help="remove uploads a retention policy does not "
+                            "keep, or the uploads named")
+    forget.add_argument("upload_ids", nargs="*", metavar="UPLOAD_ID",
+                        help="forget exactly these uploads (e.g. damaged ones) instead of "
+                        "applying a policy")
     _add_policy(forget)
     forget.add_argument("--system", metavar="ID", help="another system's uploads")
     forget.add_argument("--dry-run", action="store_true", help="only show the decisions")
@@ -161,7 +165,8 @@ async def _cmd_forget(config: Any, args: argparse.Namespace) -> int:
     from akosha_sync.repository.service import forget_uploads
 
     report = await forget_uploads(
-        config, _policy(args), system_id=args.system, dry_run=args.dry_run
+        config, _policy(args), system_id=args.system, dry_run=args.dry_run,
+        upload_ids=args.upload_ids,
     )
     pruned: Any = None
     prune_error: str | None = None

@@ -20,15 +20,20 @@ from akosha_sync.repository.checks import check_key, read_records
 from akosha_sync.repository.manifest import CLAIM_NAME, MANIFEST_NAME, MEMORIES_NAME
 from akosha_sync.repository.retention import Decision, Policy, apply_policy
 from akosha_sync.repository.snapshots import Upload, scan_uploads
+from akosha_sync.repository.store import Refusal
 
 if TYPE_CHECKING:
     from obstore.store import ObjectStore
 
-__all__ = ["INDEX_NAME", "ForgetReport", "forget", "own_small_objects"]
+__all__ = ["INDEX_NAME", "ForgetError", "ForgetReport", "forget", "own_small_objects"]
 
 INDEX_NAME = "index.json"
 # Deleted after the manifest, in this order; the claim last (it marks the folder ours).
 _SMALL = (INDEX_NAME, MEMORIES_NAME, CLAIM_NAME)
+
+
+class ForgetError(Refusal):
+    """The uploads named cannot be forgotten; the message says why."""
 
 
 class ForgetReport(msgspec.Struct, kw_only=True):
@@ -60,26 +65,35 @@ async def forget(
     *,
     dry_run: bool,
     progress: Callable[[str, int, int], None] | None = None,
+    upload_ids: list[str] | None = None,
 ) -> ForgetReport:
-    """Decide with ``policy`` and (unless ``dry_run``) delete what it does not keep.
+    """Decide with ``policy`` and (unless ``dry_run``) delete what it does not keep; or,
+    with ``upload_ids`` (and an empty policy), forget exactly those uploads, as
+    restic's ``forget ID``: the way to remove damaged ones, whatever their age.
 
-    Raises ``RetentionError`` for an empty or invalid policy, before touching anything.
+    Raises ``RetentionError`` for an empty or invalid policy, ``ForgetError`` for ids
+    that name no upload or come with a policy, before touching anything.
     """
-    if policy.empty or policy.problems():
-        apply_policy([], policy)  # raises with the reason
     uploads = await scan_uploads(store, system_id)
     records = await read_records(store, system_id)
-    passed = {uid for uid, record in records.items() if record.passed_open}
-    complete = [u for u in uploads if u.complete]
-    decisions = apply_policy(
-        [(u.upload_id, u.time) for u in complete],
-        policy,
-        verified_open=newest_verified_open(complete, passed),
-    )
-    by_id = {u.upload_id: u for u in complete}
+    if upload_ids:
+        decisions, by_id = _named(uploads, upload_ids, policy, system_id)
+        described = "upload ids " + " ".join(upload_ids)
+    else:
+        if policy.empty or policy.problems():
+            apply_policy([], policy)  # raises with the reason
+        passed = {uid for uid, record in records.items() if record.passed_open}
+        complete = [u for u in uploads if u.complete]
+        decisions = apply_policy(
+            [(u.upload_id, u.time) for u in complete],
+            policy,
+            verified_open=newest_verified_open(complete, passed),
+        )
+        by_id = {u.upload_id: u for u in complete}
+        described = policy.describe()
     report = ForgetReport(
         system_id=system_id,
-        policy=policy.describe(),
+        policy=described,
         dry_run=dry_run,
         decisions=decisions,
         kept=[d.upload_id for d in decisions if d.keep],
@@ -106,3 +120,27 @@ async def forget(
     if progress:
         progress("forget", total, total)
     return report
+
+
+def _named(
+    uploads: list[Upload], upload_ids: list[str], policy: Policy, system_id: str
+) -> tuple[list[Decision], dict[str, Upload]]:
+    """Decisions that forget exactly ``upload_ids`` (committed, or with a damaged
+    manifest) and keep every other committed upload."""
+    if not policy.empty:
+        raise ForgetError("give upload ids or a --keep-* policy, not both")
+    listed = {u.upload_id: u for u in uploads if u.complete or u.damaged}
+    unknown = [uid for uid in upload_ids if uid not in listed]
+    if unknown:
+        raise ForgetError(
+            f"{', '.join(unknown)}: no such committed upload of system {system_id!r}; "
+            "`akosha-sync snapshots` lists them."
+        )
+    named = set(upload_ids)
+    decisions = [
+        Decision(upload_id=u.upload_id, time=u.time.isoformat().replace("+00:00", "Z"),
+                 keep=u.upload_id not in named,
+                 reasons=["named" if u.upload_id in named else "not named"])
+        for u in listed.values()
+    ]
+    return decisions, listed

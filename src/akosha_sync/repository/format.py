@@ -35,6 +35,8 @@ Keys
     systems/{sid}/uploads/{uid}/{file}          files layout: the whole file (zstd or raw)
     systems/{sid}/packs/{pack_id[:2]}/{pack_id}.pack
     systems/{sid}/locks/...                     prune's lease / deletion plan
+    systems/{sid}/damaged.json                  objects verify found damaged: never reused
+    systems/{sid}/checks/{uid}.json             verify's last result per level
 
 An upload exists once its ``manifest.json`` does; an upload directory without one is
 an interrupted sync and is ignored by every reader (and may be cleaned up).

@@ -311,7 +311,8 @@ async def prune(
         raise PruneError(
             "refusing to prune: committed uploads are damaged or already point at missing "
             "objects, and deleting more could only make it worse. Run `akosha-sync verify "
-            "--all` and forget the damaged uploads first: " + "; ".join(repo.missing[:10])
+            "--all` and forget the damaged uploads first (`akosha-sync forget UPLOAD_ID "
+            "...`): " + "; ".join(repo.missing[:10])
         )
     if not repo.uploads and not repo.packs:  # nothing to read the clock for, or to lock
         report.notes.append(

@@ -14,6 +14,7 @@ import structlog
 from akosha_sync.config import AkoshaSyncConfig, system_id_problem
 from akosha_sync.repository.checks import LastRun, save_last_run
 from akosha_sync.repository.forget import ForgetReport, forget
+from akosha_sync.repository.manifest import upload_id_problem
 from akosha_sync.repository.prune import WAIT_SECONDS, PruneReport, prune
 from akosha_sync.repository.retention import Policy, apply_policy
 from akosha_sync.repository.snapshots import UploadInfo, list_snapshots, list_system_ids
@@ -83,16 +84,26 @@ async def forget_uploads(
     system_id: str | None = None,
     dry_run: bool,
     progress: ProgressCallback | None = None,
+    upload_ids: list[str] | None = None,
 ) -> ForgetReport:
-    """Apply ``policy`` to one system's uploads (this machine's by default)."""
+    """Apply ``policy`` to one system's uploads (this machine's by default), or forget
+    exactly ``upload_ids``."""
     _check_request(config, system_id)
-    apply_policy([], policy)  # an empty or invalid policy raises here, before any I/O
+    if upload_ids:
+        if not policy.empty:
+            raise ValueError("give upload ids or a --keep-* policy, not both")
+        for uid in upload_ids:
+            if problem := upload_id_problem(uid):
+                raise ValueError(problem)
+    else:
+        apply_policy([], policy)  # an empty or invalid policy raises here, before any I/O
     store = make_store(config)
     sid = system_id or config.system_id_resolved
     return await _run(
         config,
         "forgetting uploads",
-        lambda: forget(store, sid, policy, dry_run=dry_run, progress=progress),
+        lambda: forget(store, sid, policy, dry_run=dry_run, progress=progress,
+                       upload_ids=upload_ids),
     )
 
 

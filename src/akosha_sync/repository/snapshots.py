@@ -79,14 +79,17 @@ class Upload(msgspec.Struct, kw_only=True):
 
     @property
     def time(self) -> datetime:
+        """When its sync started, just before reading the databases (the id's time), as
+        restic dates a snapshot: what ``restore --at``, ``snapshots`` and retention use.
+        The commit came seconds or, over a slow link, minutes later (``uploaded_at``)."""
+        from_id = _time_from_id(self.upload_id)  # the time the sync claimed it at
+        if from_id is not None:
+            return from_id
         if self.manifest is not None:
             try:
                 return parse_time(self.manifest.uploaded_at)
             except ValueError:
                 pass
-        from_id = _time_from_id(self.upload_id)  # the time the sync claimed it at
-        if from_id is not None:
-            return from_id
         if self.objects:
             return min(o.last_modified for o in self.objects.values()).astimezone(UTC)
         return datetime.fromtimestamp(0, UTC)
@@ -121,6 +124,7 @@ class UploadInfo(msgspec.Struct, kw_only=True):
     last_verification: dict[str, Any] | None = None
     # Databases unreadable when it was made, held at an earlier upload's version.
     carried_over: dict[str, str] = msgspec.field(default_factory=dict)
+    committed_at: str | None = None  # the manifest's uploaded_at; ``time`` is the start
 
 
 FORGOTTEN = "forgotten"  # how the problem of a forgotten upload's folder begins
@@ -232,6 +236,7 @@ def summarize(upload: Upload, record: CheckRecord | None = None) -> UploadInfo:
             {"level": last[0], **msgspec.to_builtins(last[1])} if last else None
         ),
         carried_over=carried_over_from(manifest) if manifest else {},
+        committed_at=manifest.uploaded_at if manifest else None,
     )
 
 

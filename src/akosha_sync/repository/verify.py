@@ -35,6 +35,7 @@ import obstore
 
 from akosha_sync.config import AkoshaSyncConfig
 from akosha_sync.repository.checks import LevelResult, read_records, write_record
+from akosha_sync.repository.damaged import record_damaged
 from akosha_sync.repository.format import LAYOUT_BLOCKS, Index, decode_index, packs_prefix
 from akosha_sync.repository.manifest import MANIFEST_NAME, MEMORIES_NAME
 from akosha_sync.repository.packs import PieceError, extract_piece
@@ -201,7 +202,7 @@ async def _check_structure(
 async def _read_data(
     store: ObjectStore, upload: Upload, index: Index | None, check: UploadCheck,
     subset: Subset, rng: random.Random, done: set[str],
-    seen: dict[str, set[tuple[int, str]]],
+    seen: dict[str, set[tuple[int, str]]], damaged: set[str],
 ) -> None:
     manifest = upload.manifest
     assert manifest is not None
@@ -227,13 +228,16 @@ async def _read_data(
                 continue
             check.bytes_read += len(data)
             if hashlib.sha256(data).hexdigest() != pid:
-                check.problem(ref.key, "the pack's SHA-256 is not its id: the pack is damaged")
+                check.problem(ref.key, "the pack's SHA-256 is not its id: the pack is "
+                                       f"damaged. {_DAMAGED_ADVICE}")
+                damaged.add(ref.key)
             for name, number in uses:
                 piece = index.files[name].pieces[number]
                 try:
                     extract_piece(data, piece, where=ref.key)
                 except PieceError as exc:
                     check.problem(ref.key, f"{name} piece {number}: {exc}")
+                    damaged.add(ref.key)
                 check.pieces_read += 1
             if len(check.problems) == before:  # a damaged pack is reported for every user
                 seen.setdefault(pid, set()).update(wanted)
@@ -249,7 +253,9 @@ async def _read_data(
         check.bytes_read += len(data)
         check.pieces_read += 1
         if hashlib.sha256(data).hexdigest() != detail.stored_sha256:
-            check.problem(detail.key, f"{name}: the stored bytes do not match their SHA-256")
+            check.problem(detail.key, f"{name}: the stored bytes do not match their SHA-256. "
+                                      f"{_DAMAGED_ADVICE}")
+            damaged.add(detail.key)
             continue
         if detail.compression:
             import zstandard
@@ -260,9 +266,11 @@ async def _read_data(
                 )
             except zstandard.ZstdError as exc:
                 check.problem(detail.key, f"{name} does not decompress: {exc}")
+                damaged.add(detail.key)
                 continue
         if hashlib.sha256(data).hexdigest() != detail.sha256:
             check.problem(detail.key, f"{name}: the content does not match its SHA-256")
+            damaged.add(detail.key)
             continue
         done.add(detail.key)  # sound: later uploads reusing it need not read it again
 
@@ -321,6 +329,13 @@ async def _open(
                     )
 
 
+_DAMAGED_ADVICE = (
+    "The next sync stores what it holds again from the databases on disk (it reuses no "
+    "damaged object); the uploads that need it cannot be restored: `akosha-sync forget "
+    "UPLOAD_ID` them, then `akosha-sync prune`"
+)
+
+
 async def verify(
     store: ObjectStore,
     config: AkoshaSyncConfig,
@@ -358,6 +373,7 @@ async def verify(
     rng = random.Random()  # a sample, not a secret
     done: set[str] = set()  # whole objects read in this run
     seen: dict[str, set[tuple[int, str]]] = {}  # pack id -> pieces read in this run
+    damaged: set[str] = set()  # objects whose bytes are not what their uploads recorded
     levels = ["structure"] + (["read-data"] if subset else []) + (
         ["open"] if open_databases else [])
     checks: list[UploadCheck] = []
@@ -375,13 +391,15 @@ async def verify(
             continue
         index = await _check_structure(store, upload, sizes, check)
         if subset is not None:
-            await _read_data(store, upload, index, check, subset, rng, done, seen)
+            await _read_data(store, upload, index, check, subset, rng, done, seen, damaged)
         if open_databases and check.ok:
             await _open(store, config, upload, check, progress)
         elif open_databases:
             check.notes.append("not opened: the structure or data checks failed")
     if progress:
         progress("verify", len(chosen), len(chosen))
+    if damaged:  # later syncs store those pieces again instead of pointing at them
+        await record_damaged(store, system_id, damaged, set(sizes))
     at = clock().isoformat().replace("+00:00", "Z")
     records = await read_records(store, system_id)
     for check in checks:

@@ -51,6 +51,8 @@ _IN_TOOL_TERMS = [
      "akosha_list_snapshots(all_systems=true)"),
     (re.compile(r"`akosha-sync snapshots`"), "akosha_list_snapshots"),
     (re.compile(r"`akosha-sync verify --all`"), "akosha_verify(all_uploads=true)"),
+    (re.compile(r"`akosha-sync forget UPLOAD_ID[ .]*`"), "akosha_forget(upload_ids=[...])"),
+    (re.compile(r"`akosha-sync prune`"), "akosha_prune"),
     (re.compile(r"verify --open"), 'akosha_verify(level="open")'),
     (re.compile(r"--system ID"), "system_id"),
     (re.compile(r"--system ([\w-]+)"), r"system_id=\1"),
@@ -200,12 +202,14 @@ def add_repository_tools(server: MCPServer, config: AkoshaSyncConfig) -> None:
         keep_within: str = "",
         system_id: str | None = None,
         dry_run: bool = True,
+        upload_ids: list[str] | None = None,
     ) -> dict[str, Any]:
         """Apply a retention policy (restic's forget): returns each upload's decision and
         its reasons. Deletes only with dry_run=false (manifests and the upload's small
         objects; shared data goes at the next prune). The newest upload and the newest
         that passed verify "open" are always kept; an empty policy is refused.
         keep_within: e.g. "30d", "12h", "1y6m", counted from the newest upload.
+        upload_ids: instead of a policy, forget exactly these uploads (damaged ones).
         """
         from akosha_sync.repository.retention import Policy
         from akosha_sync.repository.service import forget_uploads
@@ -218,7 +222,8 @@ def add_repository_tools(server: MCPServer, config: AkoshaSyncConfig) -> None:
 
         async def work(progress: Progress) -> Any:
             return await forget_uploads(config, policy, system_id=system_id,
-                                        dry_run=dry_run, progress=progress)
+                                        dry_run=dry_run, progress=progress,
+                                        upload_ids=upload_ids)
 
         try:
             report = await with_progress(ctx, work)

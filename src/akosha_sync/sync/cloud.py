@@ -49,6 +49,7 @@ from obstore.exceptions import AlreadyExistsError
 from akosha_sync import __version__
 from akosha_sync.config import AkoshaSyncConfig
 from akosha_sync.repository import multipart
+from akosha_sync.repository.damaged import read_damaged
 from akosha_sync.repository.format import LAYOUT_BLOCKS, LAYOUT_FILES
 from akosha_sync.repository.manifest import (
     COMPRESSION_FORMAT,
@@ -126,7 +127,8 @@ class CloudSyncMethod:
         self._clock = clock or (lambda: datetime.now(UTC))
         self._store: ObjectStore | None = None
         self._upload: Upload | None = None  # the sync in progress, for its error message
-        # What a running prune condemned (repository.prune): reused by no upload.
+        # What a running prune condemned (repository.prune) and what verify found
+        # damaged (repository.damaged): reused by no upload.
         self.condemned: frozenset[str] = frozenset()
 
     # ------------------------------------------------------------- protocol
@@ -232,6 +234,9 @@ class CloudSyncMethod:
             self.condemned = await with_retries(
                 lambda: read_condemned(self.store, sid), config=config,
                 what="reading the prune plan",
+            ) | await with_retries(  # and what verify found damaged: stored again instead
+                lambda: read_damaged(self.store, sid), config=config,
+                what="reading the list of damaged objects",
             )
             if state is None and config.enable_deduplication:
                 state = await self._remote_reference(sid, tid)
