@@ -652,11 +652,11 @@ def test_forget_prune_files_layout_keeps_objects_later_uploads_reuse(
     infos = anyio.run(lambda: snapshots(config))
     assert [(i.upload_id, i.complete) for i in infos] == [
         (first["upload_id"], False), (second["upload_id"], True)]
-    assert infos[0].problem == ("forgotten; it holds only files that later uploads reuse, "
-                                "kept while they need them")
+    assert infos[0].problem == ("leftover of a forgotten upload; it holds only files that "
+                                "later uploads reuse, kept while they need them")
     listed = _cli(write_toml(config, tmp_path / "c.toml"), "snapshots").stdout
     row = next(line for line in listed.splitlines() if line.startswith(first["upload_id"]))
-    assert "forgotten; it holds only files" in row and "INCOMPLETE" not in row, listed
+    assert "leftover of a forgotten upload" in row and "INCOMPLETE" not in row, listed
 
 
 def test_forget_never_removes_the_newest_upload_that_passed_verify_open(

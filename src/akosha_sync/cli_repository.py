@@ -114,7 +114,7 @@ def _exit_now(code: int) -> None:
 
 async def _cmd_snapshots(config: Any, args: argparse.Namespace) -> int:
     from akosha_sync.repository.service import snapshots
-    from akosha_sync.repository.snapshots import FORGOTTEN
+    from akosha_sync.repository.snapshots import LEFTOVER
 
     infos = await snapshots(config, system_id=args.system, all_systems=args.all_systems)
     if args.json:
@@ -132,7 +132,7 @@ async def _cmd_snapshots(config: Any, args: argparse.Namespace) -> int:
             if check else "never verified"
         )
         problem = info.problem or ""
-        state = ("complete" if info.complete else problem if problem.startswith(FORGOTTEN)
+        state = ("complete" if info.complete else problem if problem.startswith(LEFTOVER)
                  else f"INCOMPLETE ({problem})")
         databases = sorted(n for n in info.carried_over if not n.endswith(".wal"))
         if databases:  # the sync could not read them: an earlier version is inside

@@ -35,7 +35,7 @@ if TYPE_CHECKING:
     from obstore.store import ObjectStore
 
 __all__ = [
-    "FORGOTTEN",
+    "LEFTOVER",
     "StoredObject",
     "Upload",
     "UploadInfo",
@@ -127,7 +127,7 @@ class UploadInfo(msgspec.Struct, kw_only=True):
     committed_at: str | None = None  # the manifest's uploaded_at; ``time`` is the start
 
 
-FORGOTTEN = "forgotten"  # how the problem of a forgotten upload's folder begins
+LEFTOVER = "leftover"  # how the problem of a folder no upload owns begins
 
 
 def parse_time(text: str) -> datetime:
@@ -172,7 +172,8 @@ async def scan_uploads(store: ObjectStore, system_id: str) -> list[Upload]:
             upload.problem = (
                 "no manifest.json: a sync still running, or one that died before committing"
                 if CLAIM_NAME in objects
-                else f"{FORGOTTEN} (no manifest.json and no claim); prune removes what is left"
+                else f"{LEFTOVER} (no manifest.json and no claim: a forgotten upload, or the "
+                "late write of a stopped sync); prune removes it"
             )
         else:
             try:
@@ -190,8 +191,8 @@ async def scan_uploads(store: ObjectStore, system_id: str) -> list[Upload]:
     for upload in uploads:
         keys = {o.key for o in upload.objects.values()}
         if upload.manifest is None and CLAIM_NAME not in upload.objects and keys <= reused:
-            upload.problem = (f"{FORGOTTEN}; it holds only files that later uploads reuse, "
-                              "kept while they need them")
+            upload.problem = (f"{LEFTOVER} of a forgotten upload; it holds only files that "
+                              "later uploads reuse, kept while they need them")
     # Upload ids are claim times (YYYYMMDD_HHMMSS_...), in order: a manifest's
     # uploaded_at and an incomplete folder's LastModified are not comparable.
     return uploads
