@@ -117,7 +117,7 @@ def test_a_failed_sync_states_its_error_once_on_stderr(
         env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path / "home")},
     )
     assert out.returncode == 1, out.stdout + out.stderr
-    assert out.stdout.startswith("  [FAILED] "), out.stdout
+    assert out.stdout.startswith("  [FAILED] cloud sync in "), out.stdout  # not "hybrid"
     # stdout: what each method met; stderr: the error. No third copy.
     assert "\n    error:" not in out.stdout, out.stdout
     assert out.stdout.count("could not connect") == 1, out.stdout
@@ -183,3 +183,24 @@ def test_the_process_ends_even_when_a_worker_thread_is_left_waiting() -> None:
     out = subprocess.run([sys.executable, "-c", left_behind], capture_output=True, text=True,
                          timeout=30, check=False)
     assert out.returncode == 7, out.stderr
+
+
+def test_a_log_file_that_cannot_be_written_is_said_once_and_the_sync_goes_on(
+    tmp_path: Path,
+) -> None:
+    from akosha_sync.sample import create_sample_databases
+
+    create_sample_databases(tmp_path / "data")
+    toml = tmp_path / "c.toml"
+    toml.write_text(
+        f'cloud_bucket = "bucket"\ncloud_endpoint = "file://{tmp_path / "store"}"\n'
+        f'data_dir = "{tmp_path / "data"}"\nstate_dir = "{tmp_path / "state"}"\n'
+        'log_file = "/proc/no-such-folder/akosha-sync.log"\nsystem_id = "logless"\n'
+        'force_method = "cloud"\n'
+    )
+    out = subprocess.run([_EXE, "--config", str(toml), "sync"], capture_output=True,
+                         text=True, timeout=120, check=False,
+                         env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path / "home")})
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert out.stderr.count("cannot write the log file /proc/no-such-folder/") == 1, out.stderr
+    assert "{'" not in out.stderr + out.stdout  # no raw event dicts from logging's last resort

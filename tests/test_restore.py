@@ -474,6 +474,10 @@ def test_arguments_that_name_nothing_or_two_things_are_refused_by_name(
         (["..", "--to", target], 1, "'..' is not an upload id"),
         (["20261125_120000_test-host", "--at", "2026-11-25T12:00", "--to", target], 1,
          "give one"),
+        (["--at", "9999-12-31T23:59:59-05:00", "--to", target], 2, "is not an ISO time"),
+        # Another machine's id: the error says which --system it names.
+        (["20261125_120000_old-laptop.2", "--to", target], 1,
+         "Its id names system 'old-laptop': restore it with --system old-laptop."),
     ]
     for args, code, said in cases:
         out = _cli(toml, *args)

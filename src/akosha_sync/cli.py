@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
                    "half-written: `akosha-sync snapshots` lists the whole ones"
                    if getattr(args, "command", None) == "sync" else "")
         print(f"akosha-sync: interrupted{outcome}.", file=sys.stderr)
-        return 130
+        return 143 if _TERMINATED else 130
     except BrokenPipeError:
         return _stdout_closed()
 
@@ -138,9 +138,14 @@ def _interrupt_on_sigterm() -> None:
     import signal
 
     def interrupt(signum: int, frame: object) -> None:
+        global _TERMINATED
+        _TERMINATED = True
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, interrupt)
+
+
+_TERMINATED = False  # the KeyboardInterrupt came from SIGTERM: exit 143, as shells expect
 
 
 def _stdout_closed() -> int:
@@ -265,7 +270,11 @@ def _parse_time(text: str) -> Any:
     from datetime import UTC, datetime
 
     moment = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
-    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+    moment = moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+    try:
+        return moment.astimezone(UTC)  # 9999-12-31T23:59-05:00 is past the calendar's end
+    except OverflowError as exc:
+        raise ValueError(str(exc)) from exc
 
 
 def _cmd_restore(args: argparse.Namespace) -> int:

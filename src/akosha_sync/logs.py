@@ -70,8 +70,16 @@ def configure_logging(
         file_handler.setLevel(logging.DEBUG)
         file_handler._akosha_sync = True  # type: ignore[attr-defined]
         root.addHandler(file_handler)
-    except OSError:
+    except OSError as exc:
         file_in_use = None
+        # Said once, here: every later "see the log" would otherwise point at nothing.
+        print(f"akosha-sync: cannot write the log file {path} ({exc.strerror or exc}); "
+              "going on without it. Set log_file to a path this user can write.",
+              file=sys.stderr)
+        if stderr_level is None:  # else logging's last resort prints raw event dicts
+            quiet: logging.Handler = logging.NullHandler()
+            quiet._akosha_sync = True  # type: ignore[attr-defined]
+            root.addHandler(quiet)
 
     if stderr_level is not None:
         stderr = logging.StreamHandler(sys.stderr)

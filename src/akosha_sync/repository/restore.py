@@ -236,10 +236,13 @@ async def find_upload(
                 raise RestoreError(f"the index {manifest.index} is damaged: {exc}") from exc
         return manifest, index
     if upload_id and upload_id != "latest":
+        named = upload_id[16:].rsplit(".", 1)[0] if upload_time(upload_id) else ""
+        elsewhere = (f" Its id names system {named!r}: restore it with --system {named}."
+                     if named and named != system_id else "")
         raise RestoreError(
             f"upload {upload_id} of system {system_id!r} has no manifest in the bucket "
             "(it does not exist or never finished); `akosha-sync snapshots --system "
-            f"{system_id}` lists the ones that can be restored."
+            f"{system_id}` lists the ones that can be restored.{elsewhere}"
         )
     raise RestoreError(f"no committed upload of system {system_id!r} in the bucket.")
 

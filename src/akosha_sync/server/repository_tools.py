@@ -94,6 +94,8 @@ def add_repository_tools(server: MCPServer, config: AkoshaSyncConfig) -> None:
 
         if all_systems and system_id:
             raise ToolError("give system_id or all_systems, not both")
+        if limit is not None and limit < 0:
+            raise ToolError(f"limit is {limit}; give a count of 0 or more, or null for all")
         try:
             infos = await snapshots(config, system_id=system_id, all_systems=all_systems,
                                     limit=limit)
@@ -277,9 +279,10 @@ def _parse_at(at: str | None) -> datetime | None:
         return None
     try:
         moment = datetime.fromisoformat(at.replace("Z", "+00:00"))
-    except ValueError as exc:
-        raise ValueError(f"at {at!r} is not an ISO 8601 time like 2026-06-01T12:00:00Z") from exc
-    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+        return (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).astimezone(UTC)
+    except (ValueError, OverflowError) as exc:
+        raise ValueError(f"at {at!r} is not an ISO 8601 time like 2026-06-01T12:00:00Z, "
+                         "within the years 1 to 9999") from exc
 
 
 def _target(config: AkoshaSyncConfig, to: str | None) -> Path:

@@ -68,8 +68,12 @@ async def run_sync(
                 deadline=deadline,
             )
     except (SyncError, ValueError) as exc:
+        asked = method or config.force_method
         result = SyncResult(
-            method=getattr(exc, "method", "") or (method or config.force_method),
+            # Every method failed: name what was asked for (cloud, http, auto), not the
+            # "hybrid" orchestrator; one method that failed on its own names itself.
+            method=asked if isinstance(exc, HybridSyncError) else (
+                getattr(exc, "method", "") or asked),
             success=False,
             duration_seconds=round(time.monotonic() - started, 3),
             error=str(exc),
