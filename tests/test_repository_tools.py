@@ -249,3 +249,25 @@ def test_library_messages_are_put_in_the_tools_terms() -> None:
         "restore one with system_id (e.g. system_id=laptop).")
     assert in_tool_terms("pick an earlier one (`akosha-sync verify --all` shows which)") == (
         "pick an earlier one (akosha_verify(all_uploads=true) shows which)")
+
+
+@pytest.mark.anyio
+async def test_a_restore_whose_plan_changed_is_offered_again_not_done(
+    s3_config: MakeConfig, sample: SampleInfo, tmp_path: Path,
+) -> None:
+    daemon = SyncDaemon(s3_config())
+    target = str(tmp_path / "restored")
+    async with daemon.running(), Client(build_mcp_server(daemon)) as client:
+        await _call(client, "sync_to_akosha", {})
+        first = await _call(client, "akosha_restore", {"to": target})
+        add_conversations(sample.data_dir, 2, seed=5, checkpoint=True)
+        newer = await _call(client, "sync_to_akosha", {})
+        again = await _call(client, "akosha_restore",
+                            {"to": target, "confirm_token": first["confirm_token"]})
+        assert again["confirmed"] is False and "plan changed" in again["plan_changed"]
+        assert again["plan"]["upload_id"] == newer["upload_id"] != first["plan"]["upload_id"]
+        assert not (tmp_path / "restored").exists()  # nothing was restored
+        done = await _call(client, "akosha_restore",
+                           {"to": target, "confirm_token": again["confirm_token"]})
+        assert done["confirmed"] is True and done["result"]["upload_id"] == newer["upload_id"]
+    assert _sha(tmp_path / "restored" / "reflection.duckdb") == _sha(sample.reflection_path)

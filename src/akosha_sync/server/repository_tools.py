@@ -160,13 +160,17 @@ def add_repository_tools(server: MCPServer, config: AkoshaSyncConfig) -> None:
         for token, (expires, _, _) in list(pending.items()):
             if expires < now:
                 pending.pop(token)
-        if confirm_token is None:
+
+        def offer(**extra: Any) -> dict[str, Any]:
             token = secrets.token_urlsafe(16)
             pending[token] = (now + TOKEN_TTL, args, _plan_identity(plan))
-            return {"confirmed": False, "plan": plan, "confirm_token": token,
+            return {"confirmed": False, **extra, "plan": plan, "confirm_token": token,
                     "expires_in_seconds": int(TOKEN_TTL),
                     "next": "call akosha_restore again with the same arguments and "
                             "confirm_token to restore"}
+
+        if confirm_token is None:
+            return offer()
         held = pending.pop(confirm_token, None)
         if held is None or held[1] != args:
             raise ToolError(
@@ -174,10 +178,10 @@ def add_repository_tools(server: MCPServer, config: AkoshaSyncConfig) -> None:
                 "call akosha_restore without it to get a fresh plan and token."
             )
         if held[2] != _plan_identity(plan):
-            raise ToolError(
-                "the plan changed since the token was issued (a newer upload, or the target "
-                "folder changed); nothing was restored. Review the new plan and confirm it."
-            )
+            # Nothing restored; the new plan comes with its own token, to review first.
+            return offer(plan_changed="the plan changed since the token was issued (a "
+                         "newer upload, or the target folder changed); nothing was "
+                         "restored. This is the new plan, with a new token.")
         if plan["problems"]:
             raise ToolError("; ".join(plan["problems"]))
 
