@@ -27,6 +27,8 @@ from akosha_sync.repository.restore import restore
 from akosha_sync.repository.store import make_store
 from akosha_sync.sample import SampleInfo, add_conversations, grow_to_size
 from akosha_sync.sync.cloud import CloudSyncMethod
+from akosha_sync.sync.protocol import CloudUploadError
+from support import faults
 from support.verify import get_object
 
 MakeConfig = Callable[..., AkoshaSyncConfig]
@@ -426,3 +428,27 @@ def test_a_wal_too_large_to_replay_under_the_cap_opens_under_a_raised_one(
     with source.open_locked(path, tmp_path / "tmp") as held:
         before = sample.row_counts.get("conversations_v2", sample.row_counts.get("conversations"))
         assert before is not None and held.conversation_count == before + 3000
+
+
+def test_a_failed_sync_never_deletes_a_pack_that_was_there_before_it(
+    s3_config: MakeConfig, minio_client: Minio, s3_bucket: str, sample: SampleInfo,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Packs are named by their bytes: a sync that stores pieces again (deduplication
+    off, or a pack it may not reuse) can write a pack identical to one that committed
+    uploads use. Its clean-up after a failure deleted that pack with its own."""
+    from akosha_sync.sync import blocks
+
+    _sync(s3_config(export_memories=False))
+    before = {k for k in faults.objects(minio_client, s3_bucket) if k.endswith(".pack")}
+
+    def fail(index: Any) -> bytes:  # the fault, at the seam: after every pack is stored
+        raise CloudUploadError("injected: the index could not be written")
+
+    monkeypatch.setattr(blocks, "encode_index", fail)
+    with pytest.raises(CloudUploadError, match="injected"):
+        anyio.run(CloudSyncMethod(s3_config(export_memories=False,
+                                            enable_deduplication=False)).sync)
+    after = {k for k in faults.objects(minio_client, s3_bucket) if k.endswith(".pack")}
+    assert before <= after, f"deleted: {sorted(before - after)}"
+    assert faults.restore_problems(minio_client, s3_bucket) == []

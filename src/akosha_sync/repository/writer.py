@@ -104,6 +104,7 @@ class RepositoryWriter:
         known_packs: dict[str, PackRef],
         compress: bool = True,
         on_written: Callable[[str], None] | None = None,
+        existing: frozenset[str] = frozenset(),
     ) -> None:
         self.store = store
         self.config = config
@@ -113,6 +114,9 @@ class RepositoryWriter:
         self._packs = dict(known_packs)
         self._builder = PackBuilder(compress=compress)
         self._on_written = on_written or (lambda key: None)
+        # Packs in the bucket when the sync began (ids): never reported as written, so a
+        # failed sync's clean-up cannot delete one that committed uploads use.
+        self._existing = existing
         # Pieces of this upload whose pack is still open (their location is not final).
         # add_file calls run one at a time, so one scanning thread touches these.
         self._open: set[str] = set()
@@ -148,7 +152,10 @@ class RepositoryWriter:
         key = pack_key(self.system_id, pack.pack_id)
 
         async def put() -> None:
-            self._on_written(key)
+            # Packs are named by their bytes: storing pieces again (deduplication off, a
+            # pack that may not be reused) can rewrite a pack that was already there.
+            if pack.pack_id not in self._existing:
+                self._on_written(key)
             await obstore.put_async(self.store, key, pack.data, use_multipart=False)
             meta = await obstore.head_async(self.store, key)
             if int(meta["size"]) != len(pack.data):

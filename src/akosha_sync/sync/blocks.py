@@ -104,14 +104,14 @@ async def sync_blocks(
     config = method.config
     sid = config.system_id_resolved
     previous, previous_index = await _previous_upload(method, state)
+    listed = await list_packs(method.store, config, sid)
     known, known_packs = reusable_pieces(
-        previous_index,
-        condemned_pack_ids(method.condemned, await list_packs(method.store, config, sid)),
+        previous_index, condemned_pack_ids(method.condemned, listed)
     )
     writer = RepositoryWriter(
         method.store, config, system_id=sid, upload_id=upload.upload_id, known=known,
         known_packs=known_packs, compress=config.enable_compression,
-        on_written=upload.written.append,
+        on_written=upload.written.append, existing=frozenset(listed),
     )
     async with writer.running():
         for name, path in wanted:
