@@ -303,7 +303,8 @@ async def _open(
                 upload_id=upload.upload_id, progress=progress,
             )
         except RestoreError as exc:
-            check.problem(manifest.index or upload.upload_id, f"restore failed: {exc}")
+            # The error names the object at fault (a pack, most often), not the index.
+            check.problem("restore into a temporary folder", f"failed: {exc}")
             return
         for name, detail in manifest.file_details.items():
             if not name.endswith(".duckdb"):
