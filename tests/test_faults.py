@@ -354,7 +354,8 @@ def test_a_session_end_whose_sync_fails_stays_queued_and_lands_when_the_store_is
                 shown = (await anyio.run_process(
                     [EXE, "--config", str(write_toml(config, tmp_path / "c.toml")), "status"],
                     check=False)).stdout.decode()
-            assert "queued:           1 sync request(s) waiting; 1 failed and retry at" in shown
+            assert ("queued:           1 sync request(s) not yet served; 1 failed and retry "
+                    "at") in shown and "`akosha-sync drain` runs them now" in shown
             assert "cloud_endpoint" in shown, shown
             proxy.accept()  # back online: the retry lands without a new trigger
             await poll(lambda: daemon.queue.state_of(request_id).status == "done",
@@ -577,3 +578,26 @@ def test_a_database_that_is_not_duckdb_is_refused_and_nothing_is_written(
     assert "reflection.duckdb" in result["error"] and "knowledge_graph.duckdb" in result["error"]
     assert objects(minio_client, s3_bucket) == [], "something was left in the bucket"
     assert manifests(minio_client, s3_bucket) == []
+
+
+def test_drain_runs_a_failed_session_end_now_instead_of_waiting_for_its_retry(
+    via_proxy: MakeConfig, proxy: FaultProxy, minio_client: Minio, s3_bucket: str,
+    tmp_path: Path,
+) -> None:
+    """`akosha-sync drain` is someone asking to run the queue: it ran nothing, silently,
+    while a failed session end waited 30 s (then minutes) for its retry."""
+    config = via_proxy(akosha_url=f"http://127.0.0.1:{pick_free_port()}/mcp", max_retries=0)
+    toml = write_toml(config, tmp_path / "c.toml")
+    request_id = JobQueue(config.state_path).enqueue("session-end")
+    proxy.refuse()
+    first = subprocess.run([EXE, "--config", str(toml), "drain"], capture_output=True,
+                           text=True, timeout=120, check=False)
+    assert first.returncode == 1, first.stderr  # the sync failed: the request waits
+    waiting = JobQueue(config.state_path).pending()
+    assert [q["id"] for q in waiting] == [request_id] and waiting[0]["failed_attempts"] == 1
+    proxy.accept()
+    second = subprocess.run([EXE, "--config", str(toml), "drain"], capture_output=True,
+                            text=True, timeout=120, check=False)
+    assert second.returncode == 0, second.stderr
+    assert JobQueue(config.state_path).state_of(request_id).status == "done"
+    assert manifests(minio_client, s3_bucket) and not restore_problems(minio_client, s3_bucket)

@@ -61,8 +61,12 @@ def test_a_live_owners_requests_are_never_taken_a_dead_ones_are(tmp_path: Path) 
         assert queue.claim_pending() == []
         assert {queue.state_of(i).status for i in claimed} == {"running"}
         assert {queue.state_of(i).owner for i in claimed} == {owner}
-    # It exited (and was reaped) without finishing: its requests are recoverable.
+        assert [(q["running"], q["interrupted"]) for q in queue.pending()] == [
+            (True, False), (True, False)]
+    # It exited (and was reaped) without finishing: its requests are recoverable,
+    # and status shows them as interrupted (they were shown as nothing at all).
     assert not owner_alive(owner)
+    assert [q.get("interrupted") for q in queue.pending()] == [True, True]
     assert [r.id for r in queue.claim_pending()] == [first, second]
     assert queue.state_of(first).owner == process_owner()
 
@@ -143,6 +147,14 @@ def test_a_failed_session_end_waits_to_retry_and_a_waited_for_request_is_done(
     # Not due: nothing is claimed, the idle worker is told how long to wait.
     assert queue.pending_count() == 0 and queue.claim_pending() == []
     assert 3590 < (queue.seconds_to_next_retry() or 0) <= 3600
+    # Asked to run the queue now (drain), it is claimed all the same; put back here.
+    assert [r.id for r in queue.claim_pending(even_if_not_due=True)] == [session]
+    con = sqlite3.connect(tmp_path / QUEUE_FILE)
+    try:
+        with con:
+            con.execute("UPDATE requests SET status = 'pending' WHERE id = ?", (session,))
+    finally:
+        con.close()
     # A new request is due at once and takes the waiting one along into its sync.
     fresh = queue.enqueue("manual")
     assert [r.id for r in queue.claim_pending()] == [session, fresh]

@@ -496,11 +496,17 @@ def _describe_status(status: dict[str, Any]) -> str:
     if isinstance(queued, str):
         lines.append(f"queued:           {queued}")
     elif queued:
-        failed = [q for q in queued if q.get("failed_attempts")]
-        lines.append(f"queued:           {len(queued)} sync request(s) waiting"
+        failed = [q for q in queued if q.get("failed_attempts") and not q.get("running")]
+        cut = [q for q in queued if q.get("interrupted")]
+        running = [q for q in queued if q.get("running") and not q.get("interrupted")]
+        lines.append(f"queued:           {len(queued)} sync request(s) not yet served"
+                     + (f"; {len(running)} running now" if running else "")
+                     + (f"; {len(cut)} interrupted (the process running them died; the "
+                        "next daemon or `akosha-sync drain` runs them)" if cut else "")
                      + (f"; {len(failed)} failed and retry at {failed[0]['retry_at']} "
                         f"(attempt {failed[0]['failed_attempts'] + 1}; last error: "
-                        f"{failed[0]['last_error']})" if failed else ""))
+                        f"{failed[0]['last_error']}; `akosha-sync drain` runs them now)"
+                        if failed else ""))
     if "daemon" in status:
         daemon = status["daemon"]
         lines.append(f"daemon:           {daemon['url']} (pid {daemon['pid']})" if daemon else

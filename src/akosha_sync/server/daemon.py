@@ -263,9 +263,10 @@ class SyncDaemon:
         self._wake = anyio.Event()
         return (await self._serve_claimed())[1]
 
-    async def _serve_claimed(self) -> tuple[int, int]:
+    async def _serve_claimed(self, *, even_if_not_due: bool = False) -> tuple[int, int]:
         """Claim everything pending, one sync per (method, fallback): (requests, failures)."""
-        requests = await anyio.to_thread.run_sync(self.queue.claim_pending)
+        requests = await anyio.to_thread.run_sync(
+            lambda: self.queue.claim_pending(even_if_not_due=even_if_not_due))
         groups: dict[tuple[str, bool | None], list[Request]] = {}
         for request in requests:
             groups.setdefault((request.method, request.enable_fallback), []).append(request)
@@ -277,12 +278,16 @@ class SyncDaemon:
     async def drain(self) -> int:
         """Serve every pending request once, then return (``akosha-sync drain``).
 
+        Asked to run the queue, it runs it now: failed session ends waiting for their
+        retry are tried at once (only once: those that fail again wait as before).
         Returns the number of failed syncs.
         """
         self._loop_thread = threading.get_ident()
         failures = 0
+        first = True
         while True:
-            served, failed = await self._serve_claimed()
+            served, failed = await self._serve_claimed(even_if_not_due=first)
+            first = False
             if not served:
                 return failures
             failures += failed

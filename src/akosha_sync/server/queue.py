@@ -268,17 +268,18 @@ class JobQueue:
             )
             return int(cur.lastrowid or 0)
 
-    def claim_pending(self) -> list[Request]:
+    def claim_pending(self, *, even_if_not_due: bool = False) -> list[Request]:
         """Mark every pending request running (for this process) and return them.
 
-        Nothing is claimed until at least one request is due (its ``retry_at`` passed);
-        then every pending one is, since one sync serves them all. Requests a dead
-        process had claimed count as pending; a live owner's stay its own.
+        Nothing is claimed until at least one request is due (its ``retry_at`` passed),
+        unless ``even_if_not_due`` (someone asked to run the queue now); then every
+        pending one is, since one sync serves them all. Requests a dead process had
+        claimed count as pending; a live owner's stay its own.
         """
         with self._connect() as con:
             con.execute("BEGIN IMMEDIATE")
             _recover_dead(con)
-            due = con.execute(
+            due = even_if_not_due or con.execute(
                 "SELECT count(*) FROM requests WHERE status = 'pending' AND retry_at <= ?",
                 (time.time(),),
             ).fetchone()[0]
@@ -422,17 +423,23 @@ class JobQueue:
         return None if row[0] is None else max(0.0, float(row[0]) - time.time())
 
     def pending(self) -> list[dict[str, Any]]:
-        """Up to 50 pending requests; a failed one says how often and when it retries."""
+        """Up to 50 requests not yet served: pending ones (a failed one says how often
+        and when it retries) and running ones (``interrupted`` when the process that
+        ran them died: the next daemon or drain runs them again)."""
         with self._connect() as con:
             rows = con.execute(
                 "SELECT r.id, r.trigger, r.method, r.received_at, r.attempts, r.retry_at, "
-                "h.error FROM requests r LEFT JOIN history h ON h.id = r.history_id "
-                "WHERE r.status = 'pending' ORDER BY r.id LIMIT 50"
+                "h.error, r.status, r.claimed_by FROM requests r "
+                "LEFT JOIN history h ON h.id = r.history_id "
+                "WHERE r.status IN ('pending', 'running') ORDER BY r.id LIMIT 50"
             ).fetchall()
         out: list[dict[str, Any]] = []
         for r in rows:
             item: dict[str, Any] = {
                 "id": r[0], "trigger": r[1], "method": r[2], "received_at": _iso(r[3])}
+            if r[7] == "running":
+                item["running"] = True
+                item["interrupted"] = not owner_alive(r[8])
             if r[4]:
                 item.update(failed_attempts=r[4], retry_at=_iso(r[5]), last_error=r[6])
             out.append(item)
