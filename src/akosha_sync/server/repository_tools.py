@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 import secrets
 import time
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -74,6 +75,16 @@ def _fail(exc: Exception) -> ToolError:
     return ToolError(in_tool_terms(str(exc)))
 
 
+async def _reported(ctx: Context, work: Callable[[Progress], Awaitable[Any]]) -> Any:
+    """Run a tool's ``work`` with progress; its result as builtins, a failure as the
+    tool's error (in the tools' terms)."""
+    try:
+        result = await with_progress(ctx, work)
+    except Exception as exc:
+        raise _fail(exc) from exc
+    return msgspec.to_builtins(result)
+
+
 def add_repository_tools(server: MCPServer, config: AkoshaSyncConfig) -> None:
     """Register the repository tools on ``server``."""
     pending: dict[str, tuple[float, dict[str, Any], dict[str, Any]]] = {}
@@ -127,11 +138,7 @@ def add_repository_tools(server: MCPServer, config: AkoshaSyncConfig) -> None:
                 open_databases=level == "open", progress=progress,
             )
 
-        try:
-            report = await with_progress(ctx, work)
-        except Exception as exc:
-            raise _fail(exc) from exc
-        return dict(msgspec.to_builtins(report))
+        return dict(await _reported(ctx, work))
 
     @server.tool(annotations=DESTRUCTIVE)
     async def akosha_restore(
@@ -190,11 +197,7 @@ def add_repository_tools(server: MCPServer, config: AkoshaSyncConfig) -> None:
             chosen = {**args, "upload_id": plan["upload_id"], "at": None}
             return await _restore(config, chosen, progress)
 
-        try:
-            result = await with_progress(ctx, work)
-        except Exception as exc:
-            raise _fail(exc) from exc
-        return {"confirmed": True, "result": msgspec.to_builtins(result)}
+        return {"confirmed": True, "result": await _reported(ctx, work)}
 
     @server.tool(annotations=DESTRUCTIVE)
     async def akosha_forget(
@@ -231,11 +234,7 @@ def add_repository_tools(server: MCPServer, config: AkoshaSyncConfig) -> None:
                                         dry_run=dry_run, progress=progress,
                                         upload_ids=upload_ids)
 
-        try:
-            report = await with_progress(ctx, work)
-        except Exception as exc:
-            raise _fail(exc) from exc
-        return dict(msgspec.to_builtins(report))
+        return dict(await _reported(ctx, work))
 
     @server.tool(annotations=DESTRUCTIVE)
     async def akosha_prune(
@@ -262,11 +261,7 @@ def add_repository_tools(server: MCPServer, config: AkoshaSyncConfig) -> None:
             return await prune_unused(config, system_id=system_id, dry_run=dry_run,
                                       wait_seconds=wait_seconds, progress=progress)
 
-        try:
-            report = await with_progress(ctx, work)
-        except Exception as exc:
-            raise _fail(exc) from exc
-        return dict(msgspec.to_builtins(report))
+        return dict(await _reported(ctx, work))
 
 
 def _plan_identity(plan: dict[str, Any]) -> dict[str, Any]:
