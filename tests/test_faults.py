@@ -601,3 +601,33 @@ def test_drain_runs_a_failed_session_end_now_instead_of_waiting_for_its_retry(
     assert second.returncode == 0, second.stderr
     assert JobQueue(config.state_path).state_of(request_id).status == "done"
     assert manifests(minio_client, s3_bucket) and not restore_problems(minio_client, s3_bucket)
+
+
+def test_a_sync_by_hand_serves_the_session_end_that_failed_while_the_store_was_down(
+    via_proxy: MakeConfig, proxy: FaultProxy, minio_client: Minio, s3_bucket: str,
+    tmp_path: Path,
+) -> None:
+    """It showed as failed in status, and synced again at its retry time, after the
+    user had synced by hand."""
+    config = via_proxy(akosha_url=f"http://127.0.0.1:{pick_free_port()}/mcp", max_retries=0)
+    toml = write_toml(config, tmp_path / "c.toml")
+    request_id = JobQueue(config.state_path).enqueue("session-end")
+    proxy.refuse()
+    failed = subprocess.run([EXE, "--config", str(toml), "drain"], capture_output=True,
+                            text=True, timeout=120, check=False)
+    assert failed.returncode == 1, failed.stderr
+    assert JobQueue(config.state_path).pending()[0]["failed_attempts"] == 1
+    proxy.accept()
+    by_hand = subprocess.run([EXE, "--config", str(toml), "sync"], capture_output=True,
+                             text=True, timeout=120, check=False)
+    assert by_hand.returncode == 0, by_hand.stderr
+    assert "1 waiting session end(s) served by this sync" in by_hand.stdout
+    queue = JobQueue(config.state_path)
+    assert queue.state_of(request_id).status == "done" and queue.pending() == []
+    served = queue.result_of(request_id)
+    assert served is not None and served["success"]
+    (manifest,) = manifests(minio_client, s3_bucket)
+    assert served["upload_id"] in manifest and not restore_problems(minio_client, s3_bucket)
+    status = subprocess.run([EXE, "--config", str(toml), "status"], capture_output=True,
+                            text=True, timeout=60, check=True)
+    assert "not yet served" not in status.stdout

@@ -11,6 +11,7 @@ import sqlite3
 import subprocess
 import sys
 import textwrap
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -208,3 +209,36 @@ def test_a_failed_sync_that_committed_an_upload_is_not_retried(tmp_path: Path) -
                              "manifest_key": "systems/h/uploads/u/manifest.json"},
                  triggers=["session-end"], started_at=1.0, finished_at=2.0)
     assert queue.state_of(session).status == "done" and queue.pending() == []
+
+
+
+def test_a_sync_run_outside_the_queue_serves_only_what_it_covered(tmp_path: Path) -> None:
+    """`akosha-sync sync` by hand: the failed session end it covered is done, with the
+    sync's result; a request for another method, one received after the sync started
+    and one another process runs are left as they were."""
+    queue = JobQueue(tmp_path)
+    queue.retry_delays = (3600.0,)
+    taken = queue.enqueue("session-end")
+    with _other_process_claims(tmp_path) as (_, running):
+        assert running == [taken]
+        failed = queue.enqueue("session-end")
+        assert [r.id for r in queue.claim_pending()] == [failed]
+        queue.finish([failed], {"success": False, "error": "store down"},
+                     triggers=["session-end"], started_at=1.0, finished_at=2.0)
+        other_method = queue.enqueue("session-end", method="http")
+        started = time.time()
+        late = queue.enqueue("session-end")
+        covers = lambda r: r.method == UNSET  # noqa: E731
+        assert queue.served_by({"success": False, "error": "down"}, covers=covers,
+                               trigger="cli", started_at=started, finished_at=started) == 0
+        result = {"success": True, "method": "cloud", "upload_id": "u-by-hand"}
+        assert queue.served_by(result, covers=covers, trigger="cli", started_at=started,
+                               finished_at=started + 1) == 1
+        assert queue.state_of(failed).status == "done"
+        assert queue.result_of(failed) == result
+        assert queue.state_of(other_method).status == "pending"
+        assert queue.state_of(late).status == "pending"
+        assert queue.state_of(taken).status == "running"
+        (record,) = queue.history(1)
+        assert record["triggered_by"] == "cli,session-end" and record["requests_served"] == 1
+        assert [q["id"] for q in queue.pending()] == [taken, other_method, late]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -174,7 +175,6 @@ def run() -> None:
     import logging
     import os
     import threading
-    import time
 
     logging.shutdown()
     try:
@@ -210,6 +210,7 @@ def _cmd_sync(args: argparse.Namespace) -> int:
         return EXIT_CONFIG
     configure_logging(config, stderr_level=None)
     progress = None if (args.quiet or args.json) else _ProgressPrinter()
+    started = time.time()
     result = anyio.run(
         lambda: run_sync(
             config,
@@ -222,10 +223,13 @@ def _cmd_sync(args: argparse.Namespace) -> int:
     )
     if progress:
         progress.done()
+    served = _serve_queued(config, args, result, started)
     if args.json:
         print(as_json(result))
     else:
         print(_describe_result(result, error_line=bool(result.get("success"))))
+        if served:
+            print(f"    queue:     {served} waiting session end(s) served by this sync")
     if not result.get("success"):
         print(f"akosha-sync: sync failed: {result.get('error')}", file=sys.stderr)
         return EXIT_FAILED
@@ -246,6 +250,39 @@ def _cmd_status(args: argparse.Namespace) -> int:
     else:
         print(_describe_status(status))
     return EXIT_OK if not status["validation_errors"] else EXIT_CONFIG
+
+
+def _serve_queued(
+    config: AkoshaSyncConfig, args: argparse.Namespace, result: dict[str, Any], started: float
+) -> int:
+    """After a successful sync by hand, the queued requests it served too are done
+    (a session end that failed while the store was down no longer shows as failed and
+    syncs again at its retry time). Returns how many; a queue that cannot be written
+    leaves them to their retry, which is harmless."""
+    import logging
+    import sqlite3
+
+    from akosha_sync.server.queue import QUEUE_FILE, UNSET, JobQueue, Request
+
+    if not result.get("success") or not (config.state_path / QUEUE_FILE).is_file():
+        return 0
+    ran = (args.method or config.force_method,
+           False if args.no_fallback else config.enable_fallback)
+
+    def covers(request: Request) -> bool:
+        method = config.force_method if request.method == UNSET else request.method
+        fallback = (config.enable_fallback if request.enable_fallback is None
+                    else request.enable_fallback)
+        return (method, fallback) == ran
+
+    try:
+        return JobQueue(config.state_path).served_by(
+            result, covers=covers, trigger="cli", started_at=started, finished_at=time.time()
+        )
+    except (OSError, sqlite3.Error) as exc:
+        logging.getLogger("akosha_sync.cli").warning(
+            "the queue could not be updated; its requests sync again at their time: %s", exc)
+        return 0
 
 
 def _queued(config: AkoshaSyncConfig) -> list[dict[str, Any]] | str:

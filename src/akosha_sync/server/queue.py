@@ -33,7 +33,7 @@ import os
 import sqlite3
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cache
@@ -294,17 +294,7 @@ class JobQueue:
                     (process_owner(), *[r[0] for r in rows]),
                 )
             con.execute("COMMIT")
-        return [
-            Request(
-                id=r[0],
-                trigger=r[1],
-                method=r[2],
-                enable_fallback=None if r[3] is None else bool(r[3]),
-                payload=json.loads(r[4]),
-                received_at=r[5],
-            )
-            for r in rows
-        ]
+        return [_request(r) for r in rows]
 
     def release(self, ids: list[int]) -> None:
         """Give this process's claimed requests back (a sync was interrupted)."""
@@ -362,24 +352,7 @@ class JobQueue:
         now = time.time()
         with self._connect() as con:
             con.execute("BEGIN IMMEDIATE")
-            cur = con.execute(
-                "INSERT INTO history (triggers, method, success, upload_id, error, started_at, "
-                "finished_at, duration_seconds, requests, result) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    ",".join(sorted(set(triggers))),
-                    result.get("method"),
-                    int(bool(result.get("success"))),
-                    result.get("upload_id"),
-                    result.get("error"),
-                    started_at,
-                    finished_at,
-                    round(finished_at - started_at, 3),
-                    len(ids),
-                    json.dumps(result, default=str),
-                ),
-            )
-            history_id = int(cur.lastrowid or 0)
+            history_id = _record(con, result, triggers, len(ids), started_at, finished_at)
             marks = ",".join("?" * len(ids))
             # Committed with a database left out (unreadable: carried over at its last
             # version) is done: a retry would commit the same again, or need the user.
@@ -404,6 +377,51 @@ class JobQueue:
             _prune(con)
             con.execute("COMMIT")
             return history_id
+
+    def served_by(
+        self,
+        result: dict[str, Any],
+        *,
+        covers: Callable[[Request], bool],
+        trigger: str,
+        started_at: float,
+        finished_at: float,
+    ) -> int:
+        """Mark done the pending requests that a sync run outside the queue served too
+        (``akosha-sync sync`` run by hand); returns how many.
+
+        Only for a successful ``result``, and only requests received before the sync
+        started (it read the databases as they were then, or later) for which
+        ``covers`` says it ran their method. Without this, a session end that failed
+        while the store was down would show as failed, and sync again at its retry
+        time, after the user had synced by hand. Requests another process is running
+        are left to it.
+        """
+        if not result.get("success"):
+            return 0
+        with self._connect() as con:
+            con.execute("BEGIN IMMEDIATE")
+            rows = con.execute(
+                "SELECT id, trigger, method, enable_fallback, payload, received_at "
+                "FROM requests WHERE status = 'pending' AND received_at < ? ORDER BY id",
+                (started_at,),
+            ).fetchall()
+            served = [request for request in map(_request, rows) if covers(request)]
+            if not served:
+                con.execute("COMMIT")
+                return 0
+            history_id = _record(
+                con, result, [trigger, *(r.trigger for r in served)], len(served),
+                started_at, finished_at,
+            )
+            con.execute(
+                f"UPDATE requests SET status = 'done', history_id = ? "
+                f"WHERE status = 'pending' AND id IN ({','.join('?' * len(served))})",
+                (history_id, *[r.id for r in served]),
+            )
+            _prune(con)
+            con.execute("COMMIT")
+            return len(served)
 
     def pending_count(self) -> int:
         """Pending requests that are due now (a failed one waiting to retry is not)."""
@@ -481,6 +499,47 @@ class JobQueue:
         with self._connect() as con:
             row = con.execute("SELECT result FROM history ORDER BY id DESC LIMIT 1").fetchone()
         return json.loads(row[0]) if row else None
+
+
+def _request(row: tuple[Any, ...]) -> Request:
+    """A ``requests`` row (id, trigger, method, enable_fallback, payload, received_at)."""
+    return Request(
+        id=row[0],
+        trigger=row[1],
+        method=row[2],
+        enable_fallback=None if row[3] is None else bool(row[3]),
+        payload=json.loads(row[4]),
+        received_at=row[5],
+    )
+
+
+def _record(
+    con: sqlite3.Connection,
+    result: dict[str, Any],
+    triggers: list[str],
+    requests: int,
+    started_at: float,
+    finished_at: float,
+) -> int:
+    """Inside a write transaction: a history row for one sync; returns its id."""
+    cur = con.execute(
+        "INSERT INTO history (triggers, method, success, upload_id, error, started_at, "
+        "finished_at, duration_seconds, requests, result) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        (
+            ",".join(sorted(set(triggers))),
+            result.get("method"),
+            int(bool(result.get("success"))),
+            result.get("upload_id"),
+            result.get("error"),
+            started_at,
+            finished_at,
+            round(finished_at - started_at, 3),
+            requests,
+            json.dumps(result, default=str),
+        ),
+    )
+    return int(cur.lastrowid or 0)
 
 
 def _add_missing_columns(con: sqlite3.Connection) -> None:
