@@ -685,3 +685,35 @@ def test_after_verify_finds_damage_the_next_upload_stores_those_bytes_again(
     target = tmp_path / "restored"
     _restore(config, target, upload_id=second["upload_id"])
     assert _snapshot_of(target) == _snapshot_of(sample.data_dir)
+
+
+def test_after_an_older_upload_is_restored_into_data_dir_the_next_sync_stores_nothing_again(
+    s3_config: MakeConfig, sample: SampleInfo, minio_client: Minio, s3_bucket: str,
+    tmp_path: Path,
+) -> None:
+    """A sync reuses the pieces of its last upload only: after `restore --force` of an
+    older one, the pieces on disk are that upload's, and every one the last upload lacks
+    was stored again."""
+    config = s3_config(export_memories=False)
+    assert config.data_path == sample.data_dir
+    base = datetime(2026, 11, 25, 12, 0, 0, tzinfo=UTC)
+    first = _sync(config, clock=lambda: base)
+    before = _snapshot_of(sample.data_dir)
+    add_conversations(sample.data_dir, 25, seed=41, checkpoint=True)
+    second = _sync(config, clock=lambda: base + timedelta(hours=1))
+    assert _manifest(minio_client, s3_bucket, second)["file_details"][
+        "reflection.duckdb"]["new_pieces"] > 0
+
+    _restore(config, sample.data_dir, upload_id=first["upload_id"], force=True)
+    assert (config.state_path / "restored.json").is_file()
+    third = _sync(config, clock=lambda: base + timedelta(hours=2))
+    details = _manifest(minio_client, s3_bucket, third)["file_details"]
+    assert {name: d.get("new_pieces") for name, d in details.items()} == {
+        name: 0 for name in details}
+    assert not [k for k in third["files_uploaded"] if "/packs/" in k]
+    packs = set(_index(minio_client, s3_bucket, third)["packs"])
+    assert packs <= set(_index(minio_client, s3_bucket, first)["packs"])
+    assert not (config.state_path / "restored.json").exists()  # the note served once
+    target = tmp_path / "again"
+    _restore(config, target, upload_id=third["upload_id"])
+    assert _snapshot_of(target) == before

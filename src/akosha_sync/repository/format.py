@@ -17,7 +17,7 @@ Terms
 *piece*
     A run of bytes of one file, identified by the SHA-256 of its raw (uncompressed)
     bytes, written in lowercase hex. A piece is stored once per system, however many
-    uploads and files use it.
+    uploads and files use it (as a rule, not a guarantee: see Rules).
 *pack*
     An object holding many stored pieces back to back. Its id is the SHA-256 of the
     pack object's bytes, so a pack is immutable and self-checking.
@@ -140,6 +140,11 @@ Rules
   checked against the bucket (one LIST of ``systems/{sid}/packs/``) before its
   manifest is written.
 * Nothing is ever deleted once a manifest for that upload may exist.
+* Which stored pieces a sync reuses is the writer's choice, not the format's: this
+  version reuses those of the system's last upload, and of an upload restored into
+  ``data_dir`` since (``restored.json`` in the state folder), never a damaged or
+  condemned pack's. A piece can therefore lie in more than one pack (the same bytes
+  back after several uploads without them); readers take the one the index names.
 """
 
 from __future__ import annotations

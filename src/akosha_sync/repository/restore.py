@@ -54,6 +54,7 @@ from akosha_sync.repository.manifest import (
 )
 from akosha_sync.repository.packs import PieceError, extract_piece
 from akosha_sync.repository.pieces import piece_id, pread_all
+from akosha_sync.repository.restored import note_restored
 from akosha_sync.repository.snapshots import list_system_ids
 from akosha_sync.repository.store import FAILED, Refusal, with_retries
 
@@ -779,6 +780,10 @@ async def execute(
         # Everything is fetched and checked: now, and only now, touch the target.
         kept = _install(plan, temps)
         _fsync_dir(target)
+        if index is not None:  # the next sync reuses this upload's pieces (restored.py)
+            note_restored(config, system_id=plan.system_id, upload_id=plan.upload_id,
+                          manifest_key=manifest_key(plan.system_id, plan.upload_id),
+                          target=target)
     finally:
         for fd in fds.values():
             with contextlib.suppress(OSError):

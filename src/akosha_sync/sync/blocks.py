@@ -33,8 +33,10 @@ from akosha_sync.repository.manifest import (
     Manifest,
     carried_over_from,
     decode_manifest,
+    manifest_key,
 )
 from akosha_sync.repository.prune import condemned_pack_ids
+from akosha_sync.repository.restored import restored_manifest_key
 from akosha_sync.repository.source import LockedByWriter, Source, open_copy, open_locked
 from akosha_sync.repository.store import with_retries
 from akosha_sync.repository.writer import (
@@ -68,6 +70,24 @@ async def _previous_upload(
     key = state.last_manifest_key if state else None
     if key is None or not method.config.enable_deduplication:
         return None, None
+    return await _upload_at(method, key, "reading the last upload")
+
+
+async def _restored_index(method: CloudContext, previous: Manifest | None) -> Index | None:
+    """The index of the upload a restore put into data_dir since the last commit, when
+    it is not the last upload (repository/restored.py): its pieces are on disk now."""
+    key = restored_manifest_key(method.config) if method.config.enable_deduplication else None
+    if key is None or (previous is not None and key == manifest_key(
+            previous.system_id, previous.upload_id)):
+        return None
+    _, index = await _upload_at(method, key, "reading the restored upload")
+    return index
+
+
+async def _upload_at(
+    method: CloudContext, key: str, what: str
+) -> tuple[Manifest | None, Index | None]:
+    """The manifest at ``key`` and its index (None, None when absent or damaged)."""
 
     async def get(key: str) -> bytes | None:
         try:
@@ -88,7 +108,8 @@ async def _previous_upload(
         except (msgspec.DecodeError, msgspec.ValidationError):
             return None, None  # a damaged earlier upload: store everything anew
 
-    return await with_retries(both, config=method.config, what="reading the last upload")
+    return await with_retries(both, config=method.config, what=what)
+
 
 async def sync_blocks(
     method: CloudContext,
@@ -104,10 +125,14 @@ async def sync_blocks(
     config = method.config
     sid = config.system_id_resolved
     previous, previous_index = await _previous_upload(method, state)
+    restored = await _restored_index(method, previous)
     listed = await list_packs(method.store, config, sid)
-    known, known_packs = reusable_pieces(
-        previous_index, condemned_pack_ids(method.condemned, listed)
-    )
+    usable = condemned_pack_ids(method.condemned, listed)
+    known, known_packs = reusable_pieces(previous_index, usable)
+    if restored is not None:
+        also, also_packs = reusable_pieces(restored, usable)
+        known = {**also, **known}
+        known_packs = {**also_packs, **known_packs}
     writer = RepositoryWriter(
         method.store, config, system_id=sid, upload_id=upload.upload_id, known=known,
         known_packs=known_packs, compress=config.enable_compression,

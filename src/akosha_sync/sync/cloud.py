@@ -67,6 +67,7 @@ from akosha_sync.repository.manifest import (
     uploads_prefix,
 )
 from akosha_sync.repository.prune import read_condemned
+from akosha_sync.repository.restored import clear_restored
 from akosha_sync.repository.store import commit_manifest, make_store, part_size, with_retries
 from akosha_sync.sync import records
 from akosha_sync.sync.blocks import sync_blocks
@@ -585,6 +586,7 @@ class CloudSyncMethod:
                 exported_kinds=sorted(kinds),
             ),
         )
+        clear_restored(self.config)  # this upload holds what a restore put on disk
         if (upload.snapshots or upload.how_read) and self.config.export_memories:
             records.save_undeliverable(self.config.state_path, "cloud", upload.undeliverable)
         if any(upload.exported.values()):
