@@ -131,6 +131,11 @@ async def test_tools_in_memory(s3_config: MakeConfig, minio_client: Minio, s3_bu
         assert set(tools) >= {"sync_to_akosha", "akosha_sync_status"}
         schema = tools["sync_to_akosha"].input_schema
         assert schema["properties"]["method"]["enum"] == ["auto", "cloud", "http"]
+        # Every argument says what it is (the model reads the schema, not our README).
+        undescribed = [f"{t.name}.{name}" for t in tools.values()
+                       for name, prop in t.input_schema.get("properties", {}).items()
+                       if len(prop.get("description", "")) < 10]
+        assert not undescribed
 
         progress: list[tuple[float, float | None, str | None]] = []
 

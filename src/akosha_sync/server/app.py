@@ -30,9 +30,17 @@ __all__ = ["build_mcp_server"]
 # plain type: clients need not know about null, and sending none is the default.
 _Method = Annotated[
     Literal["auto", "cloud", "http"] | None,
-    WithJsonSchema({"type": "string", "enum": ["auto", "cloud", "http"]}),
+    WithJsonSchema({
+        "type": "string", "enum": ["auto", "cloud", "http"],
+        "description": '"auto": cloud, then HTTP if enabled; "cloud" or "http" only; '
+                       "omit for the configured force_method",
+    }),
 ]
-_Fallback = Annotated[bool | None, WithJsonSchema({"type": "boolean"})]
+_Fallback = Annotated[bool | None, WithJsonSchema({
+    "type": "boolean",
+    "description": "allow falling back from cloud to Akosha's HTTP endpoint (auto only); "
+                   "omit for the configured enable_fallback",
+})]
 
 _INSTRUCTIONS = (
     "akosha-sync ships this machine's Session-Buddy memories (reflection and knowledge-graph "

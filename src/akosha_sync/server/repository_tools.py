@@ -15,12 +15,13 @@ import time
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import msgspec
 from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
 from mcp.types import ToolAnnotations
+from pydantic import Field
 
 from akosha_sync.config import AkoshaSyncConfig
 from akosha_sync.server.progress import Progress, with_progress
@@ -41,6 +42,11 @@ CHECKS = ToolAnnotations(read_only_hint=False, destructive_hint=False, idempoten
 PRUNE_WAIT_MAX = 900.0  # the CLI's own wait; a tool call may choose less
 
 Level = Literal["structure", "read-data", "open"]
+
+
+def _about(description: str) -> Any:
+    """A tool argument's description, shown in its schema (clients show it to the model)."""
+    return Field(description=description)
 
 
 # The library's messages name the command line's flags and commands; a tool's caller
@@ -91,7 +97,12 @@ def add_repository_tools(server: MCPServer, config: AkoshaSyncConfig) -> None:
 
     @server.tool(annotations=READ_ONLY)
     async def akosha_list_snapshots(
-        system_id: str | None = None, limit: int | None = 20, all_systems: bool = False,
+        system_id: Annotated[str | None, _about(
+            "another machine's uploads (default: this machine's)")] = None,
+        limit: Annotated[int | None, _about(
+            "at most this many of the newest uploads; null for all")] = 20,
+        all_systems: Annotated[bool, _about(
+            "every machine's uploads (on a new machine: find the old one's id)")] = False,
     ) -> dict[str, Any]:
         """The uploads in the bucket, newest last: id, system, time, files, logical size,
         bytes new, conversations, complete or not (a sync that never committed is listed
@@ -118,8 +129,12 @@ def add_repository_tools(server: MCPServer, config: AkoshaSyncConfig) -> None:
 
     @server.tool(annotations=CHECKS)
     async def akosha_verify(
-        ctx: Context, upload_id: str | None = None, level: Level = "structure",
-        all_uploads: bool = False,
+        ctx: Context,
+        upload_id: Annotated[str | None, _about("one upload (default: the newest)")] = None,
+        level: Annotated[Level, _about(
+            '"structure": every object exists at its size; "read-data": also hash every '
+            'piece; "open": also restore and count rows with DuckDB')] = "structure",
+        all_uploads: Annotated[bool, _about("every upload of this machine")] = False,
     ) -> dict[str, Any]:
         """Check uploads in the bucket. level "structure": every object each needs exists
         with the right size; "read-data": also download and check the SHA-256 of every
@@ -143,11 +158,17 @@ def add_repository_tools(server: MCPServer, config: AkoshaSyncConfig) -> None:
     @server.tool(annotations=DESTRUCTIVE)
     async def akosha_restore(
         ctx: Context,
-        upload_id: str | None = None,
-        system_id: str | None = None,
-        at: str | None = None,
-        to: str | None = None,
-        confirm_token: str | None = None,
+        upload_id: Annotated[str | None, _about(
+            "the upload to restore (default: the newest, or the newest at or before at)"
+        )] = None,
+        system_id: Annotated[str | None, _about(
+            "restore another machine's upload (the new-laptop case)")] = None,
+        at: Annotated[str | None, _about(
+            "an ISO 8601 time: the newest upload at or before it")] = None,
+        to: Annotated[str | None, _about(
+            "an absolute target folder (default: the configured data_dir)")] = None,
+        confirm_token: Annotated[str | None, _about(
+            "the token a call without it returned: restores the plan it showed")] = None,
     ) -> dict[str, Any]:
         """Restore Session-Buddy's databases from an upload in the bucket.
 
@@ -202,16 +223,22 @@ def add_repository_tools(server: MCPServer, config: AkoshaSyncConfig) -> None:
     @server.tool(annotations=DESTRUCTIVE)
     async def akosha_forget(
         ctx: Context,
-        keep_last: int = 0,
-        keep_hourly: int = 0,
-        keep_daily: int = 0,
-        keep_weekly: int = 0,
-        keep_monthly: int = 0,
-        keep_yearly: int = 0,
-        keep_within: str = "",
-        system_id: str | None = None,
-        dry_run: bool = True,
-        upload_ids: list[str] | None = None,
+        keep_last: Annotated[int, _about("keep the newest N uploads")] = 0,
+        keep_hourly: Annotated[int, _about(
+            "keep the newest upload of each of the last N hours")] = 0,
+        keep_daily: Annotated[int, _about("the same for the last N days")] = 0,
+        keep_weekly: Annotated[int, _about("the same for the last N weeks")] = 0,
+        keep_monthly: Annotated[int, _about("the same for the last N months")] = 0,
+        keep_yearly: Annotated[int, _about("the same for the last N years")] = 0,
+        keep_within: Annotated[str, _about(
+            'keep every upload within this span of the newest, e.g. "30d", "12h", "1y6m"'
+        )] = "",
+        system_id: Annotated[str | None, _about(
+            "another machine's uploads (default: this machine's)")] = None,
+        dry_run: Annotated[bool, _about(
+            "only report the decisions (default); false deletes")] = True,
+        upload_ids: Annotated[list[str] | None, _about(
+            "instead of a policy: forget exactly these uploads (damaged ones)")] = None,
     ) -> dict[str, Any]:
         """Apply a retention policy (restic's forget): returns each upload's decision and
         its reasons. Deletes only with dry_run=false (manifests and the upload's small
@@ -239,9 +266,13 @@ def add_repository_tools(server: MCPServer, config: AkoshaSyncConfig) -> None:
     @server.tool(annotations=DESTRUCTIVE)
     async def akosha_prune(
         ctx: Context,
-        system_id: str | None = None,
-        dry_run: bool = True,
-        wait_seconds: float = 120.0,
+        system_id: Annotated[str | None, _about(
+            "another machine's data (default: this machine's)")] = None,
+        dry_run: Annotated[bool, _about(
+            "only report what would be deleted (default); false deletes")] = True,
+        wait_seconds: Annotated[float, _about(
+            "how long to wait for syncs that started before the deletion plan, 0 to 900"
+        )] = 120.0,
     ) -> dict[str, Any]:
         """Delete what no committed upload needs (after akosha_forget) and repack packs
         that are mostly unused; safe while other machines keep syncing (restic's prune).
