@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 import duckdb
 import pytest
 from minio import Minio
@@ -452,3 +453,157 @@ def test_a_failed_sync_never_deletes_a_pack_that_was_there_before_it(
     after = {k for k in faults.objects(minio_client, s3_bucket) if k.endswith(".pack")}
     assert before <= after, f"deleted: {sorted(before - after)}"
     assert faults.restore_problems(minio_client, s3_bucket) == []
+
+
+def test_a_sync_during_prunes_sweep_never_writes_a_pack_under_a_condemned_key(
+    s3_config: MakeConfig, minio_client: Minio, s3_bucket: str, sample: SampleInfo,
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+) -> None:
+    """A sync that reads the prune plan stores the condemned pieces again. With the same
+    data those were the very bytes of the condemned packs, so the same keys: a sweep
+    that had listed the bucket just before deleted them under the sync's new upload
+    (1 round in 40-60 of a prune/sync race, no patching)."""
+    from akosha_sync.repository import prune as prune_module
+    from akosha_sync.repository.forget import forget
+    from akosha_sync.repository.retention import Policy
+
+    config = s3_config(export_memories=False)
+    first = _sync(config)
+    condemned = set(_json(minio_client, s3_bucket, _json(
+        minio_client, s3_bucket, first["manifest_key"])["index"])["packs"])
+    store = make_store(config)
+    anyio.run(lambda: forget(store, "test-host", Policy(), dry_run=False,
+                             upload_ids=[first["upload_id"]]))
+    results: list[dict[str, Any]] = []
+    read_repo = prune_module._read_repo
+
+    async def sweep_reads_then_a_sync_runs(store: Any, system_id: str) -> Any:
+        repo = await read_repo(store, system_id)
+        if prune_module.plan_key(system_id) in faults.objects(minio_client, s3_bucket):
+            # The seam: the sweep has listed the bucket; a sync runs before it deletes.
+            results.append(await CloudSyncMethod(config).sync())
+        return repo
+
+    monkeypatch.setattr(prune_module, "_read_repo", sweep_reads_then_a_sync_runs)
+    report = anyio.run(lambda: prune_module.prune(store, "test-host", dry_run=False,
+                                                  wait_seconds=0))
+    (second,) = results
+    assert second["success"], second["error"]
+    index = _json(minio_client, s3_bucket, _json(
+        minio_client, s3_bucket, second["manifest_key"])["index"])
+    assert not set(index["packs"]) & condemned  # the same pieces, in packs of other names
+    assert {index["packs"][p]["key"] for p in index["packs"]} <= set(_packs(
+        minio_client, s3_bucket))
+    assert {f"systems/test-host/packs/{p[:2]}/{p}.pack" for p in condemned} <= set(
+        report.deleted)
+    assert faults.restore_problems(minio_client, s3_bucket) == []
+    target = tmp_path / "restored"
+    anyio.run(lambda: restore(store, config, system_id="test-host", target=target,
+                              upload_id=second["upload_id"]))
+    for name in ("reflection.duckdb", "knowledge_graph.duckdb"):
+        assert (target / name).read_bytes() == (sample.data_dir / name).read_bytes()
+
+
+def test_a_sync_that_outlived_prunes_allowance_or_lost_its_claim_commits_nothing(
+    s3_config: MakeConfig, minio_client: Minio, s3_bucket: str, sample: SampleInfo,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A laptop asleep mid-sync: its monotonic budget stood still while a prune elsewhere
+    took the upload for abandoned (2 hours) and deleted its claim and packs; on waking
+    it committed a manifest naming the deleted packs."""
+    from akosha_sync.sync import cloud
+    from akosha_sync.sync.upload import Upload
+
+    config = s3_config(export_memories=False)
+    real_claim = cloud.CloudSyncMethod._claim_once
+
+    async def claimed_hours_ago(self: Any) -> Upload:  # the clock seam: the wall clock
+        upload = await real_claim(self)
+        upload.claimed_wall -= 3 * 3600
+        return upload
+
+    monkeypatch.setattr(cloud.CloudSyncMethod, "_claim_once", claimed_hours_ago)
+    with pytest.raises(CloudUploadError, match=r"running for 180 minutes.*Nothing was committed"):
+        anyio.run(CloudSyncMethod(config).sync)
+    monkeypatch.undo()
+    assert not [k for k in faults.objects(minio_client, s3_bucket) if k.endswith(".json")
+                and "/uploads/" in k]  # nothing committed, its claim cleaned up
+
+    real_encode = cloud.encode_manifest
+
+    def prune_took_the_claim(manifest: Any) -> bytes:  # a prune ran just before the commit
+        for key in faults.objects(minio_client, s3_bucket):
+            if key.endswith("/_claim.json"):
+                minio_client.remove_object(s3_bucket, key)
+        return bytes(real_encode(manifest))
+
+    monkeypatch.setattr(cloud, "encode_manifest", prune_took_the_claim)
+    with pytest.raises(CloudUploadError, match=r"_claim.json is gone.*Nothing was committed"):
+        anyio.run(CloudSyncMethod(config).sync)
+    assert not [k for k in faults.objects(minio_client, s3_bucket)
+                if k.endswith("/manifest.json")]
+
+
+def test_a_machine_clock_ahead_of_the_stores_does_not_date_uploads_in_the_future(
+    s3_config: MakeConfig, minio_client: Minio, s3_bucket: str, sample: SampleInfo,
+) -> None:
+    """Retention keeps the newest upload: one dated 400 days ahead stayed the newest, and
+    every real upload made meanwhile was forgotten (keep-last, keep-within)."""
+    from datetime import UTC, datetime, timedelta
+
+    config = s3_config(export_memories=False)
+    ahead = timedelta(days=400)
+    result = anyio.run(CloudSyncMethod(
+        config, clock=lambda: datetime.now(UTC) + ahead).sync)
+    assert result["success"], result["error"]
+    named = datetime.strptime(result["upload_id"][:15], "%Y%m%d_%H%M%S").replace(tzinfo=UTC)
+    assert abs(named - datetime.now(UTC)) < timedelta(minutes=10)
+    future = (datetime.now(UTC) + ahead).strftime("%Y%m%d")
+    assert not [k for k in faults.objects(minio_client, s3_bucket) if future in k]
+    manifest = _json(minio_client, s3_bucket, result["manifest_key"])
+    assert manifest["uploaded_at"][:4] == str(datetime.now(UTC).year)
+
+
+def test_a_prune_stopped_right_after_taking_its_lease_gives_it_back_and_its_plan(
+    s3_config: MakeConfig, minio_client: Minio, s3_bucket: str, sample: SampleInfo,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """SIGTERM left the lease 1 time in 40 (every prune then refused for 30 minutes)
+    and, later in the run, the plan (every sync then stored its pieces again)."""
+    from akosha_sync.repository import prune as prune_module
+    from akosha_sync.repository.forget import forget
+    from akosha_sync.repository.retention import Policy
+
+    config = s3_config(export_memories=False)
+    first = _sync(config)
+    store = make_store(config)
+    anyio.run(lambda: forget(store, "test-host", Policy(), dry_run=False,
+                             upload_ids=[first["upload_id"]]))
+    take_lease = prune_module._take_lease
+    stop: list[anyio.CancelScope] = []
+
+    async def taken_then_stopped(*args: Any) -> None:  # the signal, at the seam
+        await take_lease(*args)
+        stop[0].cancel()
+        await anyio.lowlevel.checkpoint()  # where the cancellation lands
+
+    def stopped_once_planned() -> None:
+        stop[0].cancel()
+
+    async def prune_until_stopped(**seams: Any) -> None:
+        with anyio.CancelScope() as scope:
+            stop[:] = [scope]
+            await prune_module.prune(store, "test-host", dry_run=False, wait_seconds=0,
+                                     **seams)
+        assert scope.cancelled_caught
+
+    monkeypatch.setattr(prune_module, "_take_lease", taken_then_stopped)
+    anyio.run(prune_until_stopped)
+    locks = [k for k in faults.objects(minio_client, s3_bucket) if "/locks/" in k]
+    assert locks == []
+    monkeypatch.undo()
+    anyio.run(lambda: prune_until_stopped(on_planned=stopped_once_planned))
+    locks = [k for k in faults.objects(minio_client, s3_bucket) if "/locks/" in k]
+    assert locks == []
+    report = anyio.run(lambda: prune_module.prune(store, "test-host", dry_run=False))
+    assert report.deleted and faults.restore_problems(minio_client, s3_bucket) == []

@@ -20,7 +20,10 @@ Terms
     uploads and files use it (as a rule, not a guarantee: see Rules).
 *pack*
     An object holding many stored pieces back to back. Its id is the SHA-256 of the
-    pack object's bytes, so a pack is immutable and self-checking.
+    pack object's bytes, so a pack is immutable and self-checking. A pack may end
+    with random bytes no piece refers to: a writer appends them when the pieces alone
+    would give the id of a pack it must not write (one a prune is deleting, or one
+    verify found damaged), so identical bytes never land under a doomed key.
 
 Keys
 ====

@@ -10,7 +10,9 @@ and checks it.
 from __future__ import annotations
 
 import hashlib
+import secrets
 import threading
+from collections.abc import Callable
 from typing import Any
 
 import msgspec
@@ -18,8 +20,9 @@ import msgspec
 from akosha_sync.repository.format import PACK_TARGET_SIZE, Compression, Piece
 from akosha_sync.repository.pieces import piece_id
 
-__all__ = ["PackBuilder", "PieceError", "SealedPack", "extract_piece"]
+__all__ = ["PackBuilder", "PieceError", "SealedPack", "extract_piece", "name_pack"]
 
+_SALT_BYTES = 16
 _ZSTD_LEVEL = 1  # ~2x the speed of level 3 for a few percent more bytes (bench/)
 
 
@@ -33,11 +36,28 @@ class SealedPack(msgspec.Struct, frozen=True):
     pieces: list[Piece]
 
 
-class PackBuilder:
-    """Compress pieces into packs of about ``target`` bytes."""
+def name_pack(data: bytearray, taken: Callable[[str], bool] | None = None) -> str:
+    """The id of a pack's bytes: their SHA-256, unless ``taken`` says a pack of that id
+    may not be written (one a prune is deleting, or one verify found damaged: writing
+    identical bytes under its key would be deleted with it, or be avoided with it).
+    Then random bytes that no piece refers to are appended until the id is free."""
+    pack_id = hashlib.sha256(data).hexdigest()
+    while taken is not None and taken(pack_id):
+        data += secrets.token_bytes(_SALT_BYTES)
+        pack_id = hashlib.sha256(data).hexdigest()
+    return pack_id
 
-    def __init__(self, *, compress: bool = True, target: int = PACK_TARGET_SIZE) -> None:
+
+class PackBuilder:
+    """Compress pieces into packs of about ``target`` bytes. ``taken``: pack ids that
+    must not be produced (see :func:`name_pack`)."""
+
+    def __init__(
+        self, *, compress: bool = True, target: int = PACK_TARGET_SIZE,
+        taken: Callable[[str], bool] | None = None,
+    ) -> None:
         self.target = target
+        self._taken = taken
         self._compressor: Any = None
         if compress:
             import zstandard
@@ -67,7 +87,7 @@ class PackBuilder:
         if not self._pending:
             return None
         data = self._buffer
-        pack_id = hashlib.sha256(data).hexdigest()
+        pack_id = name_pack(data, self._taken)
         pieces = [Piece(sha, pack_id, off, stored, length, comp)
                   for sha, off, stored, length, comp in self._pending]
         self._buffer = bytearray()

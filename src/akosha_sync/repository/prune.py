@@ -47,7 +47,10 @@ object is deleted only at step 7. An upload either claimed before ``T_plan + mar
 then step 6 waited until it committed, and step 7 sees its manifest and keeps what it
 uses; or it claimed after: then it read the plan and uses no condemned object. An
 interrupted prune leaves every kept upload whole: new packs and rewritten indexes
-come before any deletion, and a stale plan only makes uploads store more.
+come before any deletion. One stopped by a signal or an error removes its plan and
+then its lease (syncs may reuse what it condemned and did not delete: nothing deletes
+it any more); one killed outright leaves both, and a stale plan only makes uploads
+store more until the next prune replaces it.
 Known limit: a restore reading an index while prune rewrites it may find an old pack
 gone; it fails with a clear error and succeeds when run again.
 """
@@ -81,6 +84,7 @@ from akosha_sync.repository.format import (
     packs_prefix,
 )
 from akosha_sync.repository.manifest import CLAIM_NAME, MANIFEST_NAME
+from akosha_sync.repository.packs import name_pack
 from akosha_sync.repository.snapshots import StoredObject, Upload, scan_uploads
 from akosha_sync.repository.store import Refusal
 
@@ -346,10 +350,19 @@ async def prune(
             report.waited_for = [u.upload_id for u in flying]
         return report
 
-    await _take_lease(store, system_id, now, lease_stale)
+    # Shielded: cancelled while its answer is on the way, the lease would be in the
+    # bucket but not known to be ours, and refuse every prune for LEASE_STALE.
+    with anyio.CancelScope(shield=True):
+        await _take_lease(store, system_id, now, lease_stale)
     try:
         await _run_locked(store, system_id, repo, garbage, sparse, live, report,
                           wait_seconds, in_flight_stale, say, on_planned)
+    except BaseException:
+        # Stopped (Ctrl-C, SIGTERM, an error): nothing more will be deleted, so the plan
+        # would only make every sync store its pieces again until the next prune.
+        with anyio.CancelScope(shield=True), contextlib.suppress(FileNotFoundError):
+            await obstore.delete_async(store, plan_key(system_id))
+        raise
     finally:
         # Shielded: an interrupted prune (Ctrl-C, SIGTERM) must not leave its lease to
         # refuse every other prune for LEASE_STALE.
@@ -386,7 +399,7 @@ async def _take_lease(
 
 async def _repack(
     store: ObjectStore, system_id: str, sparse: dict[str, StoredObject],
-    live: dict[str, dict[int, Piece]], report: PruneReport,
+    live: dict[str, dict[int, Piece]], report: PruneReport, existing: set[str],
 ) -> dict[tuple[str, int], tuple[Piece, PackRef]]:
     """Copy the live pieces of ``sparse`` packs into new packs; old location -> new."""
     moved: dict[tuple[str, int], tuple[Piece, PackRef]] = {}
@@ -396,10 +409,12 @@ async def _repack(
     async def seal() -> None:
         if not pending:
             return
-        data = bytes(buffer)
-        pid = hashlib.sha256(data).hexdigest()
+        data = bytearray(buffer)
+        # Never the key of a pack already there: one this prune condemns (identical
+        # bytes, by chance) would be deleted in the sweep under the rewritten indexes.
+        pid = name_pack(data, lambda p: pack_key(system_id, p) in existing)
         ref = PackRef(pack_key(system_id, pid), len(data))
-        await obstore.put_async(store, ref.key, data, use_multipart=False)
+        await obstore.put_async(store, ref.key, bytes(data), use_multipart=False)
         report.new_packs.append(pid)
         for old_pid, piece, offset in pending:
             moved[(old_pid, piece.offset)] = (
@@ -455,7 +470,7 @@ async def _run_locked(
     on_planned: Callable[[], object] | None,
 ) -> None:
     say("prune:repack", 0, len(sparse))
-    moved = await _repack(store, system_id, sparse, live, report) if sparse else {}
+    moved = await _repack(store, system_id, sparse, live, report, set(repo.packs)) if sparse else {}
     repacked = {sparse[pid].key: sparse[pid] for pid in report.repacked}
     condemned = {o.key: o for o in garbage} | repacked
     if not condemned:

@@ -105,6 +105,7 @@ class RepositoryWriter:
         compress: bool = True,
         on_written: Callable[[str], None] | None = None,
         existing: frozenset[str] = frozenset(),
+        condemned: frozenset[str] = frozenset(),
     ) -> None:
         self.store = store
         self.config = config
@@ -112,7 +113,13 @@ class RepositoryWriter:
         self.upload_id = upload_id
         self._known = dict(known)
         self._packs = dict(known_packs)
-        self._builder = PackBuilder(compress=compress)
+        # A new pack may not take the key of one a prune is deleting (or verify found
+        # damaged): identical bytes under that key would go with it.
+        avoid = {pid for key in condemned if (pid := pack_id_from_key(key))}
+        self._builder = PackBuilder(
+            compress=compress,
+            taken=(lambda pid: pid in existing) if "*" in condemned else avoid.__contains__,
+        )
         self._on_written = on_written or (lambda key: None)
         # Packs in the bucket when the sync began (ids): never reported as written, so a
         # failed sync's clean-up cannot delete one that committed uploads use.

@@ -137,6 +137,7 @@ async def sync_blocks(
         method.store, config, system_id=sid, upload_id=upload.upload_id, known=known,
         known_packs=known_packs, compress=config.enable_compression,
         on_written=upload.written.append, existing=frozenset(listed),
+        condemned=method.condemned,
     )
     async with writer.running():
         for name, path in wanted:
@@ -150,16 +151,15 @@ async def sync_blocks(
     upload.uploaded_keys.extend(
         ref.key for pid, ref in index.packs.items() if pid not in known_packs
     )
-    reused = {pid for pid in index.packs if pid in known_packs}
-    if reused:
-        # Checked again right before the commit: a prune may have run meanwhile.
+    if index.packs:
+        # Every pack the index names, the reused and the new, checked again right before
+        # the commit: a prune may have run meanwhile (and taken a sync that slept for
+        # hours for an abandoned one).
         listed = await list_packs(method.store, config, sid)
-        gone = sorted(
-            index.packs[p].key for p in reused if listed.get(p) != index.packs[p].size
-        )
+        gone = sorted(ref.key for p, ref in index.packs.items() if listed.get(p) != ref.size)
         if gone:
             raise CloudUploadError(
-                f"{len(gone)} pack(s) this upload reuses left the bucket during the sync "
+                f"{len(gone)} pack(s) this upload needs left the bucket during the sync "
                 f"(e.g. {gone[0]}; did a prune run?); nothing was committed. Sync again."
             )
     if not index.files:

@@ -36,7 +36,7 @@ import hashlib
 import socket
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -66,7 +66,7 @@ from akosha_sync.repository.manifest import (
     upload_id_order,
     uploads_prefix,
 )
-from akosha_sync.repository.prune import read_condemned
+from akosha_sync.repository.prune import IN_FLIGHT_STALE, in_flight_rule, read_condemned
 from akosha_sync.repository.restored import clear_restored
 from akosha_sync.repository.store import commit_manifest, make_store, part_size, with_retries
 from akosha_sync.sync import records
@@ -97,6 +97,13 @@ _BLOCK = 1024 * 1024
 # Parts in flight per object (objects upload side by side): keeps 250 MB under 150 MB RSS.
 _MAX_CONCURRENCY = 2
 _MAX_ID_ATTEMPTS = 50
+
+
+# How far this machine's clock may run ahead of the store's before uploads are named
+# by the store's time (see CloudSyncMethod._claim_upload_id).
+_CLOCK_AHEAD = timedelta(minutes=10)
+# A sync commits only while a prune would still count it as in flight, with this margin.
+_COMMIT_MARGIN = timedelta(minutes=15)
 
 
 def _no_progress(phase: str, done: int, total: int) -> None:
@@ -300,6 +307,7 @@ class CloudSyncMethod:
             key = manifest_key(sid, upload.upload_id)
             progress("manifest", 0, 0)
             body = encode_manifest(manifest)
+            await self._still_ours(upload)
             upload.commit_attempted = True
             await commit_manifest(self.store, key, body, config=config)
             upload.bytes_sent += len(body)
@@ -359,8 +367,60 @@ class CloudSyncMethod:
             else self._details(upload),
         )
 
+    async def _still_ours(self, upload: Upload) -> None:
+        """Right before the commit: a prune (on any machine) takes an upload in flight
+        for longer than IN_FLIGHT_STALE for abandoned, and deletes its claim and what it
+        stored. A sync that ran that long (the monotonic budget stops while the machine
+        sleeps) or whose claim is gone commits nothing: its manifest could name deleted
+        packs."""
+        ran = time.time() - upload.claimed_wall
+        if ran > (IN_FLIGHT_STALE - _COMMIT_MARGIN).total_seconds():
+            raise CloudUploadError(
+                f"this sync has been running for {ran / 60:.0f} minutes (was the machine "
+                "asleep?): a prune may have taken it for abandoned and deleted what it "
+                f"stored ({in_flight_rule()}). Nothing was committed; sync again."
+            )
+        key = claim_key(self.config.system_id_resolved, upload.upload_id)
+
+        async def head() -> bool:
+            try:
+                await obstore.head_async(self.store, key)
+            except FileNotFoundError:
+                return False
+            return True
+
+        if not await with_retries(head, config=self.config, what=f"checking {key}"):
+            raise CloudUploadError(
+                f"{key} is gone: a prune took this upload for abandoned and may have "
+                "deleted what it stored. Nothing was committed; sync again."
+            )
+
     async def _claim_upload_id(self) -> Upload:
-        """Reserve a fresh upload id; the first contact with the store, so it fails fast."""
+        """Reserve a fresh upload id; the first contact with the store, so it fails fast.
+
+        Upload ids are times, and retention keeps the newest: a machine clock ahead of
+        the store's would make an upload the "newest" for as long, and every real one
+        made meanwhile could be forgotten. So the claim's time in the store is read
+        back; beyond _CLOCK_AHEAD this sync names its upload by the store's clock."""
+        upload = await self._claim_once()
+        key = claim_key(self.config.system_id_resolved, upload.upload_id)
+        stored = await with_retries(lambda: obstore.head_async(self.store, key),
+                                    config=self.config, what=f"checking {key}")
+        ahead = self._clock() - stored["last_modified"]
+        if ahead <= _CLOCK_AHEAD:
+            return upload
+        log.warning(
+            "this machine's clock is ahead of the object store's; the upload is named by "
+            "the store's time. Set the clock right (NTP).",
+            ahead_seconds=round(ahead.total_seconds()), upload_id=upload.upload_id,
+        )
+        await with_retries(lambda: obstore.delete_async(self.store, key),
+                           config=self.config, what=f"removing {key}")
+        clock = self._clock
+        self._clock = lambda: clock() - ahead
+        return await self._claim_once()
+
+    async def _claim_once(self) -> Upload:
         sid = self.config.system_id_resolved
         for attempt in range(_MAX_ID_ATTEMPTS):
             upload_id = self._generate_upload_id(attempt)

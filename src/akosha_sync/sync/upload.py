@@ -8,6 +8,7 @@ the layouts need not import :mod:`~akosha_sync.sync.cloud`, which imports them.
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -29,6 +30,9 @@ class Upload:
 
     def __init__(self, upload_id: str) -> None:
         self.upload_id = upload_id
+        # When the claim was made, by the wall clock (which, unlike the monotonic one,
+        # goes on while the machine sleeps): see CloudSyncMethod._still_ours.
+        self.claimed_wall = time.time()
         self.written: list[str] = []  # keys written by this sync, for cleanup
         self.files: dict[str, FileEntry] = {}
         self.uploaded_keys: list[str] = []
