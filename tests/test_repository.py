@@ -468,9 +468,9 @@ def test_prune_says_it_waits_and_a_sigterm_gives_up_its_lease(
         proc.kill()
         proc.wait()
     # Interrupted like Ctrl-C: the lease is given back (it refused every prune for 30
-    # minutes); the plan stays, which only makes syncs store more, as documented.
+    # minutes), and the plan too (it made every sync store its pieces again).
     keys = _keys(minio_client, s3_bucket)
-    assert lease_key("test-host") not in keys and plan_key("test-host") in keys
+    assert lease_key("test-host") not in keys and plan_key("test-host") not in keys
     assert "Interrupting is safe" in err.read_text()
 
 
@@ -677,6 +677,33 @@ def test_forget_never_removes_the_newest_upload_that_passed_verify_open(
     kept = {d.upload_id: d.reasons for d in report.decisions if d.keep}
     assert kept[ids[1]] == ["newest upload that passed verify --open (always kept)"]
     assert {m.split("/")[3] for m in manifests(minio_client, s3_bucket)} == set(ids[1:])
+
+
+def test_forget_keeps_the_last_upload_holding_a_database_that_went_missing(
+    s3_config: MakeConfig, minio_client: Minio, s3_bucket: str, sample: SampleInfo,
+    tmp_path: Path,
+) -> None:
+    """reflection.duckdb lost on the machine: the next syncs commit the knowledge graph
+    only, and a daemon's keep_last=2 forgot every upload holding the reflections (prune
+    then deleted their data)."""
+    config = s3_config()
+    holder = _sync(config)["upload_id"]
+    sample.reflection_path.rename(tmp_path / "reflection.duckdb")
+    for wal in sample.data_dir.glob("reflection.duckdb*.wal"):
+        wal.rename(tmp_path / wal.name)
+    later = [_sync(config) for _ in range(2)]
+    for result in later:
+        manifest = json.loads(get_object(minio_client, s3_bucket, result["manifest_key"]))
+        assert manifest["metadata"]["missing_databases"] == ["reflection.duckdb"]
+        assert "reflection.duckdb" not in manifest["file_details"]
+
+    report = anyio.run(lambda: forget_uploads(config, Policy(keep_last=1), dry_run=False))
+    assert report.forgotten == [later[0]["upload_id"]]
+    kept = {d.upload_id: d.reasons for d in report.decisions if d.keep}
+    assert kept[holder] == ["newest upload holding reflection.duckdb (always kept)"]
+    remaining = {m.split("/")[3] for m in manifests(minio_client, s3_bucket)}
+    assert remaining == {holder, later[1]["upload_id"]}
+    assert f"systems/test-host/uploads/{holder}/manifest.json" in _keys(minio_client, s3_bucket)
 
 
 def test_prune_of_a_system_with_nothing_in_the_bucket_writes_nothing(

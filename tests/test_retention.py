@@ -107,3 +107,29 @@ def test_subtract_duration_is_calendar_aware() -> None:
     moment = datetime(2026, 3, 31, 12, tzinfo=UTC)
     assert subtract_duration(moment, "1m") == datetime(2026, 2, 28, 12, tzinfo=UTC)
     assert subtract_duration(moment, "1y2w3h") == datetime(2025, 3, 17, 9, tzinfo=UTC)
+
+
+def test_the_newest_upload_holding_each_database_is_never_forgotten() -> None:
+    # reflection.duckdb went missing on the machine after u2: u3 and u4 hold only the
+    # knowledge graph. keep_last=1 kept u4 alone, and prune then lost every reflection.
+    uploads = [(f"u{i}", T0 + timedelta(hours=i)) for i in range(5)]
+    both = ["reflection.duckdb", "knowledge_graph.duckdb"]
+    holds = {"u0": both, "u1": both, "u2": both,
+             "u3": ["knowledge_graph.duckdb"], "u4": ["knowledge_graph.duckdb"]}
+    decisions = apply_policy(uploads, Policy(keep_last=1), holds=holds)
+    kept = {d.upload_id: d.reasons for d in decisions if d.keep}
+    assert kept == {
+        "u4": ["newest upload (always kept)", "last 1"],
+        "u2": ["newest upload holding reflection.duckdb (always kept)"],
+    }
+    # Without what they hold, the policy alone decides (as before).
+    assert [d.upload_id for d in apply_policy(uploads, Policy(keep_last=1)) if d.keep] == ["u4"]
+
+
+def test_uploads_in_the_same_second_are_ordered_by_their_suffix_as_a_number() -> None:
+    # As text, "….h.10" sorts before "….h.9": keep_last=1 kept .9 and forgot .10 and .11.
+    base = "20261125_120000_h"
+    ids = [base] + [f"{base}.{n}" for n in range(2, 12)]
+    decisions = apply_policy([(uid, T0) for uid in ids], Policy(keep_last=1))
+    assert [d.upload_id for d in decisions] == ids[::-1]
+    assert [d.upload_id for d in decisions if d.keep] == [f"{base}.11"]

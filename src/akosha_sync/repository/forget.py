@@ -6,6 +6,9 @@ it as a restore point), then the upload's own small objects (``index.json``,
 uploads may share (packs; database objects of the files layout, which later uploads
 reuse in place) is left for ``prune``, which alone decides what no manifest needs.
 Uploads without a manifest take no part: they are prune's business too.
+A policy never forgets the newest upload holding a database (see ``retention``), so a
+database that went missing on the machine keeps its last backup; explicit ids forget
+exactly what they name.
 """
 
 from __future__ import annotations
@@ -17,7 +20,12 @@ import msgspec
 import obstore
 
 from akosha_sync.repository.checks import check_key, read_records
-from akosha_sync.repository.manifest import CLAIM_NAME, MANIFEST_NAME, MEMORIES_NAME
+from akosha_sync.repository.manifest import (
+    CLAIM_NAME,
+    MANIFEST_NAME,
+    MEMORIES_NAME,
+    Manifest,
+)
 from akosha_sync.repository.retention import Decision, Policy, apply_policy
 from akosha_sync.repository.snapshots import Upload, scan_uploads
 from akosha_sync.repository.store import Refusal
@@ -25,11 +33,19 @@ from akosha_sync.repository.store import Refusal
 if TYPE_CHECKING:
     from obstore.store import ObjectStore
 
-__all__ = ["INDEX_NAME", "ForgetError", "ForgetReport", "forget", "own_small_objects"]
+__all__ = [
+    "INDEX_NAME",
+    "ForgetError",
+    "ForgetReport",
+    "databases_held",
+    "forget",
+    "own_small_objects",
+]
 
 INDEX_NAME = "index.json"
 # Deleted after the manifest, in this order; the claim last (it marks the folder ours).
 _SMALL = (INDEX_NAME, MEMORIES_NAME, CLAIM_NAME)
+_WAL_SUFFIX = ".wal"
 
 
 class ForgetError(Refusal):
@@ -51,6 +67,16 @@ def own_small_objects(upload: Upload) -> list[str]:
     """The keys ``forget`` deletes for ``upload``, manifest first."""
     names = [MANIFEST_NAME, *_SMALL]
     return [upload.objects[n].key for n in names if n in upload.objects]
+
+
+def databases_held(manifest: Manifest) -> list[str]:
+    """The databases an upload holds: its files but ``memories.json`` (derived from the
+    databases) and WAL files (each goes with its database). Names are not matched on
+    ``.duckdb``: the database file names are configurable."""
+    return sorted(
+        name for name in manifest.file_details
+        if name != MEMORIES_NAME and not name.endswith(_WAL_SUFFIX)
+    )
 
 
 def newest_verified_open(uploads: list[Upload], passed: set[str]) -> str | None:
@@ -88,6 +114,7 @@ async def forget(
             [(u.upload_id, u.time) for u in complete],
             policy,
             verified_open=newest_verified_open(complete, passed),
+            holds={u.upload_id: databases_held(u.manifest) for u in complete if u.manifest},
         )
         by_id = {u.upload_id: u for u in complete}
         described = policy.describe()

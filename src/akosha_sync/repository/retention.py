@@ -9,19 +9,25 @@
   minus D (counted from the newest upload, not from now, so a machine that stopped
   syncing keeps its last history).
 
-Whatever the policy, the newest upload and the newest upload that passed
-``verify --open`` are never forgotten (a policy must not leave a repository without
-a known-good restore point). An empty policy is refused: forgetting is never implied.
-Every decision carries the reasons that kept it (or why it goes).
+Whatever the policy, the newest upload, the newest upload that passed
+``verify --open`` and, for each database any upload holds, the newest upload holding
+it are never forgotten (a policy must not leave a repository without a known-good
+restore point, nor forget the last copy of a database that went missing on the
+machine while later syncs went on with the other one). An empty policy is refused:
+forgetting is never implied. Every decision carries the reasons that kept it (or why
+it goes). Uploads are ordered by time, then by id in upload order (``..._host.10``
+after ``..._host.9``, which a text sort gets wrong).
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 
 import msgspec
+
+from akosha_sync.repository.manifest import upload_id_order
 
 __all__ = [
     "Decision",
@@ -159,10 +165,13 @@ def apply_policy(
     policy: Policy,
     *,
     verified_open: str | None = None,
+    holds: Mapping[str, Collection[str]] | None = None,
 ) -> list[Decision]:
     """Decide, newest first, which of ``uploads`` (id, UTC time) the policy keeps.
 
     ``verified_open``: the newest upload that passed ``verify --open`` (always kept).
+    ``holds``: upload id -> the databases it holds; for each database, the newest
+    upload holding it is always kept (without it, no upload is kept for what it holds).
     Raises ``RetentionError`` for an empty or invalid policy.
     """
     if policy.empty:
@@ -176,11 +185,12 @@ def apply_policy(
         raise RetentionError("; ".join(problems))
     ordered = sorted(
         ((uid, at.astimezone(UTC)) for uid, at in uploads),
-        key=lambda item: (item[1], item[0]),
+        key=lambda item: (item[1], upload_id_order(item[0])),
         reverse=True,
     )
     if not ordered:
         return []
+    last_holder = _last_holders([uid for uid, _ in ordered], holds or {})
     newest_time = ordered[0][1]
     within_since = (
         subtract_duration(newest_time, policy.keep_within) if policy.keep_within else None
@@ -194,6 +204,9 @@ def apply_policy(
             reasons.append("newest upload (always kept)")
         if verified_open is not None and uid == verified_open:
             reasons.append("newest upload that passed verify --open (always kept)")
+        reasons.extend(
+            f"newest upload holding {name} (always kept)" for name in last_holder.get(uid, [])
+        )
         if position < policy.keep_last:
             reasons.append(f"last {policy.keep_last}")
         for field, name, bucket_of in _BUCKETS:
@@ -216,3 +229,21 @@ def apply_policy(
             )
         )
     return decisions
+
+
+def _last_holders(
+    newest_first: Sequence[str], holds: Mapping[str, Collection[str]]
+) -> dict[str, list[str]]:
+    """Upload id -> the databases (sorted) of which it is the newest holder, leaving out
+    those the newest upload holds: it is kept anyway, and saying so for every database
+    on every run would only bury the reasons that matter."""
+    if not newest_first:
+        return {}
+    seen = set(holds.get(newest_first[0], ()))
+    out: dict[str, list[str]] = {}
+    for uid in newest_first[1:]:
+        new = sorted(set(holds.get(uid, ())) - seen)
+        if new:
+            out[uid] = new
+            seen.update(new)
+    return out

@@ -242,8 +242,9 @@ def add_repository_tools(server: MCPServer, config: AkoshaSyncConfig) -> None:
     ) -> dict[str, Any]:
         """Apply a retention policy (restic's forget): returns each upload's decision and
         its reasons. Deletes only with dry_run=false (manifests and the upload's small
-        objects; shared data goes at the next prune). The newest upload and the newest
-        that passed verify "open" are always kept; an empty policy is refused.
+        objects; shared data goes at the next prune). The newest upload, the newest
+        that passed verify "open" and the newest holding each database are always kept;
+        an empty policy is refused.
         keep_within: e.g. "30d", "12h", "1y6m", counted from the newest upload.
         upload_ids: instead of a policy, forget exactly these uploads (damaged ones).
         """
