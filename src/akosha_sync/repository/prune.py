@@ -182,12 +182,13 @@ async def _get(store: ObjectStore, key: str) -> bytes | None:
 async def _store_now(store: ObjectStore, system_id: str) -> datetime:
     """The store's clock: the LastModified of a probe written now."""
     key = f"systems/{system_id}/locks/clock-{secrets.token_hex(6)}.json"
-    await obstore.put_async(store, key, b"{}")
-    try:
-        meta = await obstore.head_async(store, key)
-        return meta["last_modified"]
-    finally:
-        await obstore.delete_async(store, key)
+    with anyio.CancelScope(shield=True):  # never left behind by a stopped prune
+        await obstore.put_async(store, key, b"{}")
+        try:
+            meta = await obstore.head_async(store, key)
+        finally:
+            await obstore.delete_async(store, key)
+    return meta["last_modified"]
 
 
 async def _list(store: ObjectStore, prefix: str) -> dict[str, StoredObject]:
@@ -483,7 +484,10 @@ async def _run_locked(
         return
     # 4. The plan, then its store time.
     plan = PrunePlan(host=socket.gethostname(), condemned=sorted(condemned))
-    await obstore.put_async(store, plan_key(system_id), msgspec.json.encode(plan))
+    # Shielded: a PUT cancelled on our side still lands in the store, after the clean-up
+    # of a stopped prune had removed the plan.
+    with anyio.CancelScope(shield=True):
+        await obstore.put_async(store, plan_key(system_id), msgspec.json.encode(plan))
     t_plan = (await obstore.head_async(store, plan_key(system_id)))["last_modified"]
     if on_planned is not None:
         on_planned()
