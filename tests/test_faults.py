@@ -580,12 +580,11 @@ def test_a_database_that_is_not_duckdb_is_refused_and_nothing_is_written(
     assert manifests(minio_client, s3_bucket) == []
 
 
-def test_drain_runs_a_failed_session_end_now_instead_of_waiting_for_its_retry(
-    via_proxy: MakeConfig, proxy: FaultProxy, minio_client: Minio, s3_bucket: str,
-    tmp_path: Path,
-) -> None:
-    """`akosha-sync drain` is someone asking to run the queue: it ran nothing, silently,
-    while a failed session end waited 30 s (then minutes) for its retry."""
+def _a_session_end_failed_with_the_store_down(
+    via_proxy: MakeConfig, proxy: FaultProxy, tmp_path: Path
+) -> tuple[AkoshaSyncConfig, Path, int]:
+    """A queued session end whose drain failed (the store refused): it waits for its
+    retry. The store accepts again on return. (config, its TOML, the request id)"""
     config = via_proxy(akosha_url=f"http://127.0.0.1:{pick_free_port()}/mcp", max_retries=0)
     toml = write_toml(config, tmp_path / "c.toml")
     request_id = JobQueue(config.state_path).enqueue("session-end")
@@ -596,6 +595,17 @@ def test_drain_runs_a_failed_session_end_now_instead_of_waiting_for_its_retry(
     waiting = JobQueue(config.state_path).pending()
     assert [q["id"] for q in waiting] == [request_id] and waiting[0]["failed_attempts"] == 1
     proxy.accept()
+    return config, toml, request_id
+
+
+def test_drain_runs_a_failed_session_end_now_instead_of_waiting_for_its_retry(
+    via_proxy: MakeConfig, proxy: FaultProxy, minio_client: Minio, s3_bucket: str,
+    tmp_path: Path,
+) -> None:
+    """`akosha-sync drain` is someone asking to run the queue: it ran nothing, silently,
+    while a failed session end waited 30 s (then minutes) for its retry."""
+    config, toml, request_id = _a_session_end_failed_with_the_store_down(
+        via_proxy, proxy, tmp_path)
     second = subprocess.run([EXE, "--config", str(toml), "drain"], capture_output=True,
                             text=True, timeout=120, check=False)
     assert second.returncode == 0, second.stderr
@@ -609,15 +619,8 @@ def test_a_sync_by_hand_serves_the_session_end_that_failed_while_the_store_was_d
 ) -> None:
     """It showed as failed in status, and synced again at its retry time, after the
     user had synced by hand."""
-    config = via_proxy(akosha_url=f"http://127.0.0.1:{pick_free_port()}/mcp", max_retries=0)
-    toml = write_toml(config, tmp_path / "c.toml")
-    request_id = JobQueue(config.state_path).enqueue("session-end")
-    proxy.refuse()
-    failed = subprocess.run([EXE, "--config", str(toml), "drain"], capture_output=True,
-                            text=True, timeout=120, check=False)
-    assert failed.returncode == 1, failed.stderr
-    assert JobQueue(config.state_path).pending()[0]["failed_attempts"] == 1
-    proxy.accept()
+    config, toml, request_id = _a_session_end_failed_with_the_store_down(
+        via_proxy, proxy, tmp_path)
     by_hand = subprocess.run([EXE, "--config", str(toml), "sync"], capture_output=True,
                              text=True, timeout=120, check=False)
     assert by_hand.returncode == 0, by_hand.stderr
