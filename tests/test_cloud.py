@@ -25,6 +25,8 @@ from akosha_sync.repository.manifest import akosha_manifest_problems
 from akosha_sync.sample import SampleInfo, add_conversations, grow_to_size
 from akosha_sync.sync.cloud import CloudSyncMethod
 from akosha_sync.sync.protocol import CloudUploadError
+from akosha_sync.sync.state import target_id
+from akosha_sync.sync.status import local_status
 from support.verify import get_object, manifests
 
 MakeConfig = Callable[..., AkoshaSyncConfig]
@@ -177,6 +179,53 @@ def test_lost_local_state_uses_the_last_remote_manifest(
     assert sorted(second["files_unchanged"]) == ["knowledge_graph.duckdb", "reflection.duckdb",
                                                  "reflection.duckdb.wal"]
     assert second["upload_id"] != first["upload_id"]
+
+
+def test_the_same_store_spelled_another_way_is_the_same_target(
+    s3_config: MakeConfig, minio_client: Minio, s3_bucket: str, seaweedfs: Any
+) -> None:
+    """``HTTP://127.0.0.1:PORT/`` names the store ``http://127.0.0.1:PORT`` does: its
+    state and what it was delivered carry over, not every record sent again."""
+    first = _sync(s3_config())
+    assert first["success"] and first["new_conversation_count"] > 0
+    respelled = seaweedfs.endpoint.replace("http://", "HTTP://") + "/"
+    second = _sync(s3_config(cloud_endpoint=respelled))
+    assert second["success"], second["error"]
+    assert second["new_conversation_count"] == 0
+    assert not [k for k in second["files_uploaded"] if k.endswith(".duckdb")]
+    memories = json.loads(get_object(minio_client, s3_bucket, _memories_key(second["upload_id"])))
+    assert memories == {"conversations": []}
+
+
+def test_state_kept_under_the_endpoint_as_written_is_taken_over(
+    s3_config: MakeConfig, minio_client: Minio, s3_bucket: str, seaweedfs: Any,
+    tmp_path: Path,
+) -> None:
+    """An earlier version keyed the state and the delivered records by the endpoint as
+    written (here with a trailing '/'): status still shows its last upload, and the
+    next sync takes both over instead of sending every record again."""
+    config = s3_config(cloud_endpoint=seaweedfs.endpoint + "/")
+    first = _sync(config)
+    assert first["success"] and first["new_conversation_count"] > 0
+    key = ("cloud", config.cloud_bucket, config.system_id_resolved)
+    normal = target_id(key[0], seaweedfs.endpoint, *key[1:])
+    spelled = target_id(key[0], config.cloud_endpoint, *key[1:])
+    targets = tmp_path / "state" / "targets"
+    (targets / f"{normal}.json").rename(targets / f"{spelled}.json")
+    con = duckdb.connect(str(tmp_path / "state" / "delivered.duckdb"))
+    con.execute("INSERT INTO delivered SELECT ?, kind, id FROM delivered WHERE channel = ?",
+                [spelled, normal])
+    con.execute("DELETE FROM delivered WHERE channel = ?", [normal])
+    con.close()
+
+    assert local_status(config)["last_upload"]["upload_id"] == first["upload_id"]
+    second = _sync(config)
+    assert second["success"], second["error"]
+    assert second["new_conversation_count"] == 0
+    assert not [k for k in second["files_uploaded"] if k.endswith(".duckdb")]
+    memories = json.loads(get_object(minio_client, s3_bucket, _memories_key(second["upload_id"])))
+    assert memories == {"conversations": []}
+    assert sorted(p.name for p in targets.iterdir()) == [f"{normal}.json"]
 
 
 def test_export_off_counts_all_conversations(

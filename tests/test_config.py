@@ -6,7 +6,14 @@ from pathlib import Path
 
 import pytest
 
-from akosha_sync.config import REDACTED, AkoshaSyncConfig, ConfigError, load_config
+from akosha_sync.config import (
+    REDACTED,
+    AkoshaSyncConfig,
+    ConfigError,
+    endpoint_identity,
+    load_config,
+    normalize_endpoint,
+)
 from akosha_sync.config import sanitize_system_id as sanitize
 
 
@@ -99,6 +106,29 @@ def test_endpoint_rules(endpoint: str, ok: bool) -> None:
     assert (errors == []) is ok, errors
     if not ok:
         assert "cloud_endpoint" in errors[0]
+
+
+@pytest.mark.parametrize(
+    ("written", "normal", "identity"),
+    [
+        ("", "", ""),
+        ("http://127.0.0.1:9000", "http://127.0.0.1:9000", "http://127.0.0.1:9000"),
+        ("HTTP://LocalHost:9000//", "http://localhost:9000", "http://localhost:9000"),
+        ("https://S3.example.com:443/", "https://s3.example.com", "https://s3.example.com"),
+        ("http://[::1]:8333/", "http://[::1]:8333", "http://[::1]:8333"),
+        ("http://user:pw@Host:9000/", "http://user:pw@host:9000", "http://host:9000"),
+        ("file:///srv//backup/", "file:///srv/backup", "file:///srv/backup"),
+        ("file:///srv/../backup", "file:///srv/../backup", "file:///srv/../backup"),
+        # What validate() refuses stays as written, so its error quotes it.
+        ("http://127.0.0.1:9000/akosha", "http://127.0.0.1:9000/akosha",
+         "http://127.0.0.1:9000/akosha"),
+        ("s3.example.com", "s3.example.com", "s3.example.com"),
+    ],
+)
+def test_an_endpoint_has_one_spelling(written: str, normal: str, identity: str) -> None:
+    assert normalize_endpoint(written) == normal
+    assert endpoint_identity(written) == identity
+    assert AkoshaSyncConfig(cloud_endpoint=written).store_endpoint == normal
 
 
 def test_bucket_and_credentials_rules() -> None:

@@ -717,3 +717,22 @@ def test_after_an_older_upload_is_restored_into_data_dir_the_next_sync_stores_no
     target = tmp_path / "again"
     _restore(config, target, upload_id=third["upload_id"])
     assert _snapshot_of(target) == before
+
+
+def test_the_restore_note_names_the_store_without_its_credentials(tmp_path: Path) -> None:
+    """The note is written to disk: a password in the endpoint URL stays out of it, and
+    the same store spelled another way (or with a rotated password) still matches."""
+    from akosha_sync.repository.restored import note_restored, restored_manifest_key
+
+    def config(endpoint: str) -> AkoshaSyncConfig:
+        return AkoshaSyncConfig(cloud_endpoint=endpoint, cloud_bucket="bucket",
+                                system_id="test-host", data_dir=str(tmp_path / "data"),
+                                state_dir=str(tmp_path / "state"))
+
+    first = config("http://user:s3cret-pw@127.0.0.1:9000")
+    (tmp_path / "data").mkdir()
+    assert note_restored(first, system_id="test-host", upload_id="u1", manifest_key="k1",
+                         target=tmp_path / "data")
+    assert b"s3cret-pw" not in (tmp_path / "state" / "restored.json").read_bytes()
+    assert restored_manifest_key(config("HTTP://user:rotated@127.0.0.1:9000/")) == "k1"
+    assert restored_manifest_key(config("http://127.0.0.1:9001")) is None

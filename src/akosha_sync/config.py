@@ -20,7 +20,7 @@ import re
 import socket
 import tomllib
 from collections.abc import Mapping
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, Literal
 from urllib.parse import urlsplit, urlunsplit
 
@@ -34,7 +34,9 @@ __all__ = [
     "AkoshaSyncConfig",
     "ConfigError",
     "ForceMethod",
+    "endpoint_identity",
     "load_config",
+    "normalize_endpoint",
     "system_id_problem",
 ]
 
@@ -138,9 +140,15 @@ class AkoshaSyncConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown
 
     # ----------------------------------------------------------------- derived
     @property
+    def store_endpoint(self) -> str:
+        """``cloud_endpoint`` in its one spelling (:func:`normalize_endpoint`): what
+        the store clients are given."""
+        return normalize_endpoint(self.cloud_endpoint)
+
+    @property
     def is_local_target(self) -> bool:
         """True when the 'cloud' is a local directory (``file://`` endpoint)."""
-        return self.cloud_endpoint.startswith("file://")
+        return self.store_endpoint.startswith("file://")
 
     @property
     def transport_protects_payload(self) -> bool:
@@ -624,6 +632,56 @@ def _has_space(value: str) -> bool:
 def _check_range(problems: list[str], name: str, value: float, low: float, high: float) -> None:
     if not low <= value <= high:
         problems.append(f"{name} is {value}; it must be between {low} and {high}.")
+
+
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def normalize_endpoint(url: str) -> str:
+    """One spelling of an endpoint: ``HTTP://Host:80/`` is ``http://host``,
+    ``file:///data/store/`` is ``file:///data/store``.
+
+    Scheme and host lowercased, a default port and a trailing ``/`` dropped, a
+    ``file://`` path with its doubled and trailing slashes collapsed (``..`` is kept:
+    through a symlink it is not the same folder). A value that ``validate`` refuses
+    is returned unchanged, so its error still quotes what the user wrote.
+    """
+    if not url or _has_space(url):
+        return url
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError:
+        return url
+    scheme = parts.scheme.lower()
+    if parts.query or parts.fragment:
+        return url
+    if scheme == "file":
+        if parts.netloc or not parts.path.startswith("/"):
+            return url
+        return "file://" + str(PurePosixPath("/" + parts.path.lstrip("/")))
+    if scheme not in _DEFAULT_PORTS or not parts.hostname or parts.path.strip("/"):
+        return url
+    host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
+    if port is not None and port != _DEFAULT_PORTS[scheme]:
+        host = f"{host}:{port}"
+    userinfo = parts.netloc.rpartition("@")[0]
+    return f"{scheme}://{userinfo + '@' if userinfo else ''}{host}"
+
+
+def endpoint_identity(url: str) -> str:
+    """The endpoint as the name of a store: normalized, without any credentials in
+    it. Rewriting the URL's spelling, or its password, names the same store; this
+    is what local state about a store is keyed by (and it may be written to disk)."""
+    url = normalize_endpoint(url)
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return url
+    if "@" not in parts.netloc:
+        return url
+    return urlunsplit((parts.scheme, parts.netloc.rpartition("@")[2], parts.path,
+                       parts.query, parts.fragment))
 
 
 def _is_loopback(host: str) -> bool:

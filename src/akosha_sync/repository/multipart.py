@@ -154,7 +154,7 @@ class _Client:
     def __init__(self, config: AkoshaSyncConfig, http: httpx.AsyncClient) -> None:
         self.config = config
         self.http = http
-        endpoint = config.cloud_endpoint
+        endpoint = config.store_endpoint
         region = config.cloud_region
         if not endpoint:
             region = "us-east-1" if region == "auto" else region
@@ -248,7 +248,7 @@ def _http(config: AkoshaSyncConfig) -> httpx.AsyncClient:
 
     return httpx.AsyncClient(
         timeout=httpx.Timeout(_TIMEOUT_S, connect=_CONNECT_TIMEOUT_S), trust_env=True,
-        verify=_uses_tls(config.cloud_endpoint),
+        verify=_uses_tls(config.store_endpoint),
     )
 
 

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 import msgspec
 
 from akosha_sync._fs import atomic_write, private_dir
+from akosha_sync.config import endpoint_identity
 
 if TYPE_CHECKING:
     from akosha_sync.config import AkoshaSyncConfig
@@ -57,7 +58,7 @@ def note_restored(
     costs the next sync some space)."""
     if system_id != config.system_id_resolved or not _same_folder(target, config.data_path):
         return False
-    note = _Restored(system_id=system_id, endpoint=config.cloud_endpoint,
+    note = _Restored(system_id=system_id, endpoint=endpoint_identity(config.cloud_endpoint),
                      bucket=config.cloud_bucket, upload_id=upload_id,
                      manifest_key=manifest_key)
     try:
@@ -76,7 +77,7 @@ def restored_manifest_key(config: AkoshaSyncConfig) -> str | None:
     except (OSError, msgspec.DecodeError, msgspec.ValidationError):
         return None
     if (note.system_id, note.endpoint, note.bucket) != (
-        config.system_id_resolved, config.cloud_endpoint, config.cloud_bucket
+        config.system_id_resolved, endpoint_identity(config.cloud_endpoint), config.cloud_bucket
     ):
         return None
     return note.manifest_key

@@ -177,7 +177,7 @@ def explain(exc: BaseException, config: AkoshaSyncConfig, what: str) -> str:
     else:
         advice = "the store rejected the request"
     if (kind in (Failure.CONNECT, Failure.TRANSIENT) and "error sending request" in cause
-            and config.cloud_endpoint.startswith("https://")):
+            and config.store_endpoint.startswith("https://")):
         # What a TLS handshake with a plain-http server (a local MinIO) looks like.
         advice += (" (if that server speaks plain http, as a local MinIO or SeaweedFS "
                    "usually does, cloud_endpoint must start with http://)")
@@ -205,9 +205,9 @@ def make_store(config: AkoshaSyncConfig, *, retries: bool = False) -> ObjectStor
     produced again; every other caller retries whole operations (:func:`with_retries`).
     """
     if config.is_local_target:
-        root = Path(urlsplit(config.cloud_endpoint).path) / config.cloud_bucket
+        root = Path(urlsplit(config.store_endpoint).path) / config.cloud_bucket
         return LocalStore(root, mkdir=True)
-    endpoint = config.cloud_endpoint or None
+    endpoint = config.store_endpoint or None
     allow_http = bool(endpoint and endpoint.startswith("http://"))
     kwargs: dict[str, object] = {}
     if endpoint:

@@ -47,7 +47,7 @@ import structlog
 from obstore.exceptions import AlreadyExistsError
 
 from akosha_sync import __version__
-from akosha_sync.config import AkoshaSyncConfig
+from akosha_sync.config import AkoshaSyncConfig, endpoint_identity
 from akosha_sync.repository import multipart
 from akosha_sync.repository.damaged import read_damaged
 from akosha_sync.repository.format import LAYOUT_BLOCKS, LAYOUT_FILES
@@ -80,13 +80,20 @@ from akosha_sync.sync.protocol import (
     SyncResult,
 )
 from akosha_sync.sync.snapshot import remove_snapshot_dir
-from akosha_sync.sync.state import StoredFile, TargetState, load_state, save_state, target_id
+from akosha_sync.sync.state import (
+    StoredFile,
+    TargetState,
+    load_state,
+    remove_state,
+    save_state,
+    target_id,
+)
 from akosha_sync.sync.upload import Upload
 
 if TYPE_CHECKING:
     from obstore.store import ObjectStore
 
-__all__ = ["CloudSyncMethod", "cloud_target_id"]
+__all__ = ["CloudSyncMethod", "cloud_target_id", "load_cloud_state"]
 
 log = structlog.get_logger("akosha_sync.cloud")
 
@@ -113,10 +120,48 @@ def _no_progress(phase: str, done: int, total: int) -> None:
 
 
 def cloud_target_id(config: AkoshaSyncConfig) -> str:
-    """The key of this target's local state: endpoint, bucket and system id."""
+    """The key of this target's local state and of its records' delivery channel: the
+    store (its endpoint in one spelling, without credentials), bucket and system id.
+    Writing ``http://host:9000/`` for ``http://host:9000`` names the same target."""
+    return target_id(
+        "cloud", endpoint_identity(config.cloud_endpoint), config.cloud_bucket,
+        config.system_id_resolved,
+    )
+
+
+def _spelled_target_id(config: AkoshaSyncConfig) -> str:
+    """The key used before endpoints were normalized: the endpoint exactly as written."""
     return target_id(
         "cloud", config.cloud_endpoint, config.cloud_bucket, config.system_id_resolved
     )
+
+
+def load_cloud_state(config: AkoshaSyncConfig) -> TargetState | None:
+    """This target's state, or (until the next sync moves it) the one an earlier
+    version kept under the endpoint as written. Reads only."""
+    tid = cloud_target_id(config)
+    state = load_state(config.state_path, tid)
+    if state is None and (spelled := _spelled_target_id(config)) != tid:
+        state = load_state(config.state_path, spelled)
+    return state
+
+
+def _adopt_spelled_state(config: AkoshaSyncConfig, progress_db: Path) -> TargetState | None:
+    """Move a state kept under the endpoint as written (an earlier version's key) to
+    its key now, with what its channel delivered: otherwise every record would be
+    sent again, to a store that has them. Under the sync lock; each step is
+    idempotent, and the old state goes last, so an interruption is finished next time."""
+    tid, spelled = cloud_target_id(config), _spelled_target_id(config)
+    if spelled == tid or (state := load_state(config.state_path, spelled)) is None:
+        return None
+    with records.PROGRESS_LOCK:
+        copied = records.copy_channel(progress_db, spelled, tid)
+    state = msgspec.structs.replace(state, target=tid)
+    save_state(config.state_path, tid, state)
+    remove_state(config.state_path, spelled)
+    log.info("state of this target moved to its normalized endpoint's key",
+             records=copied)
+    return state
 
 
 class CloudSyncMethod:
@@ -215,6 +260,10 @@ class CloudSyncMethod:
     ) -> SyncResult:
         config = self.config
         state = load_state(config.state_path, self.target_id)
+        if state is None:
+            state = await anyio.to_thread.run_sync(
+                _adopt_spelled_state, config, self._progress_db
+            )
         upload = self._upload = await self._claim_upload_id()
         log.info("sync started", method="cloud", upload_id=upload.upload_id)
 

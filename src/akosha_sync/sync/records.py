@@ -46,6 +46,7 @@ __all__ = [
     "MemoriesWriter",
     "RecordKind",
     "RecordShape",
+    "copy_channel",
     "count_undeliverable",
     "forget_delivered",
     "iter_record_batches",
@@ -439,6 +440,31 @@ def forget_delivered(progress_db: Path, channel: str) -> int:
         ).fetchone()
         con.execute("DELETE FROM progress.delivered WHERE channel = ?", [channel])
         return int(row[0]) if row else 0
+    finally:
+        con.close()
+
+
+def copy_channel(progress_db: Path, old: str, new: str) -> int:
+    """Make ``new`` know everything delivered on ``old`` (a target renamed, not a new
+    one); ``old``'s rows stay. Idempotent. Returns how many rows ``new`` gained."""
+    if not progress_db.exists():
+        return 0
+    import duckdb
+
+    con = duckdb.connect()
+    try:
+        open_progress(con, progress_db)
+        before = con.execute(
+            "SELECT count(*) FROM progress.delivered WHERE channel = ?", [new]
+        ).fetchone()
+        con.execute(
+            "INSERT OR IGNORE INTO progress.delivered "
+            "SELECT ?, kind, id FROM progress.delivered WHERE channel = ?", [new, old]
+        )
+        after = con.execute(
+            "SELECT count(*) FROM progress.delivered WHERE channel = ?", [new]
+        ).fetchone()
+        return int(after[0] if after else 0) - int(before[0] if before else 0)
     finally:
         con.close()
 

@@ -25,7 +25,15 @@ from akosha_sync.repository.manifest import FileEntry
 from akosha_sync.sync.protocol import SyncError
 from akosha_sync.sync.snapshot import SourceFingerprint
 
-__all__ = ["StoredFile", "TargetState", "load_state", "save_state", "sync_lock", "target_id"]
+__all__ = [
+    "StoredFile",
+    "TargetState",
+    "load_state",
+    "remove_state",
+    "save_state",
+    "sync_lock",
+    "target_id",
+]
 
 log = structlog.get_logger("akosha_sync.state")
 
@@ -85,6 +93,11 @@ def load_state(state_dir: Path, tid: str) -> TargetState | None:
 def save_state(state_dir: Path, tid: str, state: TargetState) -> None:
     """Write atomically: a crash leaves the old state or the new one, never half."""
     atomic_write(_state_file(state_dir, tid), msgspec.json.encode(state))
+
+
+def remove_state(state_dir: Path, tid: str) -> None:
+    """Forget a target's state (absent already is fine)."""
+    _state_file(state_dir, tid).unlink(missing_ok=True)
 
 
 @contextlib.asynccontextmanager

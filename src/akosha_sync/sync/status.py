@@ -9,10 +9,9 @@ import msgspec
 
 from akosha_sync.config import AkoshaSyncConfig
 from akosha_sync.repository.store import describe_target
-from akosha_sync.sync.cloud import cloud_target_id
+from akosha_sync.sync.cloud import load_cloud_state
 from akosha_sync.sync.records import load_undeliverable
 from akosha_sync.sync.snapshot import fingerprint
-from akosha_sync.sync.state import load_state
 
 __all__ = ["local_status"]
 
@@ -28,7 +27,7 @@ def local_status(config: AkoshaSyncConfig) -> dict[str, Any]:
     sid = config.system_id_resolved
     state = None
     if config.cloud_configured:
-        state = load_state(config.state_path, cloud_target_id(config))
+        state = load_cloud_state(config)
     databases: dict[str, Any] = {}
     for name, path in config.database_paths.items():
         fp = fingerprint(path)
