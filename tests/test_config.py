@@ -13,6 +13,7 @@ from akosha_sync.config import (
     endpoint_identity,
     load_config,
     normalize_endpoint,
+    url_identity,
 )
 from akosha_sync.config import sanitize_system_id as sanitize
 
@@ -129,6 +130,12 @@ def test_an_endpoint_has_one_spelling(written: str, normal: str, identity: str) 
     assert normalize_endpoint(written) == normal
     assert endpoint_identity(written) == identity
     assert AkoshaSyncConfig(cloud_endpoint=written).store_endpoint == normal
+
+
+def test_an_akosha_url_has_one_spelling_and_keeps_its_path() -> None:
+    assert url_identity("HTTP://User:pw@LocalHost:8682/mcp/") == "http://localhost:8682/mcp"
+    assert url_identity("https://akosha.example:443/MCP") == "https://akosha.example/MCP"
+    assert url_identity("not a url") == "not a url"
 
 
 def test_bucket_and_credentials_rules() -> None:

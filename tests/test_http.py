@@ -33,6 +33,7 @@ from akosha_sync.sync import http as http_module
 from akosha_sync.sync.http import HttpSyncMethod
 from akosha_sync.sync.protocol import HTTPSyncError
 from akosha_sync.sync.records import memory_id
+from akosha_sync.sync.state import target_id
 from support.akosha import AkoshaServer, pick_free_port
 
 MakeConfig = Callable[..., AkoshaSyncConfig]
@@ -132,6 +133,35 @@ def test_sync_stores_records_then_sends_only_new_ones(
     )
     skipped = _memory_ids(sid, "entity", no_embedding)
     assert _held(akosha, probe + skipped) == set(probe)
+
+
+def test_the_same_akosha_spelled_another_way_is_the_same_channel(
+    akosha: AkoshaServer, make_config: MakeConfig, tmp_path: Path
+) -> None:
+    """``HTTP://127.0.0.1:PORT/mcp/`` is the Akosha ``http://127.0.0.1:PORT/mcp`` is:
+    what was delivered to one spelling is not sent again to the other, and what an
+    earlier version recorded under the URL as written (its channel's old name) counts."""
+    sid = _sid()
+    respelled = akosha.url.replace("http://", "HTTP://") + "/"
+    first = _sync(HttpSyncMethod(make_config(system_id=sid, akosha_url=respelled)))
+    assert first["success"], first["error"]
+    assert first["details"]["sent"]
+    plain = _sync(HttpSyncMethod(make_config(system_id=sid, akosha_url=akosha.url)))
+    assert plain["success"] and plain["details"]["sent"] == {}
+
+    # As an earlier version left it: the records under the URL as written.
+    normal = target_id("http", akosha.url, sid)
+    spelled = target_id("http", respelled.rstrip("/"), sid)
+    con = duckdb.connect(str(tmp_path / "state" / "delivered.duckdb"))
+    con.execute("UPDATE delivered SET channel = ? WHERE channel = ?", [spelled, normal])
+    con.close()
+    again = _sync(HttpSyncMethod(make_config(system_id=sid, akosha_url=respelled)))
+    assert again["success"], again["error"]
+    assert again["details"]["sent"] == {} and again["details"]["calls"] == 0
+    con = duckdb.connect(str(tmp_path / "state" / "delivered.duckdb"), read_only=True)
+    channels = {c for (c,) in con.execute("SELECT DISTINCT channel FROM delivered").fetchall()}
+    con.close()
+    assert channels == {normal}
 
 
 def test_batches_are_bounded_by_items_and_bytes(

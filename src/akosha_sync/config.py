@@ -38,6 +38,7 @@ __all__ = [
     "load_config",
     "normalize_endpoint",
     "system_id_problem",
+    "url_identity",
 ]
 
 ForceMethod = Literal["auto", "cloud", "http"]
@@ -673,15 +674,25 @@ def endpoint_identity(url: str) -> str:
     """The endpoint as the name of a store: normalized, without any credentials in
     it. Rewriting the URL's spelling, or its password, names the same store; this
     is what local state about a store is keyed by (and it may be written to disk)."""
-    url = normalize_endpoint(url)
+    return url_identity(normalize_endpoint(url))
+
+
+def url_identity(url: str) -> str:
+    """An http(s) URL as the name of a service: scheme and host lowercased, a default
+    port, any credentials and a trailing ``/`` dropped (the path's case is kept).
+    Anything else is returned as written."""
     try:
         parts = urlsplit(url)
+        port = parts.port
     except ValueError:
         return url
-    if "@" not in parts.netloc:
+    scheme = parts.scheme.lower()
+    if scheme not in _DEFAULT_PORTS or not parts.hostname:
         return url
-    return urlunsplit((parts.scheme, parts.netloc.rpartition("@")[2], parts.path,
-                       parts.query, parts.fragment))
+    host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
+    if port is not None and port != _DEFAULT_PORTS[scheme]:
+        host = f"{host}:{port}"
+    return urlunsplit((scheme, host, parts.path.rstrip("/"), parts.query, ""))
 
 
 def _is_loopback(host: str) -> bool:

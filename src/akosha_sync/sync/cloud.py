@@ -149,18 +149,18 @@ def load_cloud_state(config: AkoshaSyncConfig) -> TargetState | None:
 def _adopt_spelled_state(config: AkoshaSyncConfig, progress_db: Path) -> TargetState | None:
     """Move a state kept under the endpoint as written (an earlier version's key) to
     its key now, with what its channel delivered: otherwise every record would be
-    sent again, to a store that has them. Under the sync lock; each step is
-    idempotent, and the old state goes last, so an interruption is finished next time."""
+    sent again, to a store that has them. Under the sync lock; the old state goes
+    last, so an interruption is finished by the next sync."""
     tid, spelled = cloud_target_id(config), _spelled_target_id(config)
     if spelled == tid or (state := load_state(config.state_path, spelled)) is None:
         return None
     with records.PROGRESS_LOCK:
-        copied = records.copy_channel(progress_db, spelled, tid)
+        moved = records.move_channel(progress_db, spelled, tid)
     state = msgspec.structs.replace(state, target=tid)
     save_state(config.state_path, tid, state)
     remove_state(config.state_path, spelled)
     log.info("state of this target moved to its normalized endpoint's key",
-             records=copied)
+             records=moved)
     return state
 
 

@@ -48,7 +48,7 @@ from mcp.types import (
 )
 
 from akosha_sync._fs import private_dir
-from akosha_sync.config import AkoshaSyncConfig
+from akosha_sync.config import AkoshaSyncConfig, url_identity
 from akosha_sync.redact import scrub
 from akosha_sync.repository.manifest import make_upload_id
 from akosha_sync.repository.store import RetryPolicy
@@ -339,17 +339,34 @@ class HttpSyncMethod:
 
     @property
     def target_id(self) -> str:
-        """The delivery channel: what was delivered to this Akosha for this system."""
+        """The delivery channel: what was delivered to this Akosha for this system
+        (its URL in one spelling, without credentials: :func:`url_identity`)."""
+        c = self.config
+        return target_id("http", url_identity(c.akosha_url), c.system_id_resolved)
+
+    @property
+    def _spelled_target_id(self) -> str:
+        """The channel's name before URLs were normalized: the URL as written."""
         c = self.config
         return target_id("http", c.akosha_url.rstrip("/"), c.system_id_resolved)
+
+    def _adopt_spelled_channel(self, progress_db: Path) -> None:
+        """What an earlier version delivered under the URL as written counts for the
+        channel now (else every record would be sent again); a no-op once moved."""
+        with records.PROGRESS_LOCK:
+            moved = records.move_channel(progress_db, self._spelled_target_id, self.target_id)
+        if moved:
+            log.info("delivery progress moved to the normalized Akosha URL's channel",
+                     records=moved)
 
     def forget_delivered(self) -> int:
         """Make the next sync send every record again, e.g. after Akosha lost its data
         (0.11 keeps memories in memory only). Records it still holds come back as
         duplicates, which count as delivered. Returns how many were forgotten."""
-        forgotten = records.forget_delivered(
-            self.config.state_path / "delivered.duckdb", self.target_id
-        )
+        progress_db = self.config.state_path / "delivered.duckdb"
+        forgotten = records.forget_delivered(progress_db, self.target_id)
+        if self._spelled_target_id != self.target_id:  # or the next sync moves it back
+            forgotten += records.forget_delivered(progress_db, self._spelled_target_id)
         log.info("delivery progress forgotten", akosha=self._shown_url, records=forgotten)
         return forgotten
 
@@ -429,6 +446,9 @@ class HttpSyncMethod:
             if not plan:
                 return
             channel = self.target_id
+            progress_db = config.state_path / "delivered.duckdb"
+            if self._spelled_target_id != channel:
+                await anyio.to_thread.run_sync(self._adopt_spelled_channel, progress_db)
 
             def opened(reader: _Reader, kinds: tuple[str, ...]) -> None:
                 # Runs in the worker thread that opens the snapshot.
@@ -439,7 +459,7 @@ class HttpSyncMethod:
 
             feed = _Feed(
                 plan,
-                progress_db=config.state_path / "delivered.duckdb",
+                progress_db=progress_db,
                 system_id=config.system_id_resolved,
                 channel=channel,
                 max_items=max(1, min(config.http_batch_size, _MAX_ITEMS)),

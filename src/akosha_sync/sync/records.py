@@ -46,7 +46,6 @@ __all__ = [
     "MemoriesWriter",
     "RecordKind",
     "RecordShape",
-    "copy_channel",
     "count_undeliverable",
     "forget_delivered",
     "iter_record_batches",
@@ -54,6 +53,7 @@ __all__ = [
     "load_undeliverable",
     "mark_delivered",
     "memory_id",
+    "move_channel",
     "open_progress",
     "open_snapshot",
     "save_undeliverable",
@@ -444,27 +444,30 @@ def forget_delivered(progress_db: Path, channel: str) -> int:
         con.close()
 
 
-def copy_channel(progress_db: Path, old: str, new: str) -> int:
-    """Make ``new`` know everything delivered on ``old`` (a target renamed, not a new
-    one); ``old``'s rows stay. Idempotent. Returns how many rows ``new`` gained."""
-    if not progress_db.exists():
+def move_channel(progress_db: Path, old: str, new: str) -> int:
+    """What was delivered on ``old`` is now known as delivered on ``new`` (one target
+    under a new name, not a new target), in one transaction; a second call finds
+    nothing to move. Returns how many records moved."""
+    if old == new or not progress_db.exists():
         return 0
     import duckdb
 
     con = duckdb.connect()
     try:
         open_progress(con, progress_db)
-        before = con.execute(
-            "SELECT count(*) FROM progress.delivered WHERE channel = ?", [new]
+        row = con.execute(
+            "SELECT count(*) FROM progress.delivered WHERE channel = ?", [old]
         ).fetchone()
-        con.execute(
-            "INSERT OR IGNORE INTO progress.delivered "
-            "SELECT ?, kind, id FROM progress.delivered WHERE channel = ?", [new, old]
-        )
-        after = con.execute(
-            "SELECT count(*) FROM progress.delivered WHERE channel = ?", [new]
-        ).fetchone()
-        return int(after[0] if after else 0) - int(before[0] if before else 0)
+        moved = int(row[0]) if row else 0
+        if moved:
+            con.execute("BEGIN")
+            con.execute(
+                "INSERT OR IGNORE INTO progress.delivered "
+                "SELECT ?, kind, id FROM progress.delivered WHERE channel = ?", [new, old]
+            )
+            con.execute("DELETE FROM progress.delivered WHERE channel = ?", [old])
+            con.execute("COMMIT")
+        return moved
     finally:
         con.close()
 
