@@ -90,9 +90,9 @@ class MemoriesUpload:
             self._push, progress_db=progress_db, system_id=config.system_id_resolved,
             channel=channel,
         )
-        self._send: MemoryObjectSendStream[bytes]
-        self._receive: MemoryObjectReceiveStream[bytes]
-        self._send, self._receive = anyio.create_memory_object_stream[bytes](_CHANNEL_CHUNKS)
+        self._send: MemoryObjectSendStream[bytearray]
+        self._receive: MemoryObjectReceiveStream[bytearray]
+        self._send, self._receive = anyio.create_memory_object_stream[bytearray](_CHANNEL_CHUNKS)
         self._tg = anyio.create_task_group()
         self._sent = anyio.Event()
         self.export: records.MemoriesExport | None = None
@@ -122,7 +122,7 @@ class MemoriesUpload:
             raise
 
     # ------------------------------------------------------------ rendering
-    def _push(self, data: bytes) -> None:
+    def _push(self, data: bytearray) -> None:
         """From the rendering thread: hash, count, and wait for room in the channel."""
         self._digest.update(data)
         self.size += len(data)
@@ -159,7 +159,7 @@ class MemoriesUpload:
     # ------------------------------------------------------------ uploading
     async def _upload(self) -> None:
         async with self._receive:
-            head: list[bytes] = []
+            head: list[bytearray] = []
             size = 0
             async for chunk in self._receive:
                 head.append(chunk)
@@ -178,8 +178,8 @@ class MemoriesUpload:
 
         await with_retries(put, config=self._config, what=f"uploading {self.key}")
 
-    async def _put_parts(self, head: list[bytes]) -> None:
-        async def body() -> AsyncIterator[bytes]:
+    async def _put_parts(self, head: list[bytearray]) -> None:
+        async def body() -> AsyncIterator[bytearray]:
             sent = 0
             while head:  # handed over one by one: obstore copies them into its parts
                 chunk = head.pop(0)
