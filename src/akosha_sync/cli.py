@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from akosha_sync._alloc import tune_allocator
 from akosha_sync._output import as_json, human_size
 
 if TYPE_CHECKING:
@@ -96,6 +97,10 @@ def _load(args: argparse.Namespace, **overrides: Any) -> AkoshaSyncConfig:
     return load_config(args.config, overrides=overrides)
 
 
+# Commands whose buffers are large (packs, upload parts): see akosha_sync._alloc.
+_MOVES_DATA = frozenset({"sync", "restore", "demo", "serve", "drain"})
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     from akosha_sync.config import ConfigError
@@ -109,6 +114,8 @@ def main(argv: list[str] | None = None) -> int:
         }.get(args.command)
         from akosha_sync import cli_repository
 
+        if args.command in _MOVES_DATA or args.command in cli_repository.COMMANDS:
+            tune_allocator()
         if handler is not None or args.command in cli_repository.COMMANDS:
             _interrupt_on_sigterm()
         if handler is None and args.command in cli_repository.COMMANDS:
