@@ -97,10 +97,10 @@ def _load(args: argparse.Namespace, **overrides: Any) -> AkoshaSyncConfig:
     return load_config(args.config, overrides=overrides)
 
 
-# Commands that upload large buffers (packs, parts): see akosha_sync._alloc. Not
-# restore: it holds little anyway (~100 MB), and re-mapping each downloaded pack
-# costs it ~4 % (0.74 s against 0.71, 6 alternating runs).
-_MOVES_DATA = frozenset({"sync", "demo", "serve", "drain"})
+# Commands that upload large buffers (packs, parts; prune repacks): see
+# akosha_sync._alloc. Not restore or verify: they hold little anyway (~100 MB), and
+# re-mapping each downloaded pack costs a restore ~4 % (0.74 s against 0.71).
+_MOVES_DATA = frozenset({"sync", "demo", "serve", "drain", "prune"})
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
         }.get(args.command)
         from akosha_sync import cli_repository
 
-        if args.command in _MOVES_DATA or args.command in cli_repository.COMMANDS:
+        if args.command in _MOVES_DATA:
             tune_allocator()
         if handler is not None or args.command in cli_repository.COMMANDS:
             _interrupt_on_sigterm()
