@@ -663,11 +663,9 @@ def normalize_endpoint(url: str) -> str:
         return "file://" + str(PurePosixPath("/" + parts.path.lstrip("/")))
     if scheme not in _DEFAULT_PORTS or not parts.hostname or parts.path.strip("/"):
         return url
-    host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
-    if port is not None and port != _DEFAULT_PORTS[scheme]:
-        host = f"{host}:{port}"
     userinfo = parts.netloc.rpartition("@")[0]
-    return f"{scheme}://{userinfo + '@' if userinfo else ''}{host}"
+    server = _server(scheme, parts.hostname, port)
+    return f"{scheme}://{userinfo + '@' if userinfo else ''}{server}"
 
 
 def endpoint_identity(url: str) -> str:
@@ -689,10 +687,15 @@ def url_identity(url: str) -> str:
     scheme = parts.scheme.lower()
     if scheme not in _DEFAULT_PORTS or not parts.hostname:
         return url
-    host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
-    if port is not None and port != _DEFAULT_PORTS[scheme]:
-        host = f"{host}:{port}"
-    return urlunsplit((scheme, host, parts.path.rstrip("/"), parts.query, ""))
+    server = _server(scheme, parts.hostname, port)
+    return urlunsplit((scheme, server, parts.path.rstrip("/"), parts.query, ""))
+
+
+def _server(scheme: str, hostname: str, port: int | None) -> str:
+    """``host[:port]`` as a URL writes it: the host (already lowercased by urlsplit)
+    bracketed if IPv6, the port left out when it is the scheme's default."""
+    host = f"[{hostname}]" if ":" in hostname else hostname
+    return host if port is None or port == _DEFAULT_PORTS[scheme] else f"{host}:{port}"
 
 
 def _is_loopback(host: str) -> bool:

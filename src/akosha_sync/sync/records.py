@@ -425,23 +425,35 @@ def mark_delivered(
     )
 
 
-def forget_delivered(progress_db: Path, channel: str) -> int:
-    """Forget what was delivered on a channel, so the next sync sends everything again
-    (for a target that lost its data); returns how many records were forgotten."""
-    if not progress_db.exists():
-        return 0
+@contextlib.contextmanager
+def _delivered_store(progress_db: Path) -> Iterator[duckdb.DuckDBPyConnection]:
+    """A connection with the delivered-ids store attached as ``progress``."""
     import duckdb
 
     con = duckdb.connect()
     try:
         open_progress(con, progress_db)
-        row = con.execute(
-            "SELECT count(*) FROM progress.delivered WHERE channel = ?", [channel]
-        ).fetchone()
-        con.execute("DELETE FROM progress.delivered WHERE channel = ?", [channel])
-        return int(row[0]) if row else 0
+        yield con
     finally:
         con.close()
+
+
+def _delivered_on(con: duckdb.DuckDBPyConnection, channel: str) -> int:
+    row = con.execute(
+        "SELECT count(*) FROM progress.delivered WHERE channel = ?", [channel]
+    ).fetchone()
+    return int(row[0]) if row else 0
+
+
+def forget_delivered(progress_db: Path, channel: str) -> int:
+    """Forget what was delivered on a channel, so the next sync sends everything again
+    (for a target that lost its data); returns how many records were forgotten."""
+    if not progress_db.exists():
+        return 0
+    with _delivered_store(progress_db) as con:
+        forgotten = _delivered_on(con, channel)
+        con.execute("DELETE FROM progress.delivered WHERE channel = ?", [channel])
+        return forgotten
 
 
 def move_channel(progress_db: Path, old: str, new: str) -> int:
@@ -450,15 +462,8 @@ def move_channel(progress_db: Path, old: str, new: str) -> int:
     nothing to move. Returns how many records moved."""
     if old == new or not progress_db.exists():
         return 0
-    import duckdb
-
-    con = duckdb.connect()
-    try:
-        open_progress(con, progress_db)
-        row = con.execute(
-            "SELECT count(*) FROM progress.delivered WHERE channel = ?", [old]
-        ).fetchone()
-        moved = int(row[0]) if row else 0
+    with _delivered_store(progress_db) as con:
+        moved = _delivered_on(con, old)
         if moved:
             con.execute("BEGIN")
             con.execute(
@@ -468,8 +473,6 @@ def move_channel(progress_db: Path, old: str, new: str) -> int:
             con.execute("DELETE FROM progress.delivered WHERE channel = ?", [old])
             con.execute("COMMIT")
         return moved
-    finally:
-        con.close()
 
 
 class MemoriesExport(msgspec.Struct, frozen=True):
