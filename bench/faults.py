@@ -26,6 +26,7 @@ import logging
 import os
 import secrets
 import shutil
+import signal
 import sqlite3
 import subprocess
 import sys
@@ -52,6 +53,7 @@ from support.akosha import AkoshaServer  # noqa: E402
 from support.faults import (  # noqa: E402
     EXE,
     DaemonProcess,
+    claims_without_manifest,
     incomplete_uploads,
     objects,
     restore_problems,
@@ -287,6 +289,52 @@ def s3_lost_manifest_answer(b: Bench) -> Row:
                   f"sync said success={result.get('success')} with {len(found)} manifest(s)")
         row.notes.append(f"outcome: {'committed' if found else 'absent'}")
     return row
+
+
+def s10_claim(b: Bench) -> list[Row]:
+    """The claim that reserves an upload id: its answer lost, or the sync stopped
+    (SIGTERM) while the answer is on the way. A claim left behind is an upload in
+    flight for prune, which then waits for it."""
+    assert b.minio is not None
+    lost = Row("10. claim PUT's answer lost",
+               "the sync goes on with its claim; no claim left without a manifest")
+    where = b.folder()
+    with FaultProxy.to(b.s3.endpoint) as proxy:
+        config = b.config(where, endpoint=proxy.endpoint, max_retries=2)
+        proxy.drop_response(lambda r: r.method == "PUT" and r.path.endswith("/_claim.json"))
+        began = time.monotonic()
+        code, result, _ = _cli_sync(config, where, "--method", "cloud")
+        lost.detect_s = time.monotonic() - began
+        left = claims_without_manifest(b.minio, config.cloud_bucket)
+        lost.lost = _bucket_lost(b, config.cloud_bucket)
+        lost.check(code == 0 and result.get("success"), f"sync failed: {result.get('error')}")
+        lost.check(not left, f"claims left: {left}")
+    stopped = Row("10. SIGTERM while the claim's answer is on the way",
+                  "exit 143; nothing left in the bucket")
+    where = b.folder()
+    with FaultProxy.to(b.s3.endpoint) as proxy:
+        config = b.config(where, endpoint=proxy.endpoint)
+        toml = write_toml(config, where / "cli.toml")
+        proxy.hold_response(lambda r: r.method == "PUT" and r.path.endswith("/_claim.json"))
+        proc = subprocess.Popen([EXE, "--config", str(toml), "sync", "--json"],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            until(lambda: proxy.stalled, timeout=60, what="the claim's answer to be held")
+            asked = len(proxy.exchanges)
+            began = time.monotonic()
+            proc.send_signal(signal.SIGTERM)
+            until(lambda: proc.poll() is not None or len(proxy.exchanges) > asked,
+                  timeout=30, what="the stopped sync to exit or to call the store")
+            proxy.resume()
+            code = proc.wait(timeout=60)
+            stopped.detect_s = time.monotonic() - began
+        finally:
+            proc.kill()
+            proc.wait()
+        left = objects(b.minio, config.cloud_bucket)
+        stopped.check(code == 143, f"exit {code}")
+        stopped.check(not left, f"left in the bucket: {left}")
+    return [lost, stopped]
 
 
 def s4_misconfigured(b: Bench) -> list[Row]:
@@ -540,7 +588,7 @@ def msgspec_replace(config: AkoshaSyncConfig, name: str, value: Any) -> AkoshaSy
 SCENARIOS: dict[int, Callable[[Bench], Row | list[Row]]] = {
     1: s1_store_killed, 2: s2_stall, 3: s3_lost_manifest_answer, 4: s4_misconfigured,
     5: s5_both_down, 6: s6_sigkill_after_ack, 7: s7_fifty, 8: s8_corrupt_state,
-    9: s9_bad_input,
+    9: s9_bad_input, 10: s10_claim,
 }
 
 

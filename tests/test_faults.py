@@ -39,6 +39,7 @@ from akosha_sync.sync.runner import run_sync
 from support.faults import (
     EXE,
     DaemonProcess,
+    claims_without_manifest,
     incomplete_uploads,
     objects,
     restore_problems,
@@ -276,6 +277,58 @@ def test_a_sigterm_mid_upload_ends_the_sync_like_ctrl_c_and_leaves_nothing(
     left = objects(minio_client, s3_bucket)
     assert [k for k in left if "/uploads/" in k] == [], left
     assert all(k.endswith(".pack") for k in left), left
+
+
+def _is_claim(request: ProxyRequest) -> bool:
+    return request.method == "PUT" and request.path.endswith("/_claim.json")
+
+
+def test_a_lost_answer_to_the_claim_leaves_no_second_claim_behind(
+    via_proxy: MakeConfig, proxy: FaultProxy, minio_client: Minio, s3_bucket: str,
+) -> None:
+    """The claim's PUT landed and its answer was lost: the retry finds the key taken by
+    our own bytes and goes on with it. Before, it took a new upload id and left the
+    first claim, which prune counts as an upload in flight for two hours."""
+    config = via_proxy(max_retries=2)
+    proxy.drop_response(_is_claim)
+    result = _sync_now(config, method="cloud")
+    assert any(e.dropped for e in proxy.exchanges), "the fault did not happen"
+    assert result["success"], result["error"]
+    assert claims_without_manifest(minio_client, s3_bucket) == []
+    assert len(proxy.seen(_is_claim)) == 2, "one upload id: the claim and its retry"
+    assert restore_problems(minio_client, s3_bucket) == []
+
+
+@pytest.mark.parametrize("held", ["PUT", "HEAD"])
+def test_a_sigterm_while_the_claim_is_answered_takes_the_claim_back(
+    held: str, via_proxy: MakeConfig, proxy: FaultProxy, minio_client: Minio,
+    s3_bucket: str, tmp_path: Path,
+) -> None:
+    """Stopped while the answer to its claim's PUT (or to the HEAD that reads the
+    claim's time back) is on the way, with the claim in the store: the sync deletes it,
+    as it deletes what it stored. Before, the claim stayed, an upload in flight for
+    prune, which then waited for it (up to 15 minutes a run, for two hours)."""
+    config = via_proxy()
+    toml = write_toml(config, tmp_path / "c.toml")
+    proxy.hold_response(lambda r: r.method == held and r.path.endswith("/_claim.json"))
+    proc = subprocess.Popen([EXE, "--config", str(toml), "sync", "--json"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        until(lambda: proxy.stalled, timeout=60, what="the claim's answer to be held")
+        assert claims_without_manifest(minio_client, s3_bucket), "the claim is stored"
+        asked = len(proxy.exchanges)
+        proc.send_signal(signal.SIGTERM)
+        # The signal has been handled once the process exits or asks the store again.
+        until(lambda: proc.poll() is not None or len(proxy.exchanges) > asked,
+              timeout=30, what="the stopped sync to exit or to call the store")
+        proxy.resume()
+        assert proc.wait(timeout=60) == 143
+        assert proc.stderr is not None
+        assert "interrupted" in proc.stderr.read()
+    finally:
+        proc.kill()
+        proc.wait()
+    assert objects(minio_client, s3_bucket) == []
 
 
 # ------------------------------------- 4. wrong key, missing bucket, no endpoint

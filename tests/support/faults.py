@@ -52,6 +52,13 @@ def objects(client: Minio, bucket: str) -> list[str]:
                   if o.object_name is not None)
 
 
+def claims_without_manifest(client: Minio, bucket: str) -> list[str]:
+    """Claims with no manifest beside them: uploads in flight, as prune counts them."""
+    keys = objects(client, bucket)
+    return [k for k in keys if k.endswith("/_claim.json")
+            and k.removesuffix("_claim.json") + "manifest.json" not in keys]
+
+
 def incomplete_uploads(client: Minio, bucket: str) -> list[str]:
     """Keys of multipart uploads started and neither completed nor aborted."""
     result = client._list_multipart_uploads(bucket, prefix="systems/")

@@ -12,6 +12,8 @@ and response begin and end, it can:
 * drop the response of the next request matching a predicate, after the request
   reached the server and the server answered (:meth:`drop_response`): the client
   sees the connection close instead of the answer, the server has committed;
+* hold the response of the next matching request (:meth:`hold_response`): the server
+  has acted and answered, and the answer waits until :meth:`resume`;
 * add latency: hold each request ``seconds`` before relaying it (:meth:`delay`), so
   that short operations last long enough for an overlap to show;
 * refuse connections (:meth:`refuse`, :meth:`accept`): the listener is closed, so a
@@ -189,6 +191,7 @@ class FaultProxy:
         self._stopping = threading.Event()
         self._stall_on: tuple[Predicate, int] | None = None
         self._drop_on: Predicate | None = None
+        self._hold_on: Predicate | None = None
         self._latency = 0.0
         self._listener: socket.socket | None = None
         self._accepting: threading.Thread | None = None
@@ -235,6 +238,7 @@ class FaultProxy:
         """Relay normally: clears stall, pending drop and refusal."""
         self._stall_on = None
         self._drop_on = None
+        self._hold_on = None
         self._latency = 0.0
         self._flowing.set()
         if self._listener is None and not self._stopping.is_set():
@@ -264,6 +268,12 @@ class FaultProxy:
     def drop_response(self, match: Predicate) -> None:
         """Withhold the answer to the next request matching ``match`` (one shot)."""
         self._drop_on = match
+
+    def hold_response(self, match: Predicate) -> None:
+        """Relay the next request matching ``match`` whole, then stall before its answer
+        reaches the client (one shot): the store has acted, the client still waits.
+        :meth:`resume` lets the answer through."""
+        self._hold_on = match
 
     def refuse(self) -> None:
         """Close the listener (connects are refused) and cut the open connections."""
@@ -408,6 +418,9 @@ class FaultProxy:
         if drop:
             self._drop_on = None
         stall = self._stall_on if self._stall_on and self._stall_on[0](request) else None
+        hold = self._hold_on is not None and self._hold_on(request)
+        if hold:
+            self._hold_on = None
 
         if self._latency:
             time.sleep(self._latency)  # the fault itself (a slow link), not a wait for state
@@ -438,6 +451,8 @@ class FaultProxy:
             if not drop:  # 100 Continue and friends
                 self._send(client, response)
         exchange.status = status
+        if hold:
+            self._flowing.clear()  # the store has answered; the client waits for it
         body = self._body(from_server, response_headers, request=False, method=request.method,
                           status=status)
         if drop:

@@ -44,6 +44,7 @@ __all__ = [
     "RetryPolicy",
     "classify",
     "commit_manifest",
+    "create_once",
     "describe_target",
     "make_store",
     "part_size",
@@ -331,6 +332,23 @@ async def _read_back(store: ObjectStore, key: str) -> bytes | None:
         return None
 
 
+async def create_once(store: ObjectStore, key: str, body: bytes) -> bool:
+    """One attempt at a conditional create that can be retried: True when ``key`` holds
+    ``body`` afterwards (written now, or by an earlier attempt whose answer was lost:
+    the key is then taken and read back), False when another writer's bytes are there.
+    A key reported taken but not readable raises ``TimeoutError`` (worth a retry)."""
+    try:
+        await obstore.put_async(store, key, body, mode="create")
+        return True
+    except (AlreadyExistsError, PreconditionError):
+        stored = await _read_back(store, key)
+    if stored is None:
+        raise TimeoutError(f"{key} was reported as existing but could not be read")
+    if stored == body:
+        log.info("already written by an earlier attempt", key=key)
+    return stored == body
+
+
 async def commit_manifest(
     store: ObjectStore, key: str, body: bytes, *, config: AkoshaSyncConfig
 ) -> None:
@@ -344,17 +362,8 @@ async def commit_manifest(
     """
 
     async def attempt() -> None:
-        try:
-            await obstore.put_async(store, key, body, mode="create")
+        if await create_once(store, key, body):
             return
-        except (AlreadyExistsError, PreconditionError):
-            stored = await _read_back(store, key)
-        if stored == body:
-            log.info("manifest was already committed by an earlier attempt", key=key)
-            return
-        if stored is None:
-            # Reported taken yet not readable: ask again (counts as a retry).
-            raise TimeoutError(f"{key} was reported as existing but could not be read")
         raise ManifestConflictError(
             f"another manifest already exists at {key} (not the one this sync wrote); "
             "another machine may use the same system_id. Nothing of that upload was "

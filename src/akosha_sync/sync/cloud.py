@@ -3,7 +3,8 @@
 
 One sync, in order:
 
-1. reserve an upload id with a conditional create (two syncs never share one);
+1. reserve an upload id with a conditional create (two syncs never share one); a
+   claim the sync does not go on with is deleted (prune waits for claims);
 2. per database: reuse the stored objects untouched if the stat fingerprint of the
    database and its WAL matches the last upload; else snapshot both, then per file
    (database, WAL) reuse the stored object if its SHA-256 is unchanged, else stream
@@ -33,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import secrets
 import socket
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine
@@ -44,7 +46,6 @@ import anyio
 import msgspec
 import obstore
 import structlog
-from obstore.exceptions import AlreadyExistsError
 
 from akosha_sync import __version__
 from akosha_sync.config import AkoshaSyncConfig, endpoint_identity
@@ -68,7 +69,13 @@ from akosha_sync.repository.manifest import (
 )
 from akosha_sync.repository.prune import IN_FLIGHT_STALE, in_flight_rule, read_condemned
 from akosha_sync.repository.restored import clear_restored
-from akosha_sync.repository.store import commit_manifest, make_store, part_size, with_retries
+from akosha_sync.repository.store import (
+    commit_manifest,
+    create_once,
+    make_store,
+    part_size,
+    with_retries,
+)
 from akosha_sync.sync import records
 from akosha_sync.sync.blocks import sync_blocks
 from akosha_sync.sync.deadline import Deadline
@@ -104,6 +111,8 @@ _BLOCK = 1024 * 1024
 # Parts in flight per object (objects upload side by side): keeps 250 MB under 150 MB RSS.
 _MAX_CONCURRENCY = 2
 _MAX_ID_ATTEMPTS = 50
+# How long a stopped sync tries to take its claim back (see _claim_once).
+_CLAIM_WAIT_S = 10.0
 
 
 # How far this machine's clock may run ahead of the store's before uploads are named
@@ -453,10 +462,16 @@ class CloudSyncMethod:
         back; beyond _CLOCK_AHEAD this sync names its upload by the store's clock."""
         upload = await self._claim_once()
         key = claim_key(self.config.system_id_resolved, upload.upload_id)
-        stored = await with_retries(lambda: obstore.head_async(self.store, key),
-                                    config=self.config, what=f"checking {key}")
+        try:
+            stored = await with_retries(lambda: obstore.head_async(self.store, key),
+                                        config=self.config, what=f"checking {key}")
+        except BaseException:
+            await self._discard(upload)  # stopped or failed here: take the claim back
+            raise
         ahead = self._clock() - stored["last_modified"]
         if ahead <= _CLOCK_AHEAD:
+            # From here on _sync_claimed removes the claim if the sync fails or is
+            # stopped; nothing in between is a checkpoint where a cancel could land.
             return upload
         log.warning(
             "this machine's clock is ahead of the object store's; the upload is named by "
@@ -476,19 +491,24 @@ class CloudSyncMethod:
             key = claim_key(sid, upload_id)
             body = msgspec.json.encode(
                 {"upload_id": upload_id, "host": socket.gethostname(), "claimed_at": str(
-                    self._clock().isoformat())}
+                    self._clock().isoformat()), "nonce": secrets.token_hex(8)}
             )
 
             async def put(key: str = key, body: bytes = body) -> bool:
-                try:
-                    await obstore.put_async(self.store, key, body, mode="create")
-                except AlreadyExistsError:
-                    return False
-                return True
+                # An answer lost on the way: the retry finds the key taken, by our bytes.
+                return await create_once(self.store, key, body)
 
-            if await with_retries(
-                put, config=self.config, what="reserving an upload id", connect_attempts=2
-            ):
+            try:
+                claimed = await with_retries(
+                    put, config=self.config, what="reserving an upload id",
+                    connect_attempts=2,
+                )
+            except BaseException:
+                # A claim left in the store holds every prune up for hours (an upload
+                # in flight), and a PUT stopped or failed on our side may have landed.
+                await self._take_back_claim(key, body)
+                raise
+            if claimed:
                 upload = Upload(upload_id)
                 upload.written.append(key)
                 upload.bytes_sent += len(body)
@@ -497,6 +517,16 @@ class CloudSyncMethod:
             f"could not reserve an upload id after {_MAX_ID_ATTEMPTS} attempts; "
             "is another machine using the same system_id?"
         )
+
+    async def _take_back_claim(self, key: str, body: bytes) -> None:
+        """Best effort: delete the claim at ``key`` if it holds our ``body``."""
+        with anyio.CancelScope(shield=True), anyio.move_on_after(_CLAIM_WAIT_S):
+            try:
+                stored = await (await obstore.get_async(self.store, key)).bytes_async()
+                if bytes(stored) == body:
+                    await obstore.delete_async(self.store, key)
+            except Exception as exc:  # absent, or the store is what failed
+                log.debug("claim not taken back", key=key, error=str(exc)[:200])
 
     async def _remote_reference(self, sid: str, tid: str) -> TargetState | None:
         """Without local state, the newest committed manifest tells what is stored."""
