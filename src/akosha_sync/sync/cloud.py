@@ -111,8 +111,10 @@ _BLOCK = 1024 * 1024
 # Parts in flight per object (objects upload side by side): keeps 250 MB under 150 MB RSS.
 _MAX_CONCURRENCY = 2
 _MAX_ID_ATTEMPTS = 50
-# How long a stopped sync tries to take its claim back (see _claim_once).
-_CLAIM_WAIT_S = 10.0
+# How long a stopped sync tries to take its claim back (see _claim_once): two small
+# requests to a store that answers; short, for a store that stopped answering (the
+# sync's budget ran out on the claim), which would not answer these either.
+_CLAIM_WAIT_S = 0.5
 
 
 # How far this machine's clock may run ahead of the store's before uploads are named
