@@ -144,6 +144,45 @@ def test_a_small_change_sends_only_the_new_pieces(
     assert "knowledge_graph.duckdb" in second["files_unchanged"]
 
 
+@pytest.mark.parametrize("layout", ["blocks", "files"])
+def test_a_sync_of_one_database_keeps_the_other_in_its_upload(
+    layout: str, s3_config: MakeConfig, minio_client: Minio, s3_bucket: str,
+    sample: SampleInfo, tmp_path: Path,
+) -> None:
+    """``upload_knowledge_graph=False``: the upload still holds the whole memory, the
+    knowledge graph at the version the last upload stored. Before, it held the
+    reflections alone: ``restore latest`` brought half the memory back, retention could
+    forget the last upload with the knowledge graph, and the next full sync stored the
+    whole knowledge graph again (the last upload had none of its pieces)."""
+    config = s3_config(export_memories=False, storage_layout=layout)
+    first = _sync(config)
+    kg = sample.knowledge_graph_path.read_bytes()
+    add_conversations(sample.data_dir, 3, seed=7, checkpoint=True)
+    part: dict[str, Any] = anyio.run(
+        lambda: CloudSyncMethod(config).sync(upload_knowledge_graph=False))
+    assert part["success"] and part["error"] is None, part["error"]
+    assert not [k for k in part["files_uploaded"] if "knowledge_graph" in k]
+    manifest = _json(minio_client, s3_bucket, part["manifest_key"])
+    assert "knowledge_graph.duckdb" in manifest["files"]
+    assert manifest["metadata"]["not_selected"] == ["knowledge_graph.duckdb"]
+    assert manifest["metadata"]["carried_over"]["knowledge_graph.duckdb"] == first["upload_id"]
+
+    target = tmp_path / "back"
+    anyio.run(lambda: restore(make_store(config), config, system_id="test-host", target=target))
+    assert (target / "knowledge_graph.duckdb").read_bytes() == kg
+    assert (target / "reflection.duckdb").read_bytes() == sample.reflection_path.read_bytes()
+
+    # The next full sync reads the knowledge graph again (touched) and stores none of it.
+    packs = _packs(minio_client, s3_bucket)
+    objects_before = set(faults.objects(minio_client, s3_bucket))
+    sample.knowledge_graph_path.touch()
+    full = _sync(config)
+    assert "knowledge_graph.duckdb" in full["files_unchanged"]
+    assert _packs(minio_client, s3_bucket) == packs
+    added = set(faults.objects(minio_client, s3_bucket)) - objects_before
+    assert not [k for k in added if "knowledge_graph" in k], added
+
+
 def test_reused_pack_missing_from_the_bucket_is_stored_again(
     s3_config: MakeConfig, minio_client: Minio, s3_bucket: str, sample: SampleInfo,
     tmp_path: Path,

@@ -620,6 +620,29 @@ def test_restore_notes_name_what_an_upload_lacks_or_holds_from_an_earlier_one() 
     ]
 
 
+def test_restore_notes_name_a_database_the_sync_was_not_asked_for() -> None:
+    from akosha_sync.repository.manifest import build_manifest
+    from akosha_sync.repository.restore import content_notes
+
+    def notes(carried: dict[str, str]) -> list[str]:
+        manifest = build_manifest(
+            system_id="h", upload_id="u2", uploaded_at=datetime(2026, 1, 2, tzinfo=UTC),
+            files={}, conversation_count=0, metadata={
+                "missing_databases": [], "failed_databases": [], "carried_over": carried,
+                "not_selected": ["knowledge_graph.duckdb"],
+            })
+        return content_notes(manifest, ["reflection.duckdb", *carried])
+
+    assert notes({"knowledge_graph.duckdb": "u1"}) == [
+        "knowledge_graph.duckdb is the version upload u1 stored: the sync that made u2 "
+        "was not asked for it",
+    ]
+    assert notes({}) == [  # the first upload: no earlier version to keep
+        "knowledge_graph.duckdb is not in u2: the sync that made it was not asked for it "
+        "and no earlier upload held it",
+    ]
+
+
 def test_temporary_files_of_a_killed_restore_are_removed_by_the_next(
     s3_config: MakeConfig, sample: SampleInfo, tmp_path: Path
 ) -> None:

@@ -135,7 +135,7 @@ async def _cmd_snapshots(config: Any, args: argparse.Namespace) -> int:
         state = ("complete" if info.complete else problem if problem.startswith(LEFTOVER)
                  else f"INCOMPLETE ({problem})")
         databases = sorted(n for n in info.carried_over if not n.endswith(".wal"))
-        if databases:  # the sync could not read them: an earlier version is inside
+        if databases:  # not read, or not asked for: an earlier version is inside
             state += "".join(f", {n} as of {info.carried_over[n]}" for n in databases)
         print(
             f"{info.upload_id:<40} {info.time[:19].replace('T', ' '):<20} "

@@ -415,13 +415,22 @@ def content_notes(manifest: Manifest, names: list[str]) -> list[str]:
     A sync that could not read a database still commits the others; it keeps the
     unreadable one at the version an earlier upload stored (``carried_over``), or,
     with none to keep, leaves it out (``failed_databases``, ``missing_databases``).
+    A database the sync was not asked for (``not_selected``) is kept the same way.
     """
     uid = manifest.upload_id
     carried = carried_over_from(manifest)
+    left_out = manifest.metadata.get("not_selected")
+    left_out = [str(n) for n in left_out] if isinstance(left_out, list) else []
     notes = [
-        f"{name} is the version upload {origin} stored: it could not be read when {uid} "
-        "was made"
+        f"{name} is the version upload {origin} stored: "
+        + (f"the sync that made {uid} was not asked for it" if name in left_out
+           else f"it could not be read when {uid} was made")
         for name, origin in carried.items() if not name.endswith(".wal")
+    ]
+    notes += [
+        f"{name} is not in {uid}: the sync that made it was not asked for it and no "
+        "earlier upload held it"
+        for name in left_out if name not in carried and name not in names
     ]
     failed = manifest.metadata.get("failed_databases")
     for error in failed if isinstance(failed, list) else []:

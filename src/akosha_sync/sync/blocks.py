@@ -49,6 +49,7 @@ from akosha_sync.sync.protocol import CloudUploadError, ProgressCallback, Snapsh
 from akosha_sync.sync.snapshot import fingerprint as source_fingerprint
 from akosha_sync.sync.snapshot import take_snapshot
 from akosha_sync.sync.state import StoredFile, TargetState
+from akosha_sync.sync.upload import log_carried_over
 
 if TYPE_CHECKING:
     from akosha_sync.sync.memories import MemoriesUpload
@@ -145,6 +146,8 @@ async def sync_blocks(
                 method, upload, state, writer, previous, previous_index, name, path,
                 snapshot_dir, progress, memories,
             )
+        for name in upload.not_selected:
+            _carry_over(upload, state, writer, previous, previous_index, name)
     index = writer.index()
     upload.bytes_sent += writer.bytes_new
     upload.bytes_new += writer.bytes_new
@@ -291,7 +294,8 @@ def _carry_over(
     previous_index: Index | None,
     name: str,
 ) -> None:
-    """A database that could not be read keeps its last stored version in this upload.
+    """A database that could not be read, or that this sync was not asked for
+    (``upload_knowledge_graph=False``, ...), keeps its last stored version in this upload.
 
     Otherwise the upload, the newest one, would hold the other database only, and a
     ``restore latest`` would bring back half the memory with no word said. Its pieces
@@ -310,8 +314,7 @@ def _carry_over(
     stored = state.files.get(name) if state else None
     if stored is not None:
         upload.fingerprints[name] = stored.fingerprint
-    log.warning("database not readable; its last stored version is kept in this upload",
-                file=name, stored_by=upload.carried_over[name])
+    log_carried_over(upload, name)
 
 
 async def _open_source(

@@ -79,7 +79,7 @@ from akosha_sync.repository.store import (
 from akosha_sync.sync import records
 from akosha_sync.sync.blocks import sync_blocks
 from akosha_sync.sync.deadline import Deadline
-from akosha_sync.sync.files import send, sync_database
+from akosha_sync.sync.files import carry_over, send, sync_database
 from akosha_sync.sync.memories import MemoriesUpload
 from akosha_sync.sync.protocol import (
     CloudUploadError,
@@ -308,13 +308,11 @@ class CloudSyncMethod:
             )
             if state is None and config.enable_deduplication:
                 state = await self._remote_reference(sid, tid)
-            wanted = [
-                (name, path)
-                for (name, path), keep in zip(
-                    config.database_paths.items(), (reflections, knowledge_graph), strict=True
-                )
-                if keep
-            ]
+            chosen = list(zip(
+                config.database_paths.items(), (reflections, knowledge_graph), strict=True
+            ))
+            wanted = [(name, path) for (name, path), keep in chosen if keep]
+            upload.not_selected = [name for (name, _), keep in chosen if not keep]
             blocks = config.storage_layout == LAYOUT_BLOCKS
             try:
                 async with contextlib.AsyncExitStack() as stack:
@@ -356,6 +354,7 @@ class CloudSyncMethod:
                     "missing_databases": upload.missing,
                     "failed_databases": upload.errors,
                     "carried_over": upload.carried_over,
+                    "not_selected": upload.not_selected,
                     "new_conversation_count": new_conversations,
                     "memories": {k: len(v) for k, v in upload.exported.items()},
                     "undeliverable": dict(upload.undeliverable),
@@ -414,7 +413,7 @@ class CloudSyncMethod:
             error="; ".join(upload.errors + [
                 f"{name} in this upload is the version upload {origin} stored"
                 for name, origin in upload.carried_over.items()
-                if name in config.database_paths
+                if name in config.database_paths and name not in upload.not_selected
             ]) or None,
             files_unchanged=upload.unchanged,
             files_missing=upload.missing,
@@ -651,6 +650,8 @@ class CloudSyncMethod:
                     self, upload, state, name, path, snapshot_dir, progress
                 ):
                     tg.start_soon(send, self, upload, item, progress)
+        for name in upload.not_selected:
+            await carry_over(self, upload, state, name)
 
     def _memories_upload(
         self, upload: Upload, tid: str, progress: ProgressCallback

@@ -22,11 +22,12 @@ from akosha_sync.sync.protocol import ProgressCallback, SnapshotError
 from akosha_sync.sync.snapshot import fingerprint as source_fingerprint
 from akosha_sync.sync.snapshot import take_snapshot
 from akosha_sync.sync.state import StoredFile, TargetState
+from akosha_sync.sync.upload import log_carried_over
 
 if TYPE_CHECKING:
     from akosha_sync.sync.upload import CloudContext, Upload
 
-__all__ = ["Send", "send", "sync_database"]
+__all__ = ["Send", "carry_over", "send", "sync_database"]
 
 log = structlog.get_logger("akosha_sync.cloud")
 
@@ -100,7 +101,7 @@ async def sync_database(
     except SnapshotError as exc:
         upload.errors.append(str(exc))
         log.error("database not readable; skipped", database=str(path), error=str(exc))
-        await _carry_over(method, upload, state, name)
+        await carry_over(method, upload, state, name)
         return []
     upload.snapshots[name] = snap
     sends: list[Send] = []
@@ -150,11 +151,12 @@ async def send(
     upload.new_state[item.name] = StoredFile(fingerprint=item.fingerprint, entry=entry)
 
 
-async def _carry_over(
+async def carry_over(
     method: CloudContext, upload: Upload, state: TargetState | None, name: str
 ) -> None:
-    """An unreadable database keeps its last stored objects in this upload (as
-    blocks.py's ``_carry_over``: else ``restore latest`` brings back half the memory)."""
+    """A database that could not be read, or that this sync was not asked for, keeps
+    its last stored objects in this upload (as blocks.py's ``_carry_over``: else
+    ``restore latest`` brings back half the memory)."""
     stored = state.files if state else {}
     names = [n for n in (name, name + _WAL_SUFFIX) if n in stored]
     if name not in names:
@@ -169,8 +171,7 @@ async def _carry_over(
         # The old fingerprint: the next sync reads the database again.
         upload.new_state[n] = stored[n]
         upload.carried_over[n] = origin
-    log.warning("database not readable; its last stored version is kept in this upload",
-                file=name, stored_by=upload.carried_over[name])
+    log_carried_over(upload, name)
 
 
 def _reuse(

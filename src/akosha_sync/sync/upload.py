@@ -12,6 +12,8 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
+import structlog
+
 if TYPE_CHECKING:
     from obstore.store import ObjectStore
 
@@ -22,7 +24,9 @@ if TYPE_CHECKING:
     from akosha_sync.sync.snapshot import Snapshot
     from akosha_sync.sync.state import StoredFile, TargetState
 
-__all__ = ["CloudContext", "Upload"]
+__all__ = ["CloudContext", "Upload", "log_carried_over"]
+
+log = structlog.get_logger("akosha_sync.cloud")
 
 
 class Upload:
@@ -42,6 +46,9 @@ class Upload:
         # A database that could not be read, kept at its last stored version: file
         # name (database and WAL) -> the upload that stored it.
         self.carried_over: dict[str, str] = {}
+        # Databases the caller left out of this sync (upload_reflections=False, ...):
+        # carried over too, so that every upload holds the whole memory.
+        self.not_selected: list[str] = []
         self.snapshots: dict[str, Snapshot] = {}
         self.new_state: dict[str, StoredFile] = {}
         self.exported: dict[str, list[str]] = {}  # per kind; delivered once committed
@@ -92,3 +99,13 @@ class CloudContext(Protocol):
         phase: str,
         known_sha256: str | None = None,
     ) -> FileEntry: ...
+
+
+def log_carried_over(upload: Upload, name: str) -> None:
+    """Say why ``name`` is kept at the version an earlier upload stored."""
+    if name in upload.not_selected:
+        log.info("not selected for this sync; its last stored version is kept in this "
+                 "upload", file=name, stored_by=upload.carried_over[name])
+    else:
+        log.warning("database not readable; its last stored version is kept in this "
+                    "upload", file=name, stored_by=upload.carried_over[name])
