@@ -10,9 +10,12 @@
   time, checks every piece's length, writes it at its offsets into a temporary file
   beside the target while hashing the whole file in order, fsyncs, checks every
   whole file's size and SHA-256 (when one does not match, every piece of it is
-  hashed to name the damaged pack), and only then moves any existing database aside
-  (``NAME.bak-<time>``) and renames the new files into place. Any failure before
-  that leaves the target exactly as it was. The whole-file hash covers every byte
+  hashed to name the damaged pack), and only then keeps any existing database as
+  ``NAME.bak-<time>`` and renames the new files into place
+  (:mod:`~akosha_sync.repository.placement`: the target is checked again first, and
+  no signal or crash leaves a database beside a WAL not its own). Any failure before
+  that leaves the target exactly as it was. File names from the bucket must be plain
+  names (never a path). The whole-file hash covers every byte
   of every piece, so a piece cannot be wrong and the file right.
 
 Reads the blocks layout, the files layout and uploads made before either existed.
@@ -22,14 +25,13 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import hashlib
-import itertools
 import os
+import re
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -54,6 +56,7 @@ from akosha_sync.repository.manifest import (
 )
 from akosha_sync.repository.packs import PieceError, extract_piece
 from akosha_sync.repository.pieces import piece_id, pread_all
+from akosha_sync.repository.placement import Placement, PlacementError, locked_by_other, place
 from akosha_sync.repository.restored import note_restored
 from akosha_sync.repository.snapshots import list_system_ids
 from akosha_sync.repository.store import FAILED, Refusal, with_retries
@@ -268,19 +271,14 @@ def _when(at: datetime) -> str:
 
 
 # ------------------------------------------------------------------- target
-def _locked_by_other(path: Path) -> bool:
-    """True when another process holds a POSIX lock on ``path`` (DuckDB does, while open)."""
-    try:
-        fd = os.open(path, os.O_RDWR)
-    except OSError:
-        return False
-    try:
-        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as exc:
-        return exc.errno in (errno.EACCES, errno.EAGAIN)
-    finally:
-        os.close(fd)  # also drops the probe lock
-    return False
+# A name restore writes into the target: one plain file name, never a path. Names come
+# from the bucket (an index or manifest), which another machine or damage may have
+# changed, and the SHA-256 checks cover contents, not names.
+_PLAIN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,200}")
+
+
+def _plain(name: str) -> bool:
+    return _PLAIN_NAME.fullmatch(name) is not None
 
 
 def restore_names(manifest: Manifest, index: Index | None) -> list[str]:
@@ -325,8 +323,8 @@ def inspect_target(target: Path, names: list[str]) -> dict[str, TargetFile]:
     found: dict[str, TargetFile] = {}
     for name in sorted(set(names) | set(_wal_names(names))):
         path = target / name
-        exists = path.exists()
-        found[name] = TargetFile(exists=exists, locked_by_other=exists and _locked_by_other(path))
+        exists = os.path.lexists(path)  # a dangling symlink too: never replaced silently
+        found[name] = TargetFile(exists=exists, locked_by_other=exists and locked_by_other(path))
     return found
 
 
@@ -351,6 +349,14 @@ def plan_restore(
     files: list[PlannedFile] = []
     fetch: dict[str, int] = {}
     for name in names:
+        if not _plain(name):
+            problems.append(
+                f"upload {manifest.upload_id} names a file {name!r}, which is not a plain "
+                f"file name: its {'index' if index is not None else 'manifest'} is damaged "
+                "or was not written by akosha-sync; nothing is written for it. Restore "
+                "another upload (`akosha-sync snapshots` lists them)."
+            )
+            continue
         if index is not None:
             entry = index.files[name]
             size, sha = entry.size, entry.sha256
@@ -816,84 +822,25 @@ async def execute(
 
 
 def _install(plan: RestorePlan, temps: dict[str, Path]) -> dict[str, str]:
-    """Keep what is replaced, then rename the restored files into place: all of it, or
-    (a rename or link refused midway) none, with the target put back as it was.
-    Returns the backups kept, by name."""
-    kept: dict[str, str] = {}
-    installed: list[str] = []
-    restored = {f.name for f in plan.files}
+    """Keep what is replaced, then rename the restored files into place
+    (:mod:`~akosha_sync.repository.placement`: all or nothing, in an order that never
+    leaves a database beside another's WAL). Returns the backups kept, by name."""
+    items = [
+        Placement(name=f.name, path=Path(f.path), temp=None, replaces=True,
+                  backup=Path(f.backup) if f.backup else None)
+        for f in plan.set_aside
+    ] + [
+        Placement(name=f.name, path=Path(f.path), temp=temps[f.name], replaces=f.replaces,
+                  backup=Path(f.backup) if f.backup else None)
+        for f in plan.files
+    ]
     try:
-        for planned in [*plan.set_aside, *plan.files]:
-            if planned.replaces and planned.backup and Path(planned.path).exists():
-                kept[planned.name] = _keep_aside(
-                    Path(planned.path), Path(planned.backup),
-                    remove=planned.name not in restored,
-                )
-        for planned in plan.files:
-            os.replace(temps[planned.name], planned.path)
-            installed.append(planned.name)
-    except OSError as exc:
-        left = _roll_back(plan, kept, installed)
-        state = ("what was there is back as it was" if not left else
-                 "and putting back what was there failed too: " + "; ".join(left))
+        return place(items)
+    except PlacementError as exc:
         raise RestoreError(
-            f"putting the restored files in place in {plan.target_dir} failed "
-            f"({exc.strerror or exc}); {state}. Nothing was lost: check the folder's "
-            "permissions and restore again."
+            f"putting the restored files in place in {plan.target_dir} failed: {exc}. "
+            "Nothing was lost."
         ) from exc
-    return kept
-
-
-def _roll_back(plan: RestorePlan, kept: dict[str, str], installed: list[str]) -> list[str]:
-    """Undo a partial install; returns what could not be undone (and where it is)."""
-    paths = {f.name: Path(f.path) for f in [*plan.set_aside, *plan.files]}
-    left: list[str] = []
-    for name in reversed(installed):
-        try:
-            if name in kept:
-                os.replace(kept.pop(name), paths[name])  # the original back over the new file
-            else:
-                paths[name].unlink()
-        except OSError as exc:
-            left.append(f"{paths[name]}: {exc.strerror or exc}")
-    for name, backup in kept.items():
-        try:
-            if paths[name].exists():
-                os.unlink(backup)  # a second link to the file still in place
-            else:
-                os.rename(backup, paths[name])
-        except OSError as exc:
-            left.append(f"{paths[name]} is kept as {backup} ({exc.strerror or exc})")
-    return left
-
-
-def _keep_aside(path: Path, backup: Path, *, remove: bool) -> str:
-    """Keep ``path`` as ``backup`` (or ``backup.1``, ... : an existing backup, maybe the
-    user's own database from a restore in the same second, is never overwritten).
-
-    A hard link keeps it without a moment in which ``path`` is gone; the new file then
-    replaces ``path`` in one rename. ``remove``: nothing takes its place (a stale WAL).
-    """
-    for candidate in _backup_names(backup):
-        try:
-            os.link(path, candidate)
-        except FileExistsError:
-            continue
-        except OSError:
-            break
-        if remove:
-            path.unlink()
-        return str(candidate)
-    # No hard links on this filesystem: a rename, to a name checked to be free.
-    candidate = next(c for c in _backup_names(backup) if not c.exists())
-    os.rename(path, candidate)
-    return str(candidate)
-
-
-def _backup_names(backup: Path) -> Iterator[Path]:
-    yield backup
-    for n in itertools.count(1):
-        yield backup.with_name(f"{backup.name}.{n}")
 
 
 class _DiskError(Refusal):
@@ -961,7 +908,7 @@ async def prepare_restore(
     manifest, index = await find_upload(
         store, config, system_id=system_id, upload_id=upload_id, at=at
     )
-    names = restore_names(manifest, index)
+    names = [n for n in restore_names(manifest, index) if _plain(n)]  # the plan says why
     existing = await anyio.to_thread.run_sync(inspect_target, target, names)
     plan = plan_restore(
         manifest, index, target=target, existing=existing, force=force,
