@@ -183,6 +183,33 @@ def test_a_sync_of_one_database_keeps_the_other_in_its_upload(
     assert not [k for k in added if "knowledge_graph" in k], added
 
 
+@pytest.mark.parametrize("layout", ["blocks", "files"])
+def test_a_database_kept_from_an_earlier_upload_keeps_its_own_wal_only(
+    layout: str, s3_config: MakeConfig, minio_client: Minio, s3_bucket: str,
+    sample: SampleInfo, tmp_path: Path,
+) -> None:
+    """Upload 1 has a WAL, a checkpoint removes it, upload 2 has none; upload 3 keeps
+    the reflections from upload 2. Before (files layout), it took upload 1's WAL from
+    the local state too, and restored a database DuckDB refuses to open."""
+    config = s3_config(export_memories=False, storage_layout=layout)
+    wal = Path(f"{sample.reflection_path}.wal")
+    assert wal.exists()
+    _sync(config)
+    add_conversations(sample.data_dir, 5, seed=3, checkpoint=True)
+    assert not wal.exists()
+    _sync(config)
+    third: dict[str, Any] = anyio.run(
+        lambda: CloudSyncMethod(config).sync(upload_reflections=False))
+    assert third["success"], third["error"]
+    manifest = _json(minio_client, s3_bucket, third["manifest_key"])
+    assert "reflection.duckdb.wal" not in manifest["files"], manifest["files"]
+    target = tmp_path / "back"
+    anyio.run(lambda: restore(make_store(config), config, system_id="test-host", target=target))
+    assert sorted(p.name for p in target.iterdir()) == [
+        "knowledge_graph.duckdb", "reflection.duckdb"]
+    duckdb.connect(str(target / "reflection.duckdb"), read_only=True).close()
+
+
 def test_reused_pack_missing_from_the_bucket_is_stored_again(
     s3_config: MakeConfig, minio_client: Minio, s3_bucket: str, sample: SampleInfo,
     tmp_path: Path,

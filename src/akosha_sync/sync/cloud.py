@@ -712,6 +712,10 @@ class CloudSyncMethod:
         """After the manifest: remember what is stored and which rows were exported."""
         files = dict(state.files) if state else {}
         files.update(upload.new_state)
+        for name, stored in upload.new_state.items():
+            # A database stored without a WAL: forget the WAL of its older version.
+            if name in self.config.database_paths and stored.entry.wal is None:
+                files.pop(name + ".wal", None)
         kinds = set(state.exported_kinds) if state else set()
         if self.config.export_memories:
             read = [*upload.snapshots, *upload.how_read]  # copies, and blocks sources

@@ -158,9 +158,12 @@ async def carry_over(
     its last stored objects in this upload (as blocks.py's ``_carry_over``: else
     ``restore latest`` brings back half the memory)."""
     stored = state.files if state else {}
-    names = [n for n in (name, name + _WAL_SUFFIX) if n in stored]
-    if name not in names:
+    if name not in stored:
         return
+    # Its WAL only if the stored version had one: the state may still hold the WAL of an
+    # older version (a checkpoint since), which DuckDB refuses beside this one.
+    wal = stored[name].entry.wal
+    names = [name, *([wal] if wal and wal in stored else [])]
     for n in names:
         if not await _object_intact(method, stored[n].entry):
             return
