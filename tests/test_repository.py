@@ -625,6 +625,34 @@ def test_prune_removes_abandoned_folders_after_the_grace_and_respects_a_lease(
     assert lease_key("test-host") not in _keys(minio_client, s3_bucket)
 
 
+def test_a_prune_whose_lease_was_taken_over_deletes_nothing_and_not_the_others_plan(
+    s3_config: MakeConfig, minio_client: Minio, s3_bucket: str,
+) -> None:
+    """Prune A is held up past its lease's life (a laptop asleep after writing its
+    plan); prune B takes the stale lease over and writes its own plan. Before, A then
+    swept, and deleted B's plan and lease: a sync reading no plan could reuse what B
+    condemned, and B deleted it under the sync's committed upload. Now A finds the
+    lease is not its own any more and stops: nothing deleted, B's lease and plan kept."""
+    from akosha_sync.repository.prune import PruneError, lease_key, plan_key
+
+    config = s3_config()
+    _sync(config)
+    dead = "systems/test-host/uploads/20200101_000000_test-host"
+    _put(minio_client, s3_bucket, f"{dead}/memories.json", b"[]")  # garbage for A
+    others = {lease_key("test-host"): b'{"host": "b", "token": "b-token"}',
+              plan_key("test-host"): b'{"host": "b", "condemned": [], "token": "b-token"}'}
+
+    def taken_over() -> None:  # what prune B writes while A is held up
+        for key, body in others.items():
+            _put(minio_client, s3_bucket, key, body)
+
+    with pytest.raises(PruneError, match="taken over by another prune"):
+        _prune(config, on_planned=taken_over)
+    assert f"{dead}/memories.json" in _keys(minio_client, s3_bucket, dead)
+    for key, body in others.items():
+        assert get_object(minio_client, s3_bucket, key) == body
+
+
 def test_forget_prune_files_layout_keeps_objects_later_uploads_reuse(
     s3_config: MakeConfig, minio_client: Minio, s3_bucket: str, sample: SampleInfo,
     tmp_path: Path,

@@ -645,11 +645,11 @@ def test_a_prune_stopped_right_after_taking_its_lease_gives_it_back_and_its_plan
     store = make_store(config)
     anyio.run(lambda: forget(store, "test-host", Policy(), dry_run=False,
                              upload_ids=[first["upload_id"]]))
-    take_lease = prune_module._take_lease
+    take_lease = prune_module._Lease.take
     stop: list[anyio.CancelScope] = []
 
-    async def taken_then_stopped(*args: Any) -> None:  # the signal, at the seam
-        await take_lease(*args)
+    async def taken_then_stopped(self: Any, *args: Any) -> None:  # the signal, at the seam
+        await take_lease(self, *args)
         stop[0].cancel()
         await anyio.lowlevel.checkpoint()  # where the cancellation lands
 
@@ -663,7 +663,7 @@ def test_a_prune_stopped_right_after_taking_its_lease_gives_it_back_and_its_plan
                                      **seams)
         assert scope.cancelled_caught
 
-    monkeypatch.setattr(prune_module, "_take_lease", taken_then_stopped)
+    monkeypatch.setattr(prune_module._Lease, "take", taken_then_stopped)
     anyio.run(prune_until_stopped)
     locks = [k for k in faults.objects(minio_client, s3_bucket) if "/locks/" in k]
     assert locks == []

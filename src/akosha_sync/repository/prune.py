@@ -19,8 +19,12 @@ The protocol (times are the store's ``LastModified``, never a local clock)
 1. **Lease.** ``systems/{sid}/locks/prune-lease.json`` is created with a conditional
    create. An existing lease younger than :data:`LEASE_STALE` (by the store's clock:
    the ``LastModified`` of a probe object written just now) makes prune refuse; an
-   older one is stale (its prune died) and is replaced. Syncs never take the lease:
-   they are never blocked.
+   older one is stale (its prune died) and is replaced. A running prune renews its
+   lease every :data:`LEASE_RENEW`, and checks that it still holds it (a token in the
+   lease) before its plan and before it deletes anything: one held up for longer than
+   a lease lasts (a machine asleep) finds it taken over and stops. Plan and lease are
+   removed only by the prune whose token they hold. Syncs never take the lease: they
+   are never blocked.
 2. **Check.** If a committed upload already points at a missing object, or its
    manifest does not parse (what it needs is then unknown), prune refuses and names
    the upload and the object (deleting more could only hurt; run verify).
@@ -40,7 +44,8 @@ The protocol (times are the store's ``LastModified``, never a local clock)
    committed upload refers to it now and its ``LastModified`` is not newer than
    *T_plan* (an upload that stored identical bytes under the same pack id since
    re-wrote it; it is then kept).
-8. Delete the plan, then the lease; remove verification records of uploads gone.
+8. Delete the plan, then the lease (each only if still this prune's); remove
+   verification records of uploads gone.
 
 Why a sync racing prune cannot end with a manifest pointing at a deleted object: an
 object is deleted only at step 7. An upload either claimed before ``T_plan + margin``:
@@ -106,6 +111,7 @@ __all__ = [
 ]
 
 LEASE_STALE = timedelta(minutes=30)
+LEASE_RENEW = timedelta(minutes=1)  # a running prune renews its lease this often
 # Longer than the longest allowed sync (upload_timeout_seconds <= 3600).
 IN_FLIGHT_STALE = timedelta(hours=2)
 WAIT_SECONDS = 900.0  # how long prune waits for uploads in flight before it gives up
@@ -125,6 +131,7 @@ class PrunePlan(msgspec.Struct, kw_only=True):
 
     host: str
     condemned: list[str]
+    token: str = ""  # the lease's: only the prune holding that lease removes this plan
 
 
 class PruneReport(msgspec.Struct, kw_only=True):
@@ -351,51 +358,113 @@ async def prune(
             report.waited_for = [u.upload_id for u in flying]
         return report
 
+    lease = _Lease(store, system_id)
     # Shielded: cancelled while its answer is on the way, the lease would be in the
     # bucket but not known to be ours, and refuse every prune for LEASE_STALE.
     with anyio.CancelScope(shield=True):
-        await _take_lease(store, system_id, now, lease_stale)
+        await lease.take(now, lease_stale)
     try:
         await _run_locked(store, system_id, repo, garbage, sparse, live, report,
-                          wait_seconds, in_flight_stale, say, on_planned)
+                          wait_seconds, in_flight_stale, say, on_planned, lease)
     except BaseException:
         # Stopped (Ctrl-C, SIGTERM, an error): nothing more will be deleted, so the plan
         # would only make every sync store its pieces again until the next prune.
-        with anyio.CancelScope(shield=True), contextlib.suppress(FileNotFoundError):
-            await obstore.delete_async(store, plan_key(system_id))
+        with anyio.CancelScope(shield=True):
+            await _remove_plan(store, system_id, lease.token)
         raise
     finally:
         # Shielded: an interrupted prune (Ctrl-C, SIGTERM) must not leave its lease to
         # refuse every other prune for LEASE_STALE.
-        with anyio.CancelScope(shield=True), contextlib.suppress(FileNotFoundError):
-            await obstore.delete_async(store, lease_key(system_id))
+        with anyio.CancelScope(shield=True):
+            await lease.release()
     return report
 
 
-async def _take_lease(
-    store: ObjectStore, system_id: str, now: datetime, stale: timedelta
-) -> None:
-    key = lease_key(system_id)
-    body = msgspec.json.encode({"host": socket.gethostname(), "at": now.isoformat()})
-    for _ in range(2):
+class _Lease:
+    """This prune's hold on ``locks/prune-lease.json``, told apart from another's by a
+    token. It is renewed while the prune runs (every :data:`LEASE_RENEW`), so only a
+    prune that stopped (killed, or on a machine asleep) goes stale; and before it
+    deletes anything the prune checks that it still holds it. One that finds its lease
+    taken over stops: the prune that took it may have removed its plan, and syncs may
+    since have reused what it condemned."""
+
+    def __init__(self, store: ObjectStore, system_id: str) -> None:
+        self.store = store
+        self.key = lease_key(system_id)
+        self.token = secrets.token_hex(8)
+        self.checked = time.time()  # the wall clock: it runs on while a machine sleeps
+
+    def _body(self) -> bytes:
+        return msgspec.json.encode({"host": socket.gethostname(), "token": self.token,
+                                    "at": datetime.now(UTC).isoformat()})
+
+    async def take(self, now: datetime, stale: timedelta) -> None:
+        for _ in range(2):
+            try:
+                await obstore.put_async(self.store, self.key, self._body(), mode="create")
+                self.checked = time.time()
+                return
+            except AlreadyExistsError:
+                pass
+            try:
+                meta = await obstore.head_async(self.store, self.key)
+            except FileNotFoundError:
+                continue
+            if meta["last_modified"] > now - stale:
+                raise PruneError(
+                    f"another prune holds the lease {self.key} (renewed "
+                    f"{meta['last_modified']:%Y-%m-%d %H:%M:%S} UTC); wait for it to "
+                    f"finish. A lease not renewed for {int(stale.total_seconds() // 60)} "
+                    "minutes is taken over."
+                )
+            await obstore.delete_async(self.store, self.key)  # stale: its prune died
+        raise PruneError(f"could not take the prune lease {self.key}; try again.")
+
+    async def _ours(self) -> bool:
+        raw = await _get(self.store, self.key)
+        if raw is None:
+            return False
         try:
-            await obstore.put_async(store, key, body, mode="create")
+            found = msgspec.json.decode(raw)
+        except msgspec.DecodeError:
+            return False
+        return isinstance(found, dict) and found.get("token") == self.token
+
+    async def renew(self, *, every: float | None = None) -> None:
+        """Raise :class:`PruneError` if the lease is no longer ours, else renew it;
+        with ``every``, only once that many seconds have passed since the last time."""
+        if every is not None and time.time() - self.checked < every:
             return
-        except AlreadyExistsError:
-            pass
-        try:
-            meta = await obstore.head_async(store, key)
-        except FileNotFoundError:
-            continue
-        if meta["last_modified"] > now - stale:
+        if not await self._ours():
             raise PruneError(
-                f"another prune holds the lease {key} (since "
-                f"{meta['last_modified']:%Y-%m-%d %H:%M:%S} UTC); wait for it to finish. "
-                "A lease older than "
-                f"{int(stale.total_seconds() // 60)} minutes is taken over."
+                f"this prune's lease {self.key} was taken over by another prune (this one "
+                "was held up for longer than a lease lasts: a machine asleep?); it stops "
+                "here and deletes nothing more. Run prune again."
             )
-        await obstore.delete_async(store, key)  # stale: its prune died
-    raise PruneError(f"could not take the prune lease {key}; try again.")
+        await obstore.put_async(self.store, self.key, self._body())
+        self.checked = time.time()
+
+    async def release(self) -> None:
+        """Remove the lease if it is still ours (best effort: it goes stale anyway)."""
+        with contextlib.suppress(Exception):
+            if await self._ours():
+                await obstore.delete_async(self.store, self.key)
+
+
+async def _remove_plan(store: ObjectStore, system_id: str, token: str | None) -> None:
+    """Remove the plan if this prune wrote it (``token``); None: whoever wrote it (a
+    prune that stopped earlier, when this one holds the lease and condemns nothing)."""
+    raw = await _get(store, plan_key(system_id))
+    if raw is None:
+        return
+    if token is not None:
+        try:
+            if msgspec.json.decode(raw, type=PrunePlan).token != token:
+                return  # another prune's, which took over our lease
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            return
+    with contextlib.suppress(FileNotFoundError):
+        await obstore.delete_async(store, plan_key(system_id))
 
 
 async def _repack(
@@ -468,7 +537,7 @@ async def _run_locked(
     store: ObjectStore, system_id: str, repo: _Repo, garbage: list[StoredObject],
     sparse: dict[str, StoredObject], live: dict[str, dict[int, Piece]],
     report: PruneReport, wait_seconds: float, stale: timedelta, say: ProgressCallback,
-    on_planned: Callable[[], object] | None,
+    on_planned: Callable[[], object] | None, lease: _Lease,
 ) -> None:
     say("prune:repack", 0, len(sparse))
     moved = await _repack(store, system_id, sparse, live, report, set(repo.packs)) if sparse else {}
@@ -478,12 +547,14 @@ async def _run_locked(
         # Nothing to delete: no plan, and no upload in flight to wait for (one left by
         # a killed sync would hold prune up for nothing). A plan an earlier prune left
         # (it stopped waiting) condemns nothing any more: remove it.
-        with contextlib.suppress(FileNotFoundError):
-            await obstore.delete_async(store, plan_key(system_id))
+        await lease.renew()
+        await _remove_plan(store, system_id, None)
         await _drop_records(store, system_id, repo.uploads)
         return
     # 4. The plan, then its store time.
-    plan = PrunePlan(host=socket.gethostname(), condemned=sorted(condemned))
+    await lease.renew()
+    plan = PrunePlan(host=socket.gethostname(), condemned=sorted(condemned),
+                     token=lease.token)
     # Shielded: a PUT cancelled on our side still lands in the store, after the clean-up
     # of a stopped prune had removed the plan.
     with anyio.CancelScope(shield=True):
@@ -521,8 +592,10 @@ async def _run_locked(
             )
             return
         say("prune:wait", 0, len(old))
+        await lease.renew(every=LEASE_RENEW.total_seconds())
         await anyio.sleep(1.0)
     # 7. Sweep: only what no committed upload refers to now, unchanged since the plan.
+    await lease.renew()
     again = await _read_repo(store, system_id)
     current = {o.key: o for u in again.uploads for o in u.objects.values()} | again.packs
     total = len(condemned)
@@ -537,6 +610,7 @@ async def _run_locked(
         if now_obj.last_modified > t_plan:
             report.kept_referenced.append(key)  # re-written since the plan: someone's
             continue
+        await lease.renew(every=LEASE_RENEW.total_seconds())  # still ours after a sleep?
         try:
             await obstore.delete_async(store, key)
         except FileNotFoundError:
@@ -544,7 +618,7 @@ async def _run_locked(
         report.deleted.append(key)
         report.bytes_freed += planned.size
     # 8. Remove the plan, and the records of uploads that are gone.
-    await obstore.delete_async(store, plan_key(system_id))
+    await _remove_plan(store, system_id, lease.token)
     await _drop_records(store, system_id, again.uploads)
     say("prune:delete", total, total)
 
