@@ -24,6 +24,7 @@ from minio import Minio
 
 from akosha_sync.config import AkoshaSyncConfig
 from akosha_sync.repository.manifest import akosha_manifest_problems
+from akosha_sync.repository.manifest import upload_id_order as upload_order
 from akosha_sync.repository.restore import restore
 from akosha_sync.repository.store import make_store
 from akosha_sync.sample import SampleInfo, add_conversations, grow_to_size
@@ -628,6 +629,29 @@ def test_a_machine_clock_ahead_of_the_stores_does_not_date_uploads_in_the_future
     assert not [k for k in faults.objects(minio_client, s3_bucket) if future in k]
     manifest = _json(minio_client, s3_bucket, result["manifest_key"])
     assert manifest["uploaded_at"][:4] == str(datetime.now(UTC).year)
+
+
+def test_an_upload_after_the_clock_was_set_back_is_still_the_newest(
+    s3_config: MakeConfig, minio_client: Minio, s3_bucket: str, sample: SampleInfo,
+) -> None:
+    """A clock 5 minutes ahead (within what is tolerated) names an upload; NTP sets the
+    clock right and the next sync, with 30 new conversations, runs. Before, it was named
+    5 minutes earlier than the one before it, and `forget --keep-last 1` (what the
+    daemon's retention runs after each sync) forgot it, the one with the new data."""
+    from datetime import UTC, datetime, timedelta
+
+    from akosha_sync.repository.forget import forget
+    from akosha_sync.repository.retention import Policy
+
+    config = s3_config(export_memories=False)
+    ahead = anyio.run(CloudSyncMethod(
+        config, clock=lambda: datetime.now(UTC) + timedelta(minutes=5)).sync)
+    add_conversations(sample.data_dir, 30, seed=5, checkpoint=True)
+    later = _sync(config)
+    assert upload_order(later["upload_id"]) > upload_order(ahead["upload_id"])
+    report = anyio.run(lambda: forget(make_store(config), "test-host", Policy(keep_last=1),
+                                      dry_run=True))
+    assert [d.upload_id for d in report.decisions if d.keep] == [later["upload_id"]]
 
 
 def test_a_prune_stopped_right_after_taking_its_lease_gives_it_back_and_its_plan(

@@ -41,6 +41,7 @@ __all__ = [
     "object_key",
     "upload_dir",
     "upload_id_order",
+    "upload_id_time",
     "uploads_prefix",
 ]
 
@@ -64,6 +65,14 @@ def make_upload_id(system_id: str, now: datetime, attempt: int = 0) -> str:
     stamp = now.astimezone(UTC).strftime("%Y%m%d_%H%M%S")
     base = f"{stamp}_{system_id}"
     return base if attempt == 0 else f"{base}.{attempt + 1}"
+
+
+def upload_id_time(upload_id: str) -> datetime | None:
+    """The UTC time an upload id names (``YYYYMMDD_HHMMSS_...``), None if it names none."""
+    try:
+        return datetime.strptime(upload_id[:15], "%Y%m%d_%H%M%S").replace(tzinfo=UTC)
+    except ValueError:
+        return None
 
 
 def upload_id_problem(value: str) -> str | None:

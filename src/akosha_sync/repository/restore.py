@@ -52,6 +52,7 @@ from akosha_sync.repository.manifest import (
     manifest_key,
     upload_id_order,
     upload_id_problem,
+    upload_id_time,
     uploads_prefix,
 )
 from akosha_sync.repository.packs import PieceError, extract_piece
@@ -154,10 +155,7 @@ class RestoreResult(msgspec.Struct, kw_only=True):
 # ------------------------------------------------------------------- finding
 def upload_time(upload_id: str) -> datetime | None:
     """The UTC time an upload id names (``YYYYMMDD_HHMMSS_...``), None if it names none."""
-    try:
-        return datetime.strptime(upload_id[:15], "%Y%m%d_%H%M%S").replace(tzinfo=UTC)
-    except ValueError:
-        return None
+    return upload_id_time(upload_id)
 
 
 async def _get(store: ObjectStore, config: AkoshaSyncConfig, key: str) -> bytes | None:

@@ -28,6 +28,7 @@ from akosha_sync.repository.manifest import (
     carried_over_from,
     decode_manifest,
     upload_id_order,
+    upload_id_time,
     uploads_prefix,
 )
 
@@ -138,10 +139,7 @@ def parse_time(text: str) -> datetime:
 
 
 def _time_from_id(upload_id: str) -> datetime | None:
-    try:
-        return datetime.strptime(upload_id[:15], "%Y%m%d_%H%M%S").replace(tzinfo=UTC)
-    except ValueError:
-        return None
+    return upload_id_time(upload_id)
 
 
 async def list_system_ids(store: ObjectStore) -> list[str]:

@@ -65,6 +65,7 @@ from akosha_sync.repository.manifest import (
     memories_key,
     object_key,
     upload_id_order,
+    upload_id_time,
     uploads_prefix,
 )
 from akosha_sync.repository.prune import IN_FLIGHT_STALE, in_flight_rule, read_condemned
@@ -275,6 +276,7 @@ class CloudSyncMethod:
             state = await anyio.to_thread.run_sync(
                 _adopt_spelled_state, config, self._progress_db
             )
+        self._name_after(state.last_upload_id if state else None)
         upload = self._upload = await self._claim_upload_id()
         log.info("sync started", method="cloud", upload_id=upload.upload_id)
 
@@ -453,6 +455,23 @@ class CloudSyncMethod:
                 f"{key} is gone: a prune took this upload for abandoned and may have "
                 "deleted what it stored. Nothing was committed; sync again."
             )
+
+    def _name_after(self, last: str | None) -> None:
+        """Name this upload after ``last`` (this machine's last upload) even when the
+        clock now says earlier: retention and ``restore latest`` go by the ids, and a
+        clock set back (NTP correcting one that ran ahead, within _CLOCK_AHEAD) would
+        make the new upload look older than the last, and be forgotten first."""
+        when = upload_id_time(last) if last else None
+        if when is None or self._clock() > when:
+            return
+        behind = when + timedelta(seconds=1) - self._clock()
+        log.warning(
+            "this machine's clock is behind the time of its last upload (was it set "
+            "back?); the upload is named after that one",
+            last_upload_id=last, behind_seconds=round(behind.total_seconds()),
+        )
+        clock = self._clock
+        self._clock = lambda: clock() + behind
 
     async def _claim_upload_id(self) -> Upload:
         """Reserve a fresh upload id; the first contact with the store, so it fails fast.
