@@ -653,6 +653,36 @@ def test_a_prune_whose_lease_was_taken_over_deletes_nothing_and_not_the_others_p
         assert get_object(minio_client, s3_bucket, key) == body
 
 
+def test_prune_keeps_the_check_record_of_an_upload_made_while_it_ran(
+    s3_config: MakeConfig, minio_client: Minio, s3_bucket: str, sample: SampleInfo,
+) -> None:
+    """With nothing to delete, prune still removes the check records of uploads gone;
+    before, it went by its first scan, and removed the record of an upload committed
+    (and verified) after it."""
+    import threading
+
+    from akosha_sync.repository.checks import checks_prefix
+
+    config = s3_config(export_memories=False)
+    _sync(config)
+    made: list[dict[str, Any]] = []
+
+    def meanwhile(phase: str, done: int, total: int) -> None:
+        if phase == "prune:repack" and not made:  # after the scan: another process syncs
+            add_conversations(sample.data_dir, 2, seed=9, checkpoint=True)
+            worker = threading.Thread(target=lambda: made.append(_sync(config)))
+            worker.start()
+            worker.join()
+            record = f"{checks_prefix('test-host')}{made[0]['upload_id']}.json"
+            _put(minio_client, s3_bucket, record, b'{"level": "open", "ok": true}')
+
+    report = _prune(config, progress=meanwhile)
+    assert made and made[0]["success"], made
+    assert report.deleted == []
+    assert f"{checks_prefix('test-host')}{made[0]['upload_id']}.json" in _keys(
+        minio_client, s3_bucket)
+
+
 def test_forget_prune_files_layout_keeps_objects_later_uploads_reuse(
     s3_config: MakeConfig, minio_client: Minio, s3_bucket: str, sample: SampleInfo,
     tmp_path: Path,

@@ -549,7 +549,9 @@ async def _run_locked(
         # (it stopped waiting) condemns nothing any more: remove it.
         await lease.renew()
         await _remove_plan(store, system_id, None)
-        await _drop_records(store, system_id, repo.uploads)
+        # Read again: a record written since the first scan may be of an upload made
+        # since (and one that passed `verify --open` is what retention protects).
+        await _drop_records(store, system_id, await scan_uploads(store, system_id))
         return
     # 4. The plan, then its store time.
     await lease.renew()
