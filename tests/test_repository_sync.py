@@ -211,6 +211,27 @@ def test_a_database_kept_from_an_earlier_upload_keeps_its_own_wal_only(
     duckdb.connect(str(target / "reflection.duckdb"), read_only=True).close()
 
 
+def test_files_layout_commits_nothing_when_a_reused_object_left_during_the_sync(
+    s3_config: MakeConfig, minio_client: Minio, s3_bucket: str, sample: SampleInfo,
+) -> None:
+    """The second upload reuses the knowledge graph's object from the first; it is gone
+    by the time of the commit (a prune, say). Before, the manifest named it anyway."""
+    config = s3_config(export_memories=False, storage_layout="files")
+    first = _sync(config)
+    reused = f"systems/test-host/uploads/{first['upload_id']}/knowledge_graph.duckdb"
+    minio_client.stat_object(s3_bucket, reused)
+    add_conversations(sample.data_dir, 2, seed=4, checkpoint=True)
+
+    def at_commit(phase: str, done: int, total: int) -> None:
+        if phase == "manifest":
+            minio_client.remove_object(s3_bucket, reused)
+
+    with pytest.raises(CloudUploadError, match="left the bucket during the sync"):
+        anyio.run(lambda: CloudSyncMethod(config).sync(progress=at_commit))
+    assert [k for k in faults.objects(minio_client, s3_bucket)
+            if k.endswith("manifest.json")] == [first["manifest_key"]]
+
+
 def test_reused_pack_missing_from_the_bucket_is_stored_again(
     s3_config: MakeConfig, minio_client: Minio, s3_bucket: str, sample: SampleInfo,
     tmp_path: Path,

@@ -80,7 +80,7 @@ from akosha_sync.repository.store import (
 from akosha_sync.sync import records
 from akosha_sync.sync.blocks import sync_blocks
 from akosha_sync.sync.deadline import Deadline
-from akosha_sync.sync.files import carry_over, send, sync_database
+from akosha_sync.sync.files import carry_over, check_reused, send, sync_database
 from akosha_sync.sync.memories import MemoriesUpload
 from akosha_sync.sync.protocol import (
     CloudUploadError,
@@ -368,6 +368,8 @@ class CloudSyncMethod:
             key = manifest_key(sid, upload.upload_id)
             progress("manifest", 0, 0)
             body = encode_manifest(manifest)
+            if not blocks:
+                await check_reused(self, upload)
             await self._still_ours(upload)
             upload.commit_attempted = True
             await commit_manifest(self.store, key, body, config=config)

@@ -18,7 +18,7 @@ import structlog
 
 from akosha_sync.repository.manifest import FileEntry
 from akosha_sync.repository.store import with_retries
-from akosha_sync.sync.protocol import ProgressCallback, SnapshotError
+from akosha_sync.sync.protocol import CloudUploadError, ProgressCallback, SnapshotError
 from akosha_sync.sync.snapshot import fingerprint as source_fingerprint
 from akosha_sync.sync.snapshot import take_snapshot
 from akosha_sync.sync.state import StoredFile, TargetState
@@ -27,7 +27,7 @@ from akosha_sync.sync.upload import log_carried_over
 if TYPE_CHECKING:
     from akosha_sync.sync.upload import CloudContext, Upload
 
-__all__ = ["Send", "carry_over", "send", "sync_database"]
+__all__ = ["Send", "carry_over", "check_reused", "send", "sync_database"]
 
 log = structlog.get_logger("akosha_sync.cloud")
 
@@ -43,6 +43,19 @@ class Send(msgspec.Struct, frozen=True):
     fingerprint: Any  # SourceFingerprint of a database; None for its WAL
     extra: dict[str, Any]  # FileEntry fields known from the snapshot
 
+
+
+async def check_reused(method: CloudContext, upload: Upload) -> None:
+    """Right before the commit: every object this upload takes from an earlier one is
+    still there (a prune may have run meanwhile), as the blocks layout lists its packs
+    again. Raises ``CloudUploadError``, nothing committed, if one is gone."""
+    gone = [entry.key for entry in upload.files.values()
+            if entry.reused_from and not await _object_intact(method, entry)]
+    if gone:
+        raise CloudUploadError(
+            f"{len(gone)} object(s) this upload reuses left the bucket during the sync "
+            f"(e.g. {gone[0]}; did a prune run?); nothing was committed. Sync again."
+        )
 
 
 async def _object_intact(method: CloudContext, entry: FileEntry) -> bool:
