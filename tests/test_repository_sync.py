@@ -19,6 +19,7 @@ from typing import Any
 import anyio
 import anyio.lowlevel
 import duckdb
+import msgspec
 import pytest
 from minio import Minio
 
@@ -230,6 +231,54 @@ def test_files_layout_commits_nothing_when_a_reused_object_left_during_the_sync(
         anyio.run(lambda: CloudSyncMethod(config).sync(progress=at_commit))
     assert [k for k in faults.objects(minio_client, s3_bucket)
             if k.endswith("manifest.json")] == [first["manifest_key"]]
+
+
+@pytest.mark.parametrize("layout", ["blocks", "files"])
+def test_records_added_while_the_export_was_off_go_out_when_it_is_on_again(
+    layout: str, s3_config: MakeConfig, minio_client: Minio, s3_bucket: str,
+    sample: SampleInfo,
+) -> None:
+    """Before, the sync with the export off saved the databases' new fingerprints, so
+    the next one with the export on took them as unchanged and never rendered the
+    records added meanwhile: Akosha never got them."""
+    on = s3_config(storage_layout=layout)
+    off = msgspec.structs.replace(on, export_memories=False)
+    _sync(on)
+    added = add_conversations(sample.data_dir, 3, seed=11, checkpoint=True)
+    _sync(off)
+    third = _sync(on)
+    manifest = _json(minio_client, s3_bucket, third["manifest_key"])
+    memories = json.loads(get_object(
+        minio_client, s3_bucket, manifest["file_details"]["memories.json"]["key"]))
+    sent = {c["id"].rsplit(":", 1)[-1] for c in memories["conversations"]}  # sid:kind:id
+    assert set(added) <= sent, sorted(set(added) - sent)
+
+
+@pytest.mark.parametrize("wanted", ["reflections only", "unreadable graph"])
+def test_with_deduplication_off_a_database_not_read_is_still_kept(
+    wanted: str, s3_config: MakeConfig, minio_client: Minio, s3_bucket: str,
+    sample: SampleInfo, tmp_path: Path,
+) -> None:
+    """Blocks layout, ``enable_deduplication = false``: every piece read is stored again,
+    and a database not read (not asked for, or unreadable) is still kept at its last
+    version. Before, it was left out of the upload, which reported success."""
+    config = s3_config(export_memories=False)
+    _sync(config)
+    kg = sample.knowledge_graph_path.read_bytes()
+    plain = msgspec.structs.replace(config, enable_deduplication=False)
+    if wanted == "reflections only":
+        result: dict[str, Any] = anyio.run(
+            lambda: CloudSyncMethod(plain).sync(upload_knowledge_graph=False))
+    else:
+        sample.knowledge_graph_path.write_bytes(b"not a database" * 100)
+        result = anyio.run(CloudSyncMethod(plain).sync)
+    manifest = _json(minio_client, s3_bucket, result["manifest_key"])
+    assert "knowledge_graph.duckdb" in manifest["files"], manifest["files"]
+    assert manifest["file_details"]["reflection.duckdb"]["new_pieces"] == (
+        manifest["file_details"]["reflection.duckdb"]["pieces"])  # stored anew
+    target = tmp_path / "back"
+    anyio.run(lambda: restore(make_store(config), config, system_id="test-host", target=target))
+    assert (target / "knowledge_graph.duckdb").read_bytes() == kg
 
 
 def test_reused_pack_missing_from_the_bucket_is_stored_again(

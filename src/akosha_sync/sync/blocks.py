@@ -67,9 +67,10 @@ _LOCK_WAIT_SECONDS = 1.0
 async def _previous_upload(
     method: CloudContext, state: TargetState | None
 ) -> tuple[Manifest | None, Index | None]:
-    """The last upload's manifest and index (blocks layout): what can be reused."""
+    """The last upload's manifest and index (blocks layout): what can be reused, and
+    what a database not read this time is kept at (also with deduplication off)."""
     key = state.last_manifest_key if state else None
-    if key is None or not method.config.enable_deduplication:
+    if key is None:
         return None, None
     return await _upload_at(method, key, "reading the last upload")
 
@@ -130,6 +131,8 @@ async def sync_blocks(
     listed = await list_packs(method.store, config, sid)
     usable = condemned_pack_ids(method.condemned, listed)
     known, known_packs = reusable_pieces(previous_index, usable)
+    if not config.enable_deduplication:
+        known = {}  # every piece read is stored anew; the packs stay known for carry-over
     if restored is not None:
         also, also_packs = reusable_pieces(restored, usable)
         known = {**also, **known}

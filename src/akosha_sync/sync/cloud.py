@@ -738,9 +738,14 @@ class CloudSyncMethod:
             if name in self.config.database_paths and stored.entry.wal is None:
                 files.pop(name + ".wal", None)
         kinds = set(state.exported_kinds) if state else set()
+        read = [*upload.snapshots, *upload.how_read]  # copies, and blocks sources
+        read_kinds = {kind for name in read for kind in self._kinds_of(name)}
         if self.config.export_memories:
-            read = [*upload.snapshots, *upload.how_read]  # copies, and blocks sources
-            kinds.update(kind for name in read for kind in self._kinds_of(name))
+            kinds |= read_kinds
+        else:
+            # Read and not exported: its new fingerprint must not let a later sync with
+            # the export on skip it, or the records added meanwhile never reach Akosha.
+            kinds -= read_kinds
         save_state(
             self.config.state_path,
             tid,
