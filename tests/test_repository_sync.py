@@ -281,6 +281,52 @@ def test_with_deduplication_off_a_database_not_read_is_still_kept(
     assert (target / "knowledge_graph.duckdb").read_bytes() == kg
 
 
+def test_after_the_last_upload_is_forgotten_the_next_reuses_an_earlier_ones_pieces(
+    s3_config: MakeConfig, minio_client: Minio, s3_bucket: str, sample: SampleInfo,
+    tmp_path: Path,
+) -> None:
+    """``forget`` the newest upload (a damaged one, say), then sync: before, nothing was
+    known any more and every piece was stored again. And the database as it is now (as
+    the forgotten upload had it) is what the new upload holds, not the earlier version."""
+    from akosha_sync.repository.forget import forget
+    from akosha_sync.repository.retention import Policy
+
+    config = s3_config(export_memories=False)
+    _sync(config)
+    add_conversations(sample.data_dir, 3, seed=12, checkpoint=True)
+    second = _sync(config)
+    store = make_store(config)
+    anyio.run(lambda: forget(store, "test-host", Policy(), dry_run=False,
+                             upload_ids=[second["upload_id"]]))
+    third = _sync(config)  # nothing changed since the forgotten upload
+    manifest = _json(minio_client, s3_bucket, third["manifest_key"])
+    details = manifest["file_details"]
+    assert details["knowledge_graph.duckdb"]["new_pieces"] == 0
+    assert 0 < details["reflection.duckdb"]["new_pieces"] < details["reflection.duckdb"][
+        "pieces"]  # only the pieces the forgotten upload had added
+    target = tmp_path / "back"
+    anyio.run(lambda: restore(store, config, system_id="test-host", target=target))
+    assert (target / "reflection.duckdb").read_bytes() == sample.reflection_path.read_bytes()
+
+
+def test_a_database_back_after_a_sync_without_it_reuses_its_earlier_pieces(
+    s3_config: MakeConfig, minio_client: Minio, s3_bucket: str, sample: SampleInfo,
+    tmp_path: Path,
+) -> None:
+    """The knowledge graph is away for one sync (a moved folder, a disk not mounted),
+    then back: before, all of it was stored again, the last upload having none of it."""
+    config = s3_config(export_memories=False)
+    _sync(config)
+    away = tmp_path / "away.duckdb"
+    sample.knowledge_graph_path.rename(away)
+    without = _sync(config)
+    assert "knowledge_graph.duckdb" in without["files_missing"]
+    away.rename(sample.knowledge_graph_path)
+    back = _sync(config)
+    details = _json(minio_client, s3_bucket, back["manifest_key"])["file_details"]
+    assert details["knowledge_graph.duckdb"]["new_pieces"] == 0
+
+
 def test_reused_pack_missing_from_the_bucket_is_stored_again(
     s3_config: MakeConfig, minio_client: Minio, s3_bucket: str, sample: SampleInfo,
     tmp_path: Path,

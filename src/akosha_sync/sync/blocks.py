@@ -7,6 +7,10 @@ verified copy when a writer holds it), cut into pieces, and the pieces no stored
 holds go into new packs (:mod:`akosha_sync.repository.writer`). Its records then go
 into memories.json through the same connection (one state for pieces and records),
 and only then is it let go: one database is held, and open in DuckDB, at a time.
+
+Pieces known to be stored come from the last upload, or, for a database it lacks
+(away from the data folder for a sync) or when it is gone (forgotten), from the newest
+earlier upload that holds the database; and from an upload a restore put on disk.
 """
 
 from __future__ import annotations
@@ -23,6 +27,8 @@ import structlog
 from akosha_sync.repository.format import (
     LAYOUT_BLOCKS,
     Index,
+    PackRef,
+    Piece,
     decode_index,
     encode_index,
     index_key,
@@ -34,6 +40,8 @@ from akosha_sync.repository.manifest import (
     carried_over_from,
     decode_manifest,
     manifest_key,
+    upload_id_order,
+    uploads_prefix,
 )
 from akosha_sync.repository.prune import condemned_pack_ids
 from akosha_sync.repository.restored import restored_manifest_key
@@ -60,6 +68,8 @@ __all__ = ["sync_blocks"]
 log = structlog.get_logger("akosha_sync.cloud")
 
 _WAL_SUFFIX = ".wal"
+# Earlier uploads looked at, newest first, for one holding a database the last lacks.
+_LOOK_BACK = 20
 # How long to wait for a writer to let go of a database before copying it instead.
 _LOCK_WAIT_SECONDS = 1.0
 
@@ -113,6 +123,55 @@ async def _upload_at(
     return await with_retries(both, config=method.config, what=what)
 
 
+async def _newest_holding(
+    method: CloudContext, name: str | None, skip: frozenset[str]
+) -> tuple[Manifest | None, Index | None]:
+    """The newest committed upload (among the last :data:`_LOOK_BACK`, ``skip`` left
+    out) whose index holds ``name`` (None: any). For when the last upload is gone (a
+    forget) or lacks a database (missing from the data folder for a while): its
+    pieces are reused, and it is what a database not read this time is kept at."""
+    sid = method.config.system_id_resolved
+
+    async def newest_first() -> list[str]:
+        listing = await obstore.list_with_delimiter_async(
+            method.store, prefix=uploads_prefix(sid))
+        ids = [p.rstrip("/").rsplit("/", 1)[-1] for p in listing["common_prefixes"]]
+        return sorted(ids, key=upload_id_order, reverse=True)
+
+    ids = await with_retries(newest_first, config=method.config, what="listing the uploads")
+    for uid in [u for u in ids if u not in skip][:_LOOK_BACK]:
+        manifest, index = await _upload_at(method, manifest_key(sid, uid),
+                                           "reading an earlier upload")
+        if index is not None and (name is None or name in index.files):
+            return manifest, index
+    return None, None
+
+
+async def _references(
+    method: CloudContext, upload: Upload, state: TargetState | None,
+    previous: Manifest | None, previous_index: Index | None,
+    wanted: list[tuple[str, Path]],
+) -> dict[str, tuple[Manifest, Index]]:
+    """Per database, the upload its pieces are reused from and that it is kept at when
+    not read: the last one, or for one that upload lacks, the newest that holds it
+    (looked for only for a database on disk, or one not asked for)."""
+    refs: dict[str, tuple[Manifest, Index]] = {}
+    for name in method.config.database_paths:
+        if previous is not None and previous_index is not None and (
+                name in previous_index.files):
+            refs[name] = (previous, previous_index)
+    if state is None:
+        return refs  # a first sync: nothing earlier to look for
+    skip = frozenset({previous.upload_id} if previous else ())
+    look = [n for n, path in wanted if path.exists()] + list(upload.not_selected)
+    for name in look:
+        if name not in refs:
+            manifest, index = await _newest_holding(method, name, skip)
+            if manifest is not None and index is not None:
+                refs[name] = (manifest, index)
+    return refs
+
+
 async def sync_blocks(
     method: CloudContext,
     upload: Upload,
@@ -127,16 +186,26 @@ async def sync_blocks(
     config = method.config
     sid = config.system_id_resolved
     previous, previous_index = await _previous_upload(method, state)
+    if previous_index is None and state is not None and state.last_manifest_key:
+        # The last upload is gone (forgotten) or unreadable: the newest one left.
+        previous, previous_index = await _newest_holding(method, None, frozenset())
+    refs = await _references(method, upload, state, previous, previous_index, wanted)
     restored = await _restored_index(method, previous)
     listed = await list_packs(method.store, config, sid)
     usable = condemned_pack_ids(method.condemned, listed)
-    known, known_packs = reusable_pieces(previous_index, usable)
-    if not config.enable_deduplication:
-        known = {}  # every piece read is stored anew; the packs stay known for carry-over
-    if restored is not None:
-        also, also_packs = reusable_pieces(restored, usable)
+    known: dict[str, Piece] = {}
+    known_packs: dict[str, PackRef] = {}
+    sources = [previous_index, *(index for _, index in refs.values()), restored]
+    seen: set[int] = set()
+    for index in sources:  # each once; an earlier source wins over a later one
+        if index is None or id(index) in seen:
+            continue
+        seen.add(id(index))
+        also, also_packs = reusable_pieces(index, usable)
         known = {**also, **known}
         known_packs = {**also_packs, **known_packs}
+    if not config.enable_deduplication:
+        known = {}  # every piece read is stored anew; the packs stay known for carry-over
     writer = RepositoryWriter(
         method.store, config, system_id=sid, upload_id=upload.upload_id, known=known,
         known_packs=known_packs, compress=config.enable_compression,
@@ -145,12 +214,14 @@ async def sync_blocks(
     )
     async with writer.running():
         for name, path in wanted:
+            ref, ref_index = refs.get(name, (None, None))
             await _blocks_database(
-                method, upload, state, writer, previous, previous_index, name, path,
+                method, upload, state, writer, ref, ref_index, name, path,
                 snapshot_dir, progress, memories,
             )
         for name in upload.not_selected:
-            _carry_over(upload, state, writer, previous, previous_index, name)
+            ref, ref_index = refs.get(name, (None, None))
+            _carry_over(upload, state, writer, ref, ref_index, name)
     index = writer.index()
     upload.bytes_sent += writer.bytes_new
     upload.bytes_new += writer.bytes_new
@@ -221,13 +292,17 @@ async def _blocks_database(
     names = [name, wal_name] if fp.wal is not None else [name]
     stored = state.files.get(name) if state and config.enable_deduplication else None
     if (
-        stored is not None
+        state is not None
+        and stored is not None
         and stored.fingerprint == fp
         and method._records_exported(state, name)
         and previous is not None
         and previous_index is not None
         and all(
             n in previous_index.files and writer.can_reuse(previous_index.files[n])
+            # the version stored then, not an older one (the last upload forgotten)
+            and (held := state.files.get(n)) is not None
+            and held.entry.sha256 == previous_index.files[n].sha256
             for n in names
         )
     ):
