@@ -175,6 +175,31 @@ def test_a_failed_session_end_waits_to_retry_and_a_waited_for_request_is_done(
     assert queue.seconds_to_next_retry() is None
 
 
+def test_a_retry_set_while_the_clock_ran_ahead_is_due_once_it_is_set_right(
+    tmp_path: Path,
+) -> None:
+    """A session end failed while the clock was 2 hours ahead (a laptop offline before
+    NTP set it right); its 30 s retry was written 2 hours and 30 s ahead of the real
+    time. Before, it waited those 2 hours; a retry further ahead than the longest delay
+    can only come from a clock set back, and is due now."""
+    queue = JobQueue(tmp_path)
+    session = queue.enqueue("session-end")
+    ids = [r.id for r in queue.claim_pending()]
+    queue.finish(ids, {"success": False, "method": "cloud", "error": "offline"},
+                 triggers=["session-end"], started_at=1.0, finished_at=2.0)
+    assert queue.claim_pending() == []  # its first retry is 30 s away: not due
+    con = sqlite3.connect(tmp_path / QUEUE_FILE)
+    try:
+        with con:  # what the clock 2 hours ahead wrote
+            con.execute("UPDATE requests SET retry_at = ? WHERE id = ?",
+                        (time.time() + 7200 + 30, session))
+    finally:
+        con.close()
+    assert queue.seconds_to_next_retry() == 0.0
+    assert queue.pending_count() == 1
+    assert [r.id for r in queue.claim_pending()] == [session]
+
+
 def test_a_queue_from_before_retries_gets_the_columns_and_keeps_its_requests(
     tmp_path: Path,
 ) -> None:

@@ -62,6 +62,9 @@ KEEP_HISTORY = 1000  # newest sync records kept
 KEEP_DONE_REQUESTS = 1000  # newest finished requests kept (pending/running are never pruned)
 RETRIED_TRIGGERS = frozenset({"session-end", "pre-compact"})  # nobody waits for their answer
 RETRY_DELAYS = (30.0, 60.0, 120.0, 300.0, 900.0)  # before attempt 2, 3, ...; the last repeats
+# Due: its retry time has come, or lies further ahead than any delay can put it (the
+# clock was set back since: else a 30 s retry would wait as long as the clock moved).
+_DUE = "(retry_at <= ? OR retry_at > ?)"
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS requests (
@@ -268,6 +271,11 @@ class JobQueue:
             )
             return int(cur.lastrowid or 0)
 
+    def _due_now(self) -> tuple[float, float]:
+        """The parameters of ``_DUE``: now, and the furthest a retry can be from now."""
+        now = time.time()
+        return now, now + max(self.retry_delays) + 1
+
     def claim_pending(self, *, even_if_not_due: bool = False) -> list[Request]:
         """Mark every pending request running (for this process) and return them.
 
@@ -280,8 +288,8 @@ class JobQueue:
             con.execute("BEGIN IMMEDIATE")
             _recover_dead(con)
             due = even_if_not_due or con.execute(
-                "SELECT count(*) FROM requests WHERE status = 'pending' AND retry_at <= ?",
-                (time.time(),),
+                f"SELECT count(*) FROM requests WHERE status = 'pending' AND {_DUE}",
+                self._due_now(),
             ).fetchone()[0]
             rows = con.execute(
                 "SELECT id, trigger, method, enable_fallback, payload, received_at "
@@ -427,8 +435,8 @@ class JobQueue:
         """Pending requests that are due now (a failed one waiting to retry is not)."""
         with self._connect() as con:
             row = con.execute(
-                "SELECT count(*) FROM requests WHERE status = 'pending' AND retry_at <= ?",
-                (time.time(),),
+                f"SELECT count(*) FROM requests WHERE status = 'pending' AND {_DUE}",
+                self._due_now(),
             ).fetchone()
             return int(row[0])
 
@@ -438,7 +446,10 @@ class JobQueue:
             row = con.execute(
                 "SELECT min(retry_at) FROM requests WHERE status = 'pending'"
             ).fetchone()
-        return None if row[0] is None else max(0.0, float(row[0]) - time.time())
+        if row[0] is None:
+            return None
+        wait = float(row[0]) - time.time()
+        return 0.0 if wait > max(self.retry_delays) + 1 else max(0.0, wait)
 
     def pending(self) -> list[dict[str, Any]]:
         """Up to 50 requests not yet served: pending ones (a failed one says how often
