@@ -411,6 +411,25 @@ def test_a_tool_call_waiting_at_sigterm_gets_an_answer_and_its_request_stays_que
     assert again.stop() == 0
 
 
+def test_hook_command_says_in_one_line_when_the_queue_cannot_be_written(
+    make_config: MakeConfig, tmp_path: Path
+) -> None:
+    """The state folder cannot be made (a file is in the way; a full disk or a read-only
+    folder fail the same way): one line naming the folder and what to do, not a
+    traceback, and a non-zero exit, since the session end was not kept."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    config = make_config(daemon_port=9, state_dir=str(blocker / "state"))
+    toml = write_toml(config, tmp_path / "hook.toml")
+    done = subprocess.run([EXE, "--config", str(toml), "hook", "session-end"],
+                          input=json.dumps(_session_end()), text=True, capture_output=True,
+                          timeout=30, check=False)
+    assert done.returncode == 1
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "could not be queued in" in lines[0], done.stderr
+    assert str(blocker / "state") in lines[0] and "Traceback" not in done.stderr
+
+
 def test_hook_command_without_daemon_records_and_drains(
     s3_config: MakeConfig, tmp_path: Path, minio_client: Minio, s3_bucket: str
 ) -> None:

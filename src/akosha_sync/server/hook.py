@@ -11,6 +11,7 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import sqlite3
 import subprocess
 import sys
 import urllib.error
@@ -129,6 +130,13 @@ def run_hook(config: AkoshaSyncConfig, raw: str, *, config_path: str | None = No
     from akosha_sync.server.queue import JobQueue
 
     trigger = "session-end" if payload["hook_event_name"] == "SessionEnd" else "pre-compact"
-    JobQueue(Path(config.state_path)).enqueue(trigger, payload=payload)
+    try:
+        JobQueue(Path(config.state_path)).enqueue(trigger, payload=payload)
+    except (OSError, sqlite3.Error) as exc:
+        # One line the user can act on, not a traceback; the session end is not kept.
+        print(f"akosha-sync hook: the session end could not be queued in "
+              f"{config.state_path} ({exc}); check that the folder is writable and the "
+              "disk not full, then run `akosha-sync sync`.", file=sys.stderr)
+        return 1
     _spawn_drain(config_path)
     return 0
