@@ -327,3 +327,42 @@ async def test_a_request_made_while_a_sync_runs_shares_its_result_if_nothing_cha
     assert second["skipped"] == "databases unchanged since the sync it waited for"
     assert second["upload_id"] == first["upload_id"]
     assert manifests(minio_client, s3_bucket) == [first["manifest_key"]]
+
+
+@pytest.mark.anyio
+async def test_a_request_the_queue_could_not_record_or_take_back_runs_again(
+    s3_config: MakeConfig, minio_client: Minio, s3_bucket: str,
+) -> None:
+    """The sync ended while the queue could not be written (another process held
+    SQLite's lock past its timeout, a full disk: injected at the queue's two calls).
+    Before, the request stayed 'running' under this live daemon for ever, never run
+    again; now it is given back before the next claim and runs."""
+    config = s3_config(export_memories=False)
+    daemon = SyncDaemon(config)
+    queue = daemon.queue
+    real_finish, real_release = queue.finish, queue.release
+    faults = {"finish": 1, "release": 1}
+
+    def finish(*args: Any, **kwargs: Any) -> None:
+        if faults["finish"]:
+            faults["finish"] -= 1
+            raise sqlite3.OperationalError("database is locked")
+        real_finish(*args, **kwargs)
+
+    def release(ids: list[int]) -> None:
+        if faults["release"]:
+            faults["release"] -= 1
+            raise sqlite3.OperationalError("database is locked")
+        real_release(ids)
+
+    queue.finish = finish  # type: ignore[method-assign]
+    queue.release = release  # type: ignore[method-assign]
+    async with daemon.running():
+        request = await daemon.submit("manual")
+        await daemon.wait_for(request)
+        assert faults == {"finish": 0, "release": 0}, "the faults did not happen"
+        await anyio.to_thread.run_sync(lambda: until(
+            lambda: queue.state_of(request).status == "done", timeout=60,
+            what="the request to run again and be recorded"))
+    assert manifests(minio_client, s3_bucket)
+

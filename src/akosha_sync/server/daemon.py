@@ -88,6 +88,7 @@ class SyncDaemon:
         self._listeners: dict[int, ProgressListener] = {}
         self._task_group: anyio.abc.TaskGroup | None = None
         self._settled = False  # shutdown's grace is over: waiters are answered at once
+        self._unreleased: list[int] = []  # claimed, not recorded, not yet given back
         self._loop_thread = threading.get_ident()
         # Per (method, fallback): when the last successful sync started and finished,
         # and the sources as they were when it started.
@@ -250,8 +251,22 @@ class SyncDaemon:
                               retry_in_seconds=_ERROR_BACKOFF_SECONDS)
                 await anyio.sleep(_ERROR_BACKOFF_SECONDS)
 
+    async def _release(self, ids: list[int]) -> None:
+        """Give requests back to the queue; those it cannot take now (SQLite locked for
+        long, a full disk) are given back before the next claim, not left running."""
+        try:
+            await anyio.to_thread.run_sync(self.queue.release, ids)
+        except Exception as exc:
+            self._unreleased = sorted(set(ids))
+            log.warning("could not give requests back to the queue; trying again",
+                        ids=self._unreleased, error=str(exc)[:200])
+        else:
+            self._unreleased = []
+
     async def _work_once(self) -> int:
         """Claim what is pending and serve it; returns how many syncs failed."""
+        if self._unreleased:
+            await self._release(self._unreleased)
         wake = self._wake
         if await anyio.to_thread.run_sync(self.queue.pending_count) == 0:
             # Bounded: requests another process queued or left behind are found too,
@@ -341,8 +356,8 @@ class SyncDaemon:
                               "queued", trigger=trigger)
         finally:
             if not recorded:
-                with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
-                    await anyio.to_thread.run_sync(self.queue.release, ids)
+                with anyio.CancelScope(shield=True):
+                    await self._release([*self._unreleased, *ids])
             self._idle.set()
         self._notify(ids, result)
         # Retention (issue 7): after the waiters have their result; a no-op when unset.
