@@ -116,7 +116,8 @@ def _serve(config: Any, args: argparse.Namespace) -> int:
 
     try:
         anyio.run(lambda: serve(config, transport=args.transport, host=args.host,
-                                port=args.port, grace_seconds=args.grace))
+                                port=args.port, grace_seconds=args.grace,
+                                config_path=args.config))
     except ServeRefused as exc:
         print(f"akosha-sync serve: {exc}", file=sys.stderr)
         return 2

@@ -69,9 +69,18 @@ class SyncDaemon:
         *,
         grace_seconds: float = 10.0,
         wait_seconds: float | None = None,
+        hand_over: bool = False,
+        config_path: str | None = None,
     ) -> None:
         self.config = config
         self.grace_seconds = grace_seconds
+        # A sync cut short at shutdown leaves its requests queued; with ``hand_over``
+        # a one-shot ``drain`` (``config_path``, else the same config discovery) is
+        # started to run them, as a hook does: else, with no other daemon, they wait
+        # for the next session (the last session end of the day would).
+        self.hand_over = hand_over
+        self.config_path = config_path
+        self._cut_short = False
         # A waiter may sit behind one running sync and then its own.
         self.wait_seconds = (
             2 * config.upload_timeout_seconds + 60 if wait_seconds is None else wait_seconds
@@ -102,15 +111,23 @@ class SyncDaemon:
         recovered = self.queue.recover()
         if recovered:
             log.info("resuming requests left by an earlier run", count=recovered)
-        async with anyio.create_task_group() as tg:
-            self._task_group = tg
-            tg.start_soon(self._worker)
-            tg.start_soon(self._sync_periodically)
-            try:
-                yield self
-            finally:
-                with anyio.CancelScope(shield=True):
-                    await self._shutdown(tg)
+        try:
+            async with anyio.create_task_group() as tg:
+                self._task_group = tg
+                tg.start_soon(self._worker)
+                tg.start_soon(self._sync_periodically)
+                try:
+                    yield self
+                finally:
+                    with anyio.CancelScope(shield=True):
+                        await self._shutdown(tg)
+        finally:
+            # After the task group: the cut-short sync has given its requests back.
+            if self._cut_short and self.hand_over:
+                from akosha_sync.server.hook import spawn_drain
+
+                log.info("a one-shot drain runs the requests of the sync cut short")
+                spawn_drain(self.config_path)
 
     async def settle(self) -> None:
         """The first half of a shutdown, while the transport still serves: the running
@@ -130,6 +147,7 @@ class SyncDaemon:
     async def _shutdown(self, tg: anyio.abc.TaskGroup) -> None:
         await self.settle()
         if not self._idle.is_set():
+            self._cut_short = True
             log.warning("sync cancelled at shutdown; its requests stay queued")
         tg.cancel_scope.cancel()
 

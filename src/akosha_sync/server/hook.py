@@ -88,7 +88,8 @@ def _forward(url: str, body: bytes, token: str) -> tuple[int, str]:
         return exc.code, exc.read().decode("utf-8", "replace")
 
 
-def _spawn_drain(config_path: str | None) -> None:
+def spawn_drain(config_path: str | None) -> None:
+    """Start a detached one-shot ``akosha-sync drain`` for the queue (it outlives us)."""
     args = [sys.executable, "-m", "akosha_sync"]
     if config_path:
         args += ["--config", config_path]
@@ -138,5 +139,5 @@ def run_hook(config: AkoshaSyncConfig, raw: str, *, config_path: str | None = No
               f"{config.state_path} ({exc}); check that the folder is writable and the "
               "disk not full, then run `akosha-sync sync`.", file=sys.stderr)
         return 1
-    _spawn_drain(config_path)
+    spawn_drain(config_path)
     return 0

@@ -52,6 +52,7 @@ async def serve(
     host: str | None = None,
     port: int | None = None,
     grace_seconds: float = 10.0,
+    config_path: str | None = None,
 ) -> None:
     """Serve until stdin closes (stdio) or SIGINT/SIGTERM arrives.
 
@@ -62,7 +63,8 @@ async def serve(
         check_bind(config, host or config.daemon_host)
         listener = _listen(host or config.daemon_host,
                            config.daemon_port if port is None else port)
-    daemon = SyncDaemon(config, grace_seconds=grace_seconds)
+    daemon = SyncDaemon(config, grace_seconds=grace_seconds, hand_over=True,
+                        config_path=config_path)
     daemon.transport = transport
     server = build_mcp_server(daemon)
     stop = anyio.Event()
