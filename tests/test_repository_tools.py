@@ -271,3 +271,39 @@ async def test_a_restore_whose_plan_changed_is_offered_again_not_done(
                            {"to": target, "confirm_token": again["confirm_token"]})
         assert done["confirmed"] is True and done["result"]["upload_id"] == newer["upload_id"]
     assert _sha(tmp_path / "restored" / "reflection.duckdb") == _sha(sample.reflection_path)
+
+
+@pytest.mark.anyio
+async def test_restore_tool_into_data_dir_waits_for_the_running_sync(
+    s3_config: MakeConfig, sample: SampleInfo,
+) -> None:
+    """A sync holds the upload lock (here another process's, held by the test): the
+    restore into data_dir does not replace the databases under it; it waits, and says so
+    when the sync outlasts its wait (1 s here). Before, it went ahead, and in the daemon
+    its lock probe even dropped the lock of the daemon's own sync's DuckDB."""
+    import fcntl
+    import os
+
+    import msgspec
+
+    from akosha_sync.sync.cloud import CloudSyncMethod
+
+    config = s3_config(export_memories=False)
+    assert (await CloudSyncMethod(config).sync())["success"]
+    daemon = SyncDaemon(msgspec.structs.replace(config, upload_timeout_seconds=1))
+    async with daemon.running(), Client(build_mcp_server(daemon)) as client:
+        add_conversations(sample.data_dir, 2, seed=22, checkpoint=True)
+        changed = _sha(sample.reflection_path)
+        answer = await _call(client, "akosha_restore", {})
+        fd = os.open(config.state_path / "sync.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)  # a sync is running
+            held = await client.call_tool(
+                "akosha_restore", {"confirm_token": answer["confirm_token"]})
+        finally:
+            os.close(fd)
+        assert held.is_error
+        assert "uploading" in held.content[0].text  # type: ignore[union-attr]
+        assert _sha(sample.reflection_path) == changed
+        assert not list(sample.data_dir.glob("*.bak-*"))
+

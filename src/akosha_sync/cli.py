@@ -324,12 +324,14 @@ def _parse_time(text: str) -> Any:
 
 
 def _cmd_restore(args: argparse.Namespace) -> int:
+    import contextlib
+
     import anyio
     import msgspec
 
-    from akosha_sync.errors import CloudUploadError
+    from akosha_sync.errors import CloudUploadError, SyncError
     from akosha_sync.logs import configure_logging
-    from akosha_sync.repository.restore import RestoreError, restore
+    from akosha_sync.repository.restore import RestoreError, RestoreResult, restore
     from akosha_sync.repository.store import make_store
 
     config = _load(args)
@@ -354,21 +356,29 @@ def _cmd_restore(args: argparse.Namespace) -> int:
               "the current one).", file=sys.stderr)
         return EXIT_CONFIG
     target = (Path(args.to) if args.to else config.data_path).expanduser().resolve()
+
+    async def run() -> RestoreResult:
+        async with contextlib.AsyncExitStack() as stack:
+            if not args.dry_run and target == config.data_path.resolve():
+                from akosha_sync.sync.state import restoring_into
+
+                await stack.enter_async_context(restoring_into(config, target))
+            return await restore(
+                make_store(config), config,
+                system_id=config.system_id_resolved if args.system is None else args.system,
+                target=target, upload_id=args.upload_id, at=at, force=args.force,
+                dry_run=args.dry_run, progress=progress,
+            )
+
     try:
-        result = anyio.run(lambda: restore(
-            make_store(config), config,
-            system_id=config.system_id_resolved if args.system is None else args.system,
-            target=target,
-            upload_id=args.upload_id,
-            at=at,
-            force=args.force,
-            dry_run=args.dry_run,
-            progress=progress,
-        ))
+        result = anyio.run(run)
     except (RestoreError, CloudUploadError) as exc:
         if progress:
             progress.done()
         print(f"akosha-sync: restore failed: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    except SyncError as exc:  # the upload lock: a sync kept running
+        print(f"akosha-sync: restore not started: {exc}", file=sys.stderr)
         return EXIT_FAILED
     if progress:
         progress.done()

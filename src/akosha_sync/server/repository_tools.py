@@ -345,10 +345,13 @@ async def _plan(config: AkoshaSyncConfig, args: dict[str, Any]) -> dict[str, Any
 async def _restore(config: AkoshaSyncConfig, args: dict[str, Any], progress: Progress) -> Any:
     from akosha_sync.repository.restore import restore
     from akosha_sync.repository.store import make_store
+    from akosha_sync.sync.state import restoring_into
 
     target = _target(config, args["to"])
-    return await restore(
-        make_store(config), config, system_id=args["system_id"] or config.system_id_resolved,
-        target=target, upload_id=args["upload_id"], at=_parse_at(args["at"]), force=True,
-        progress=progress,
-    )
+    async with restoring_into(config, target):  # no sync of this daemon meanwhile
+        return await restore(
+            make_store(config), config,
+            system_id=args["system_id"] or config.system_id_resolved, target=target,
+            upload_id=args["upload_id"], at=_parse_at(args["at"]), force=True,
+            progress=progress,
+        )

@@ -21,6 +21,7 @@ import msgspec
 import structlog
 
 from akosha_sync._fs import atomic_write, private_dir, set_aside
+from akosha_sync.config import AkoshaSyncConfig
 from akosha_sync.repository.manifest import FileEntry
 from akosha_sync.sync.protocol import SyncError
 from akosha_sync.sync.snapshot import SourceFingerprint
@@ -98,6 +99,20 @@ def save_state(state_dir: Path, tid: str, state: TargetState) -> None:
 def remove_state(state_dir: Path, tid: str) -> None:
     """Forget a target's state (absent already is fine)."""
     _state_file(state_dir, tid).unlink(missing_ok=True)
+
+
+@contextlib.asynccontextmanager
+async def restoring_into(config: AkoshaSyncConfig, target: Path) -> AsyncIterator[None]:
+    """Around a restore: into ``data_dir`` it holds the upload lock, so no sync reads the
+    databases while they are replaced (it waits for a running one, within
+    ``upload_timeout_seconds``). A sync of this very process would not stop it otherwise:
+    POSIX locks of one process never conflict, and the restore's probe of a database's
+    lock would even drop the lock its sync's DuckDB holds. Elsewhere: nothing to hold."""
+    if target.resolve() != config.data_path.resolve():
+        yield
+        return
+    async with sync_lock(config.state_path, timeout=config.upload_timeout_seconds):
+        yield
 
 
 @contextlib.asynccontextmanager
