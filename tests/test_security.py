@@ -458,6 +458,48 @@ def test_one_scrubber_keeps_every_secret_out_of_errors_results_and_logs(
     drop_our_log_handlers()
 
 
+def test_a_url_password_with_a_slash_is_refused_and_never_shown(
+    make_config: MakeConfig, tmp_path: Path,
+) -> None:
+    """AWS secret keys often hold a '/'. In ``https://user:pa/ss@host`` a URL parser ends
+    the server at the '/' and finds no credentials: before, the password was shown by
+    `status`, in the HTTP method's error ('Port could not be cast to integer value as
+    ...'), in the log and the queue's history, and `doctor` crashed with a traceback."""
+    from support.configfile import write_toml
+    from support.faults import EXE
+
+    secret = "SLASHED" + uuid.uuid4().hex[:8]
+    config = make_config(
+        akosha_url=f"https://someone:{secret}/rest@akosha.example.com/mcp",
+        cloud_endpoint=f"https://AKIAEXAMPLEKEY12345:{secret}/more+x@s3.example.com",
+    )
+    problems = config.validate()
+    assert [p for p in problems if "password holds a '/'" in p] == [
+        p for p in problems if p.startswith(("cloud_endpoint has", "akosha_url has"))]
+    assert len([p for p in problems if "password holds a '/'" in p]) == 2
+    assert secret in " ".join(config.secrets())
+    toml = write_toml(config, tmp_path / "c.toml")
+    seen = ""
+    for args in (["status", "--json"], ["status"], ["sync", "--json"],
+                 ["sync", "--method", "http", "--json"], ["doctor"]):
+        done = subprocess.run([EXE, "--config", str(toml), *args], capture_output=True,
+                              text=True, timeout=60, check=False)
+        seen += done.stdout + done.stderr
+    assert "password holds a '/'" in seen and "Traceback" not in seen
+    assert secret not in seen
+    assert not config.log_path.exists() or secret not in config.log_path.read_text()
+    for path in config.state_path.rglob("*"):
+        if path.is_file():
+            assert secret.encode() not in path.read_bytes(), path
+
+
+def test_a_token_given_as_the_url_user_is_a_secret(make_config: MakeConfig) -> None:
+    token = "TOKEN" + uuid.uuid4().hex
+    config = make_config(akosha_url=f"https://{token}@akosha.example.com/mcp")
+    assert token in config.secrets()
+    assert token not in json.dumps(config.redacted())
+
+
 def test_scrubber_cleans_nested_values_and_secret_keys() -> None:
     scrub = Scrubber(["s3cr3t-value", "s3cr3t"])
     cleaned = scrub.clean({"a": ["x s3cr3t-value y", ("s3cr3t",)], "Authorization": "Bearer z",

@@ -241,6 +241,9 @@ class AkoshaSyncConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown
             os.environ.get("AWS_SESSION_TOKEN", ""),
             _url_password(self.cloud_endpoint),
             _url_password(self.akosha_url),
+            # A URL's user is a token when no password follows it, and a key id else.
+            *(user for url in (self.cloud_endpoint, self.akosha_url)
+              if len(user := _url_user(url)) >= 16 or (user and not _url_password(url))),
         ]
         return sorted({v for v in values if v and len(v) >= 4}, key=len, reverse=True)
 
@@ -303,6 +306,8 @@ class AkoshaSyncConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown
                 "only one of access_key_id and secret_access_key is set; set both, or neither "
                 "to use AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY."
             )
+        if _slashed_userinfo(self.akosha_url):
+            problems.append(_slashed_problem("akosha_url"))
         url = urlsplit(self.akosha_url)
         if url.scheme not in ("http", "https") or not url.hostname:
             problems.append(
@@ -387,6 +392,8 @@ class AkoshaSyncConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown
         if not endpoint:
             return []
         shown = _redact_url(endpoint)
+        if _slashed_userinfo(endpoint):  # parsed, the password would read as the server
+            return [_slashed_problem("cloud_endpoint")]
         if _has_space(endpoint):
             return [
                 f"cloud_endpoint {shown!r} contains a space or a line break; give the URL "
@@ -712,7 +719,31 @@ def _is_loopback(host: str) -> bool:
 _USERINFO = re.compile(r"(^|//)([^/?#@\s]*?):([^/?#@\s]+)@")
 
 
+def _slashed_userinfo(url: str) -> tuple[int, int] | None:
+    """Where a ``user:pass@`` whose password holds a '/' lies (``https://u:p/q@host``):
+    URL parsers end the server at the first '/' and find no credentials at all, so
+    they would be shown, logged and sent as a path. None when there is no such part."""
+    start = url.find("//")
+    start = start + 2 if start >= 0 else 0
+    ends = [i for i in (url.find(c, start) for c in "/?#") if i >= 0]
+    if "@" in url[start:min(ends, default=len(url))]:
+        return None  # an ordinary user:password@host: the parser sees it
+    stop = min([i for i in (url.find(c, start) for c in "?#") if i >= 0], default=len(url))
+    at = url.rfind("@", start, stop)
+    if at < 0 or ":" not in url[start:at] or "/" not in url[start:at]:
+        return None
+    return start, at
+
+
+def _slashed_problem(name: str) -> str:
+    return (f"{name} has credentials (user:password@) whose password holds a '/'; write "
+            "it as %2F, or leave the credentials out of the URL (for the store: "
+            "access_key_id and secret_access_key).")
+
+
 def _url_password(url: str) -> str:
+    if span := _slashed_userinfo(url):
+        return url[span[0]:span[1]].split(":", 1)[1]
     try:
         password = urlsplit(url).password
     except ValueError:
@@ -723,8 +754,20 @@ def _url_password(url: str) -> str:
     return match.group(3) if match else ""
 
 
+def _url_user(url: str) -> str:
+    """The user of a URL's credentials (often a token itself, ``https://TOKEN@host``)."""
+    if span := _slashed_userinfo(url):
+        return url[span[0]:span[1]].split(":", 1)[0]
+    try:
+        return urlsplit(url).username or ""
+    except ValueError:
+        return ""
+
+
 def _redact_url(url: str) -> str:
     """Drop any user:password@ from a URL so it can be shown."""
+    if span := _slashed_userinfo(url):
+        return f"{url[:span[0]]}{REDACTED}{url[span[1]:]}"
     try:
         parts = urlsplit(url)
     except ValueError:

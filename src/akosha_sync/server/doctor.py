@@ -165,7 +165,12 @@ async def _check_akosha(config: AkoshaSyncConfig) -> list[Check]:
     if insecure := config.akosha_url_insecure():
         return [_fail("akosha health", insecure, "use https:// for akosha_url"),
                 _skip("akosha mcp", "not tried")]
-    health_url = HttpSyncMethod(config).health_url
+    try:
+        health_url = HttpSyncMethod(config).health_url
+    except ValueError:  # not a URL one can ask (validate() says why): never shown raw
+        return [_fail("akosha health", f"akosha_url {shown!r} cannot be read as a URL",
+                      "correct akosha_url; `akosha-sync status` lists the problems"),
+                _skip("akosha mcp", "not tried")]
     headers = {"Authorization": f"Bearer {config.akosha_token}"} if config.akosha_token else {}
     try:
         async with httpx.AsyncClient(timeout=_TIMEOUT_S) as http:
