@@ -262,6 +262,32 @@ def test_verify_passes_then_catches_a_missing_pack_a_corrupt_piece_and_wrong_row
     assert infos[0].last_verification is not None and not infos[0].last_verification["ok"]
 
 
+def test_an_index_that_is_not_its_manifests_fails_verify_and_restore(
+    s3_config: MakeConfig, minio_client: Minio, s3_bucket: str, sample: SampleInfo,
+    tmp_path: Path,
+) -> None:
+    """The first upload's index copied over the second's: every piece it names is there
+    and matches its own SHA-256. Before, verify (every level) found nothing and restore
+    put the first upload's databases in place as the second's."""
+    config = s3_config(export_memories=False)
+    first = _sync(config)
+    add_conversations(sample.data_dir, 3, seed=13, checkpoint=True)
+    second = _sync(config)
+    index_of = {r["upload_id"]: json.loads(get_object(minio_client, s3_bucket, r["manifest_key"]))[
+        "index"] for r in (first, second)}
+    body = get_object(minio_client, s3_bucket, index_of[first["upload_id"]])
+    _put(minio_client, s3_bucket, index_of[second["upload_id"]], body)
+    path = write_toml(config, tmp_path / "c.toml")
+    out = _cli(path, "verify", second["upload_id"], "--read-data", "--open", "--json")
+    assert out.returncode == 1, out.stdout
+    text = out.stdout
+    assert f"the index is upload {first['upload_id']}" in text, text
+    target = tmp_path / "back"
+    done = _cli(path, "restore", second["upload_id"], "--to", str(target))
+    assert done.returncode == 1 and "its index is damaged" in done.stderr, done.stderr
+    assert not target.exists() or list(target.iterdir()) == []
+
+
 def test_verify_read_data_subsets_cover_everything_over_t_runs(
     s3_config: MakeConfig, sample: SampleInfo,
 ) -> None:

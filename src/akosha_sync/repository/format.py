@@ -98,7 +98,9 @@ databases, or at several places of one file: e.g. empty blocks).
 Prune may rewrite an upload's ``index.json`` (same key, new piece locations) after it
 repacks, always BEFORE it deletes the old pack. Piece SHA-256s and whole-file SHA-256s
 make a stale or damaged index detectable: a reader checks every piece after
-decompression and every whole file before using it.
+decompression and every whole file before using it, and first that the index is its
+manifest's (:func:`index_mismatches`: same upload, and each file's size and SHA-256 as
+the manifest records them), since an index of another upload passes its own checks.
 
 manifest.json
 =============
@@ -153,9 +155,12 @@ Rules
 from __future__ import annotations
 
 import re
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import msgspec
+
+if TYPE_CHECKING:
+    from akosha_sync.repository.manifest import Manifest
 
 __all__ = [
     "DEFAULT_BLOCK_SIZE",
@@ -173,6 +178,7 @@ __all__ = [
     "decode_index",
     "encode_index",
     "index_key",
+    "index_mismatches",
     "pack_id_from_key",
     "pack_key",
     "packs_prefix",
@@ -231,6 +237,28 @@ class Index(msgspec.Struct, kw_only=True):
     system_id: str
     packs: dict[str, PackRef] = msgspec.field(default_factory=dict)
     files: dict[str, IndexFile] = msgspec.field(default_factory=dict)
+
+
+def index_mismatches(manifest: Manifest, index: Index) -> list[str]:
+    """Where an index is not its manifest's (another upload's copied over it, say). Pure.
+
+    The manifest names the index and records each file's size and SHA-256; an index
+    that restores other files, or other bytes, would pass every hash check of its own
+    pieces, so these must agree before the index is trusted."""
+    problems: list[str] = []
+    if (index.upload_id, index.system_id) != (manifest.upload_id, manifest.system_id):
+        problems.append(f"the index is upload {index.upload_id} of {index.system_id}'s, not "
+                        f"{manifest.upload_id} of {manifest.system_id}'s")
+    listed = {n for n in manifest.file_details if n != "memories.json"}
+    for name in sorted(set(index.files) - listed):
+        problems.append(f"the index holds {name}, which the manifest does not list")
+    for name in sorted(listed & set(index.files)):
+        entry, detail = index.files[name], manifest.file_details[name]
+        if (entry.size, entry.sha256) != (detail.original_size, detail.sha256):
+            problems.append(f"{name}: the index has {entry.size} bytes, SHA-256 "
+                            f"{entry.sha256[:16]}; the manifest {detail.original_size} bytes, "
+                            f"{detail.sha256[:16]}")
+    return problems
 
 
 def packs_prefix(system_id: str) -> str:

@@ -43,7 +43,14 @@ import obstore
 from akosha_sync._output import human_size
 from akosha_sync.config import AkoshaSyncConfig, system_id_problem
 from akosha_sync.errors import CloudUploadError
-from akosha_sync.repository.format import LAYOUT_BLOCKS, LAYOUT_FILES, Index, Piece, decode_index
+from akosha_sync.repository.format import (
+    LAYOUT_BLOCKS,
+    LAYOUT_FILES,
+    Index,
+    Piece,
+    decode_index,
+    index_mismatches,
+)
 from akosha_sync.repository.manifest import (
     MEMORIES_NAME,
     Manifest,
@@ -342,7 +349,11 @@ def plan_restore(
 ) -> RestorePlan:
     """What a restore would fetch and write, and the problems that forbid it. Pure."""
     names = restore_names(manifest, index)
-    problems: list[str] = []
+    problems: list[str] = [
+        f"upload {manifest.upload_id} cannot be restored: {p}; its index is damaged "
+        "(`akosha-sync verify` names it). Restore another upload." for p in (
+            index_mismatches(manifest, index) if index is not None else [])
+    ]
     stamp = _stamp(now)
     files: list[PlannedFile] = []
     fetch: dict[str, int] = {}

@@ -36,7 +36,13 @@ import obstore
 from akosha_sync.config import AkoshaSyncConfig
 from akosha_sync.repository.checks import LevelResult, read_records, write_record
 from akosha_sync.repository.damaged import record_damaged
-from akosha_sync.repository.format import LAYOUT_BLOCKS, Index, decode_index, packs_prefix
+from akosha_sync.repository.format import (
+    LAYOUT_BLOCKS,
+    Index,
+    decode_index,
+    index_mismatches,
+    packs_prefix,
+)
 from akosha_sync.repository.manifest import MANIFEST_NAME, MEMORIES_NAME
 from akosha_sync.repository.packs import PieceError, extract_piece
 from akosha_sync.repository.snapshots import Upload, scan_uploads
@@ -186,6 +192,8 @@ async def _check_structure(
         for name in manifest.file_details:
             if name != MEMORIES_NAME and name not in index.files:
                 check.problem(key, f"the manifest lists {name} but the index does not")
+        for problem in index_mismatches(manifest, index):
+            check.problem(key, problem)
     for name, detail in manifest.file_details.items():
         if index is not None and name in index.files:
             continue
