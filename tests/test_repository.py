@@ -288,6 +288,45 @@ def test_an_index_that_is_not_its_manifests_fails_verify_and_restore(
     assert not target.exists() or list(target.iterdir()) == []
 
 
+def test_damage_found_by_verify_open_alone_is_stored_again_by_the_next_sync(
+    s3_config: MakeConfig, minio_client: Minio, s3_bucket: str, tmp_path: Path,
+) -> None:
+    """One byte of a pack flipped (same size): `verify --open` fails. Before, only
+    read-data recorded damage, so the next sync reused the pack and its upload could
+    not be restored either."""
+    config = s3_config(export_memories=False)
+    first = _sync(config)
+    index = _index_of(minio_client, s3_bucket, first["manifest_key"])
+    pack = next(iter(index["packs"].values()))["key"]
+    data = bytearray(get_object(minio_client, s3_bucket, pack))
+    data[len(data) // 2] ^= 0xFF
+    _put(minio_client, s3_bucket, pack, bytes(data))
+    path = write_toml(config, tmp_path / "c.toml")
+    assert _cli(path, "verify", first["upload_id"], "--open").returncode == 1
+    second = _sync(config)
+    assert second["success"], second["error"]
+    again = _cli(path, "verify", second["upload_id"], "--open")
+    assert again.returncode == 0, again.stdout + again.stderr
+
+
+def test_an_open_check_passed_before_a_later_failure_no_longer_counts() -> None:
+    """Retention keeps the newest upload that passed `verify --open`; damage found by a
+    later check (any level) must end that, or the damaged upload is kept and a sound
+    one forgotten in its place."""
+    from akosha_sync.repository.checks import CheckRecord, LevelResult
+
+    def record(**levels: tuple[str, bool]) -> CheckRecord:
+        return CheckRecord(upload_id="u", levels={
+            name: LevelResult(at=at, ok=ok) for name, (at, ok) in levels.items()})
+
+    passed = ("2026-12-01T00:00:00Z", True)
+    assert record(open=passed, structure=passed).passed_open
+    assert not record(open=passed, **{"read-data": ("2026-12-02T00:00:00Z", False)}).passed_open
+    assert record(open=("2026-12-03T00:00:00Z", True),
+                  structure=("2026-12-02T00:00:00Z", False)).passed_open  # passed since
+    assert not record(open=("2026-12-01T00:00:00Z", False)).passed_open
+
+
 def test_verify_read_data_subsets_cover_everything_over_t_runs(
     s3_config: MakeConfig, sample: SampleInfo,
 ) -> None:

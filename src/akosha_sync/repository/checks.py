@@ -62,8 +62,12 @@ class CheckRecord(msgspec.Struct, kw_only=True):
 
     @property
     def passed_open(self) -> bool:
+        """Passed ``verify --open``, and failed no check since (at any level): retention
+        keeps such an upload, so a stale pass must not outlive damage found later."""
         result = self.levels.get("open")
-        return bool(result and result.ok)
+        if result is None or not result.ok:
+            return False
+        return all(other.ok or other.at < result.at for other in self.levels.values())
 
 
 def checks_prefix(system_id: str) -> str:

@@ -109,6 +109,7 @@ class Subset(msgspec.Struct, frozen=True):
         return rng.random() * 100 < self.percent
 
 
+_EVERYTHING = Subset("100%")
 _FRACTION = re.compile(r"^(\d+)/(\d+)$")
 _PERCENT = re.compile(r"^(\d+(?:\.\d+)?)%$")
 
@@ -298,7 +299,9 @@ def _count_rows(path: Path) -> dict[str, int]:
 async def _open(
     store: ObjectStore, config: AkoshaSyncConfig, upload: Upload, check: UploadCheck,
     progress: ProgressCallback | None,
-) -> None:
+) -> bool:
+    """Restore into a temporary folder and open each database; False when the restore
+    itself failed (a damaged object)."""
     from akosha_sync.repository.restore import RestoreError, restore
 
     manifest = upload.manifest
@@ -313,7 +316,7 @@ async def _open(
         except RestoreError as exc:
             # The error names the object at fault (a pack, most often), not the index.
             check.problem("restore into a temporary folder", f"failed: {exc}")
-            return
+            return False
         for name, detail in manifest.file_details.items():
             if not name.endswith(".duckdb"):
                 continue
@@ -336,6 +339,7 @@ async def _open(
                         f"{name}: table {table} has {got} rows after restore, the manifest "
                         f"recorded {expected}",
                     )
+    return True
 
 
 _DAMAGED_ADVICE = (
@@ -402,7 +406,11 @@ async def verify(
         if subset is not None:
             await _read_data(store, upload, index, check, subset, rng, done, seen, damaged)
         if open_databases and check.ok:
-            await _open(store, config, upload, check, progress)
+            if not await _open(store, config, upload, check, progress) and subset is None:
+                # Find what is damaged and record it, as read-data does: else the next
+                # sync reuses it and its upload cannot be restored either.
+                await _read_data(store, upload, index, check, _EVERYTHING, rng, done, seen,
+                                 damaged)
         elif open_databases:
             check.notes.append("not opened: the structure or data checks failed")
     if progress:
