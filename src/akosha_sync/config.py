@@ -241,9 +241,11 @@ class AkoshaSyncConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown
             os.environ.get("AWS_SESSION_TOKEN", ""),
             _url_password(self.cloud_endpoint),
             _url_password(self.akosha_url),
-            # A URL's user is a token when no password follows it, and a key id else.
+            # A URL's user is a token when no password follows it, and a key id else
+            # (short users, like key ids, stay: they would blank out ordinary words).
             *(user for url in (self.cloud_endpoint, self.akosha_url)
-              if len(user := _url_user(url)) >= 16 or (user and not _url_password(url))),
+              if len(user := _url_user(url)) >= 16
+              or (len(user) >= 12 and not _url_password(url))),
         ]
         return sorted({v for v in values if v and len(v) >= 4}, key=len, reverse=True)
 
@@ -723,6 +725,8 @@ def _slashed_userinfo(url: str) -> tuple[int, int] | None:
     """Where a ``user:pass@`` whose password holds a '/' lies (``https://u:p/q@host``):
     URL parsers end the server at the first '/' and find no credentials at all, so
     they would be shown, logged and sent as a path. None when there is no such part."""
+    if "://" in url and not url.lower().startswith(("http://", "https://")):
+        return None  # file:///path: no credentials, and ':' '@' '/' are the path's
     start = url.find("//")
     start = start + 2 if start >= 0 else 0
     ends = [i for i in (url.find(c, start) for c in "/?#") if i >= 0]
