@@ -22,7 +22,7 @@ import tomllib
 from collections.abc import Mapping
 from pathlib import Path, PurePosixPath
 from typing import Any, Literal
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import SplitResult, urlsplit, urlunsplit
 
 import msgspec
 
@@ -656,13 +656,9 @@ def normalize_endpoint(url: str) -> str:
     through a symlink it is not the same folder). A value that ``validate`` refuses
     is returned unchanged, so its error still quotes what the user wrote.
     """
-    if not url or _has_space(url):
+    if not url or _has_space(url) or (split := _split(url)) is None:
         return url
-    try:
-        parts = urlsplit(url)
-        port = parts.port
-    except ValueError:
-        return url
+    parts, port = split
     scheme = parts.scheme.lower()
     if parts.query or parts.fragment:
         return url
@@ -688,16 +684,23 @@ def url_identity(url: str) -> str:
     """An http(s) URL as the name of a service: scheme and host lowercased, a default
     port, any credentials and a trailing ``/`` dropped (the path's case is kept).
     Anything else is returned as written."""
-    try:
-        parts = urlsplit(url)
-        port = parts.port
-    except ValueError:
+    if (split := _split(url)) is None:
         return url
+    parts, port = split
     scheme = parts.scheme.lower()
     if scheme not in _DEFAULT_PORTS or not parts.hostname:
         return url
     server = _server(scheme, parts.hostname, port)
     return urlunsplit((scheme, server, parts.path.rstrip("/"), parts.query, ""))
+
+
+def _split(url: str) -> tuple[SplitResult, int | None] | None:
+    """The URL's parts and port, or None where its server part cannot be read."""
+    try:
+        parts = urlsplit(url)
+        return parts, parts.port
+    except ValueError:
+        return None
 
 
 def _server(scheme: str, hostname: str, port: int | None) -> str:

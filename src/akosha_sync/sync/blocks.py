@@ -123,22 +123,37 @@ async def _upload_at(
     return await with_retries(both, config=method.config, what=what)
 
 
+class _Earlier:
+    """The system's uploads, newest first, listed once (when first asked for)."""
+
+    def __init__(self, method: CloudContext) -> None:
+        self.method = method
+        self._ids: list[str] | None = None
+
+    async def ids(self) -> list[str]:
+        if self._ids is None:
+            sid = self.method.config.system_id_resolved
+
+            async def newest_first() -> list[str]:
+                listing = await obstore.list_with_delimiter_async(
+                    self.method.store, prefix=uploads_prefix(sid))
+                ids = [p.rstrip("/").rsplit("/", 1)[-1] for p in listing["common_prefixes"]]
+                return sorted(ids, key=upload_id_order, reverse=True)
+
+            self._ids = await with_retries(newest_first, config=self.method.config,
+                                           what="listing the uploads")
+        return self._ids
+
+
 async def _newest_holding(
-    method: CloudContext, name: str | None, skip: frozenset[str]
+    method: CloudContext, earlier: _Earlier, name: str | None, skip: frozenset[str]
 ) -> tuple[Manifest | None, Index | None]:
     """The newest committed upload (among the last :data:`_LOOK_BACK`, ``skip`` left
     out) whose index holds ``name`` (None: any). For when the last upload is gone (a
     forget) or lacks a database (missing from the data folder for a while): its
     pieces are reused, and it is what a database not read this time is kept at."""
     sid = method.config.system_id_resolved
-
-    async def newest_first() -> list[str]:
-        listing = await obstore.list_with_delimiter_async(
-            method.store, prefix=uploads_prefix(sid))
-        ids = [p.rstrip("/").rsplit("/", 1)[-1] for p in listing["common_prefixes"]]
-        return sorted(ids, key=upload_id_order, reverse=True)
-
-    ids = await with_retries(newest_first, config=method.config, what="listing the uploads")
+    ids = await earlier.ids()
     for uid in [u for u in ids if u not in skip][:_LOOK_BACK]:
         manifest, index = await _upload_at(method, manifest_key(sid, uid),
                                            "reading an earlier upload")
@@ -148,7 +163,7 @@ async def _newest_holding(
 
 
 async def _references(
-    method: CloudContext, upload: Upload, state: TargetState | None,
+    method: CloudContext, earlier: _Earlier, upload: Upload, state: TargetState | None,
     previous: Manifest | None, previous_index: Index | None,
     wanted: list[tuple[str, Path]],
 ) -> dict[str, tuple[Manifest, Index]]:
@@ -166,7 +181,7 @@ async def _references(
     look = [n for n, path in wanted if path.exists()] + list(upload.not_selected)
     for name in look:
         if name not in refs:
-            manifest, index = await _newest_holding(method, name, skip)
+            manifest, index = await _newest_holding(method, earlier, name, skip)
             if manifest is not None and index is not None:
                 refs[name] = (manifest, index)
     return refs
@@ -186,10 +201,12 @@ async def sync_blocks(
     config = method.config
     sid = config.system_id_resolved
     previous, previous_index = await _previous_upload(method, state)
+    earlier = _Earlier(method)
     if previous_index is None and state is not None and state.last_manifest_key:
         # The last upload is gone (forgotten) or unreadable: the newest one left.
-        previous, previous_index = await _newest_holding(method, None, frozenset())
-    refs = await _references(method, upload, state, previous, previous_index, wanted)
+        previous, previous_index = await _newest_holding(method, earlier, None, frozenset())
+    refs = await _references(method, earlier, upload, state, previous, previous_index,
+                             wanted)
     restored = await _restored_index(method, previous)
     listed = await list_packs(method.store, config, sid)
     usable = condemned_pack_ids(method.condemned, listed)

@@ -472,8 +472,12 @@ class CloudSyncMethod:
             "back?); the upload is named after that one",
             last_upload_id=last, behind_seconds=round(behind.total_seconds()),
         )
+        self._shift_clock(behind)
+
+    def _shift_clock(self, by: timedelta) -> None:
+        """Name uploads (and date manifests) ``by`` later than the clock says."""
         clock = self._clock
-        self._clock = lambda: clock() + behind
+        self._clock = lambda: clock() + by
 
     async def _claim_upload_id(self) -> Upload:
         """Reserve a fresh upload id; the first contact with the store, so it fails fast.
@@ -502,8 +506,7 @@ class CloudSyncMethod:
         )
         await with_retries(lambda: obstore.delete_async(self.store, key),
                            config=self.config, what=f"removing {key}")
-        clock = self._clock
-        self._clock = lambda: clock() - ahead
+        self._shift_clock(-ahead)
         return await self._claim_once()
 
     async def _claim_once(self) -> Upload:
