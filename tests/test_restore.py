@@ -24,6 +24,7 @@ from akosha_sync.repository.restore import RestoreError, RestoreResult, restore
 from akosha_sync.repository.store import make_store
 from akosha_sync.sample import SampleInfo, add_conversations
 from akosha_sync.sync.cloud import CloudSyncMethod
+from support.process import hold_open_in_duckdb, let_go
 from support.verify import get_object
 
 MakeConfig = Callable[..., AkoshaSyncConfig]
@@ -311,17 +312,8 @@ def test_database_open_for_writing_is_refused_even_with_force(
     target = tmp_path / "live"
     target.mkdir()
     live = target / "reflection.duckdb"
-    holder = subprocess.Popen(
-        [sys.executable, "-c",
-         "import duckdb, sys\n"
-         f"con = duckdb.connect({str(live)!r})\n"
-         "con.execute('CREATE TABLE t AS SELECT 1 AS x')\n"
-         "print('open', flush=True)\n"
-         "sys.stdin.read()\n"],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-    )
+    holder = hold_open_in_duckdb(live)
     try:
-        assert holder.stdout is not None and holder.stdout.readline().strip() == "open"
         before = _snapshot_of(target)
         with pytest.raises(RestoreError) as info:
             _restore(config, target, force=True)
@@ -329,9 +321,7 @@ def test_database_open_for_writing_is_refused_even_with_force(
         assert str(live) in message and "running process" in message
         assert _snapshot_of(target) == before
     finally:
-        assert holder.stdin is not None
-        holder.stdin.close()
-        holder.wait(timeout=30)
+        let_go(holder)
 
 
 def test_files_layout_and_uploads_from_before_the_blocks_layout_restore(

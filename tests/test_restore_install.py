@@ -16,37 +16,20 @@ import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
-import anyio
 import duckdb
 import pytest
 from minio import Minio
 
 from akosha_sync.config import AkoshaSyncConfig
-from akosha_sync.repository.restore import RestoreError, RestoreResult, restore
-from akosha_sync.repository.store import make_store
+from akosha_sync.repository.restore import RestoreError
 from akosha_sync.sample import SampleInfo, add_conversations
-from akosha_sync.sync.cloud import CloudSyncMethod
+from support.process import hold_open_in_duckdb, let_go
 from support.verify import get_object
+from test_restore import _restore, _snapshot_of, _sync, _toml
 
 MakeConfig = Callable[..., AkoshaSyncConfig]
 _EXE = str(Path(sys.executable).with_name("akosha-sync"))
-
-
-def _sync(config: AkoshaSyncConfig) -> dict[str, Any]:
-    result: dict[str, Any] = anyio.run(CloudSyncMethod(config).sync)
-    assert result["success"], result["error"]
-    return result
-
-
-def _restore(config: AkoshaSyncConfig, target: Path, **kwargs: Any) -> RestoreResult:
-    return anyio.run(lambda: restore(make_store(config), config, target=target,
-                                     system_id=config.system_id_resolved, **kwargs))
-
-
-def _files(folder: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
 
 
 def _opens(path: Path) -> bool:
@@ -55,21 +38,6 @@ def _opens(path: Path) -> bool:
     except duckdb.Error:
         return False
     return True
-
-
-def _holder(path: Path) -> subprocess.Popen[str]:
-    """Another process with ``path`` open in DuckDB (it holds DuckDB's lock)."""
-    proc = subprocess.Popen(
-        [sys.executable, "-c",
-         "import duckdb, sys\n"
-         f"con = duckdb.connect({str(path)!r})\n"
-         "con.execute('CREATE TABLE IF NOT EXISTS mine AS SELECT 42 AS x')\n"
-         "print('open', flush=True)\n"
-         "sys.stdin.read()\n"],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-    )
-    assert proc.stdout is not None and proc.stdout.readline().strip() == "open"
-    return proc
 
 
 def _on_download(action: Callable[[], None]) -> Callable[[str, int, int], None]:
@@ -98,16 +66,14 @@ def test_a_database_opened_during_the_download_is_not_replaced_even_with_force(
     try:
         with pytest.raises(RestoreError, match="opened by a running process") as info:
             _restore(config, target, force=True,
-                     progress=_on_download(lambda: holders.append(_holder(live))))
+                     progress=_on_download(lambda: holders.append(hold_open_in_duckdb(live))))
         assert str(live) in str(info.value)
         # Only the holder's own files (its database, and the WAL its writes made).
         assert {p.name for p in target.iterdir()} <= {"reflection.duckdb",
                                                      "reflection.duckdb.wal"}
     finally:
         for proc in holders:
-            assert proc.stdin is not None
-            proc.stdin.close()
-            proc.wait(timeout=30)
+            let_go(proc)
     con = duckdb.connect(str(live), read_only=True)  # the holder's writes are in place
     assert con.execute("SELECT x FROM mine").fetchall() == [(42,)]
     con.close()
@@ -123,7 +89,7 @@ def test_a_file_that_appears_during_the_download_is_never_overwritten(
     mine = target / "knowledge_graph.duckdb"
     with pytest.raises(RestoreError, match="appeared while the restore was downloading"):
         _restore(config, target, progress=_on_download(lambda: mine.write_bytes(b"mine")))
-    assert _files(target) == {"knowledge_graph.duckdb": b"mine"}
+    assert _snapshot_of(target) == {"knowledge_graph.duckdb": b"mine"}
 
 
 @pytest.mark.parametrize("layout", ["blocks", "files"])
@@ -172,13 +138,6 @@ def _restore_killed_after_renaming(
                           timeout=120, check=False)
 
 
-def _write_toml(config: AkoshaSyncConfig, path: Path) -> Path:
-    keys = ("cloud_bucket", "cloud_endpoint", "system_id", "data_dir", "state_dir",
-            "access_key_id", "secret_access_key")
-    path.write_text("".join(f'{k} = "{getattr(config, k)}"\n' for k in keys))
-    return path
-
-
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "sigkill"])
 def test_a_restore_stopped_between_two_renames_leaves_databases_that_open(
     sig: signal.Signals, s3_config: MakeConfig, sample: SampleInfo, tmp_path: Path,
@@ -198,13 +157,13 @@ def test_a_restore_stopped_between_two_renames_leaves_databases_that_open(
     add_conversations(sample.data_dir, 20, seed=7, checkpoint=True)
     add_conversations(sample.data_dir, 5, seed=8)
     assert wal.exists()
-    local = _files(sample.data_dir)
-    toml = _write_toml(config, tmp_path / "c.toml")
+    local = _snapshot_of(sample.data_dir)
+    toml = _toml(config, tmp_path / "c.toml")
     done = _restore_killed_after_renaming(config, toml, sample.data_dir, "reflection.duckdb", sig)
     if sig == signal.SIGTERM:
         assert done.returncode == 143, done.stderr
         assert "interrupted" in done.stderr
-        restored = _files(sample.data_dir)
+        restored = _snapshot_of(sample.data_dir)
         assert {n: restored[n] for n in uploaded} == uploaded  # the whole restore is in
     else:
         assert done.returncode == -signal.SIGKILL

@@ -262,3 +262,26 @@ class ServerProcess:
         if self._proc is None and self._log is not None:
             self._log.close()
             self._log = None
+
+
+def hold_open_in_duckdb(path: Path) -> subprocess.Popen[str]:
+    """Another process with ``path`` open in DuckDB (so holding DuckDB's lock), once it
+    has written a table ``mine`` (one row, 42). :func:`let_go` ends it."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c",
+         "import duckdb, sys\n"
+         f"con = duckdb.connect({str(path)!r})\n"
+         "con.execute('CREATE TABLE IF NOT EXISTS mine AS SELECT 42 AS x')\n"
+         "print('open', flush=True)\n"
+         "sys.stdin.read()\n"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )
+    assert proc.stdout is not None and proc.stdout.readline().strip() == "open"
+    return proc
+
+
+def let_go(proc: subprocess.Popen[str]) -> None:
+    """End a :func:`hold_open_in_duckdb` process: it closes its database and exits."""
+    assert proc.stdin is not None
+    proc.stdin.close()
+    proc.wait(timeout=30)
